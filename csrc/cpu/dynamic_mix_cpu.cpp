@@ -1,0 +1,2 @@
+// Placeholder: replaced by the fused CPU kernel.
+#include "dynamic_mix.h"

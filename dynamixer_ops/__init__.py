@@ -1,0 +1,15 @@
+"""dynamixer_ops: fused kernels for DynaMixer's dynamic token mixing.
+
+    from dynamixer_ops import dynamic_mix, available_backends
+"""
+from .backends import BackendUnavailableError, available_backends, unavailable_backends
+from .ops import dynamic_mix
+from . import _backend_reference  # noqa: F401  (registers "reference")
+from . import _backend_native     # noqa: F401  (registers "cpu" and "cuda")
+from . import _backend_triton     # noqa: F401  (registers "triton")
+from . import nn
+from .nn import convert
+
+__version__ = "0.1.0"
+__all__ = ["dynamic_mix", "available_backends", "unavailable_backends", "BackendUnavailableError", "convert",
+           "nn", "__version__"]

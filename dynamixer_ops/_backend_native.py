@@ -1,0 +1,48 @@
+"""The ``cpu`` and ``cuda`` backends: the C++ and CUDA kernels of the native extension ``dynamixer_ops._C``.
+
+Both are implementations (CPU and CUDA dispatch keys) of the same two native ops,
+``dynamixer_ops_C::mix_forward`` and ``dynamixer_ops_C::mix_backward`` (schemas in ``csrc/dynamic_mix.cpp``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends import Backend, _record_load_error, register_backend
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.dynamixer_ops_C)
+    _BUILD_ERROR = None
+except ImportError as exc:  # a source checkout without `pip install -e .`, or a torch ABI mismatch
+    _BUILD_ERROR = (f"the native extension dynamixer_ops._C could not be loaded ({exc}); build it with "
+                    f"`pip install --no-build-isolation -e .` against the torch you run ({torch.__version__})")
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", dispatch_key)
+
+
+def _cuda_unavailable_reason() -> str | None:
+    if _BUILD_ERROR:
+        return _BUILD_ERROR
+    if not _has_kernel("CUDA"):
+        return ("dynamixer_ops._C was built without its CUDA kernels (no CUDA toolkit or a CPU-only torch at "
+                "build time; see the line setup.py printed)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+if _BUILD_ERROR:
+    _record_load_error("cpu", _BUILD_ERROR)
+    _record_load_error("cuda", _BUILD_ERROR)
+else:
+    _ops = torch.ops.dynamixer_ops_C
+    register_backend(Backend(
+        name="cpu", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cpu",),
+        dtypes=(torch.float32, torch.float64), priority={"cpu": 0},
+    ))
+    register_backend(Backend(
+        name="cuda", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cuda",),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16), priority={"cuda": 10},
+        unavailable_reason=_cuda_unavailable_reason,
+    ))

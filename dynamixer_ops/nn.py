@@ -1,0 +1,5 @@
+"""Drop-in modules (placeholder)."""
+
+
+def convert(model, backend="auto"):
+    raise NotImplementedError

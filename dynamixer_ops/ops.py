@@ -1,0 +1,187 @@
+"""``dynamic_mix``: one op, registered once with ``torch.library``; every backend is an implementation of it.
+
+The forward and backward are two custom ops (``dynamixer_ops::dynamic_mix`` and
+``dynamixer_ops::dynamic_mix_backward``) with one fake kernel each and one autograd formula. The backend is
+a string argument resolved by :mod:`dynamixer_ops.backends` before the op is called, so
+``torch.compile(fullgraph=True)`` sees one opaque op whatever runs inside it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import env_flag, resolve_backend, get_backend
+
+__all__ = ["dynamic_mix", "check_inputs"]
+
+# Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
+POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
+
+
+def _new_like(t: Tensor) -> Tensor:
+    out = torch.empty_like(t)     # keeps t's strides when t is dense: a transposed x gives a transposed y
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments):
+    """Validate the arguments of :func:`dynamic_mix`; return ``(L, C, S, d)``.
+
+    Every error names the argument and gives the expected and the actual value.
+    """
+    named = {"x": x, "compress_weight": compress_weight, "compress_bias": compress_bias,
+             "generate_weight": generate_weight, "generate_bias": generate_bias}
+    for name, t in named.items():
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"dynamic_mix: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"dynamic_mix: num_segments must be a positive int, got {num_segments!r}")
+    if x.dim() < 3:
+        raise ValueError(f"dynamic_mix: x must have shape (..., L, C) with at least one batch dim, "
+                         f"got a {x.dim()}-D tensor of shape {_shape(x)}")
+    L, C = x.shape[-2], x.shape[-1]
+    S = num_segments
+    if L < 1 or C < 1:
+        raise ValueError(f"dynamic_mix: x must have L >= 1 tokens and C >= 1 channels, got shape {_shape(x)}")
+    if C % S:
+        raise ValueError(f"dynamic_mix: x's channel count C={C} is not divisible by num_segments={S}")
+    if compress_weight.dim() != 2 or compress_weight.shape[1] != C:
+        raise ValueError(f"dynamic_mix: compress_weight must have shape (S*d, C) = (S*d, {C}) for x of shape "
+                         f"{_shape(x)}, got {_shape(compress_weight)}")
+    Sd = compress_weight.shape[0]
+    if Sd == 0 or Sd % S:
+        raise ValueError(f"dynamic_mix: compress_weight has {Sd} rows, which is not a positive multiple of "
+                         f"num_segments={S} (expected S*d rows)")
+    d = Sd // S
+    expected = {"compress_bias": (Sd,), "generate_weight": (L * L, L * d), "generate_bias": (L * L,)}
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            what = {"compress_bias": "(S*d,)", "generate_weight": "(L*L, L*d)", "generate_bias": "(L*L,)"}[name]
+            raise ValueError(f"dynamic_mix: {name} must have shape {what} = {shape} for x of shape {_shape(x)}, "
+                             f"num_segments={S} and d={d}, got {_shape(t)}")
+    if not x.is_floating_point():
+        raise TypeError(f"dynamic_mix: x must be a floating-point tensor, got {x.dtype}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"dynamic_mix: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                            f"all inputs must share one dtype (cast them, or use torch.autocast)")
+        if t.device != x.device:
+            raise ValueError(f"dynamic_mix: {name} is on {t.device} but x is on {x.device}; "
+                             f"all inputs must be on one device")
+    return L, C, S, d
+
+
+@torch.library.custom_op("dynamixer_ops::dynamic_mix", mutates_args=())
+def _dynamic_mix_op(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
+                    generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+    y = _new_like(x)
+    if y.numel():
+        get_backend(backend).forward(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                     num_segments, y)
+    return y
+
+
+@_dynamic_mix_op.register_fake
+def _(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dynamixer_ops::dynamic_mix_backward", mutates_args=())
+def _dynamic_mix_backward_op(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor,
+                             generate_weight: Tensor, generate_bias: Tensor, num_segments: int,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = [_new_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias)]
+    if x.numel():
+        get_backend(backend).backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                      num_segments, *grads)
+    else:   # an empty batch contributes nothing to the weight gradients
+        for g in grads[1:]:
+            g.zero_()
+    return tuple(grads)
+
+
+@_dynamic_mix_backward_op.register_fake
+def _(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend = inputs
+    # Only the inputs are kept: the mixing matrices are recomputed in the backward.
+    ctx.save_for_backward(x, compress_weight, compress_bias, generate_weight, generate_bias)
+    ctx.num_segments, ctx.backend = num_segments, backend
+
+
+def _backward(ctx, grad_y):
+    if grad_y.stride(-1) != 1:    # e.g. the expanded gradient of y.sum(): kernels read rows of C
+        grad_y = grad_y.contiguous()
+    grads = _dynamic_mix_backward_op(grad_y, *ctx.saved_tensors, ctx.num_segments, ctx.backend)
+    return (*grads, None, None)
+
+
+_dynamic_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _to_4d(x: Tensor) -> Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    elif x.dim() > 4:
+        x = x.flatten(0, -4)      # a view where the leading dims allow it, else a copy
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,
+                generate_bias: Tensor | None, num_segments: int, *, backend: str = "auto") -> Tensor:
+    r"""DynaMixer's dynamic token mixing, fused: reduce, generate, softmax over the source token, apply.
+
+    For every sequence ``n`` and segment ``s`` (``e0 = C // S``, ``d = compress_weight.shape[0] // S``)::
+
+        r[n,l,s,k]   = x[n,l,:] . compress_weight[s*d+k, :] + compress_bias[s*d+k]
+        G[n,s,i,j]   = sum_{l,k} r[n,l,s,k] generate_weight[i*L+j, l*d+k] + generate_bias[i*L+j]
+        P[n,s,:,j]   = softmax_i(G[n,s,:,j])
+        y[n,j,s*e0+e] = sum_i P[n,s,i,j] x[n,i,s*e0+e]
+
+    Args:
+        x: ``(..., L, C)``, any number (>= 1) of leading batch dims and any strides. A transposed view of a
+            ``(B, H, W, C)`` tensor (``x.transpose(1, 2)``) mixes along H without a copy on the fused
+            backends, and the result keeps that layout.
+        compress_weight: ``(S*d, C)``; compress_bias: ``(S*d,)`` or ``None``.
+        generate_weight: ``(L*L, L*d)``; generate_bias: ``(L*L,)`` or ``None``.
+        num_segments: ``S`` (``num_head`` upstream); must divide ``C`` and the rows of ``compress_weight``.
+        backend: ``"auto"`` (the fastest available for the inputs' device and dtype), or one of
+            :func:`dynamixer_ops.available_backends`: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            An explicit backend that cannot run the inputs raises :class:`BackendUnavailableError` saying why.
+
+    Returns:
+        ``y`` with the shape of ``x``. Differentiable in ``x`` and all four weights; under
+        ``torch.autocast`` the inputs are cast to the autocast dtype.
+    """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, compress_weight, compress_bias, generate_weight, generate_bias = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+    L, C, S, d = check_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
+    chosen = resolve_backend(backend, x.device.type, x.dtype)
+    if compress_bias is None:
+        compress_bias = compress_weight.new_zeros(S * d)
+    if generate_bias is None:
+        generate_bias = generate_weight.new_zeros(L * L)
+    x4 = _to_4d(x)
+    y4 = _dynamic_mix_op(x4, compress_weight.contiguous(), compress_bias.contiguous(),
+                         generate_weight.contiguous(), generate_bias.contiguous(), S, chosen.name)
+    if x.dim() == 3:
+        return y4.squeeze(0)
+    if x.dim() > 4:
+        return y4.reshape(x.shape)
+    return y4

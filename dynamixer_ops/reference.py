@@ -1,0 +1,80 @@
+"""Plain-PyTorch statements of the dynamic mixing step (``../shared/DYNAMIC_MIX.md``).
+
+Three things live here and nowhere else:
+
+* :func:`mix_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
+  (through autograd) as the truth every backend is compared with.
+* :func:`mix_backward` — the closed-form backward from DYNAMIC_MIX.md. The ``reference`` backend uses it,
+  and the tests check it against autograd of :func:`mix_forward`, so the formula itself is verified.
+* :func:`upstream_mix` — a faithful restatement of the upstream eager layer's permute chain (without its
+  ``out`` projection): the baseline of every benchmark.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _mixing_matrices(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                     generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
+    """Return ``z`` (..., S, L*d) and ``P`` (..., S, L_source, L_target)."""
+    *lead, L, _ = x.shape
+    d = compress_weight.shape[0] // num_segments
+    r = F.linear(x, compress_weight, compress_bias)                             # (..., L, S*d)
+    z = r.reshape(*lead, L, num_segments, d).transpose(-3, -2).reshape(*lead, num_segments, L * d)
+    logits = F.linear(z, generate_weight, generate_bias).reshape(*lead, num_segments, L, L)
+    return z, logits.softmax(dim=-2)                                           # softmax over the source i
+
+
+def _segments(t: Tensor, num_segments: int) -> Tensor:
+    """(..., L, C) -> (..., S, L, C/S)."""
+    *lead, L, C = t.shape
+    return t.reshape(*lead, L, num_segments, C // num_segments).transpose(-3, -2)
+
+
+def _unsegment(t: Tensor) -> Tensor:
+    """(..., S, L, C/S) -> (..., L, C)."""
+    *lead, S, L, e0 = t.shape
+    return t.transpose(-3, -2).reshape(*lead, L, S * e0)
+
+
+def mix_forward(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
+    """``y[..., j, s*e0+e] = sum_i P[..., s, i, j] x[..., i, s*e0+e]``; differentiable with autograd."""
+    _, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
+    return _unsegment(P.transpose(-1, -2) @ _segments(x, num_segments))
+
+
+def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
+    """Closed-form gradients ``(dx, d compress_weight, d compress_bias, d generate_weight, d generate_bias)``."""
+    *lead, L, C = x.shape
+    d = compress_weight.shape[0] // num_segments
+    z, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
+    xs, dys = _segments(x, num_segments), _segments(grad_y, num_segments)      # (..., S, L, e0)
+    dP = xs @ dys.transpose(-1, -2)                                            # [i, j] = sum_e x_i dy_j
+    dx_mix = _unsegment(P @ dys)                                               # sum_j P[i, j] dy_j
+    dG = P * (dP - (P * dP).sum(dim=-2, keepdim=True))                         # softmax over i
+    dG_rows = dG.reshape(-1, L * L)
+    z_rows = z.reshape(-1, L * d)
+    d_generate_weight = dG_rows.T @ z_rows
+    d_generate_bias = dG_rows.sum(0)
+    dz = (dG_rows @ generate_weight).reshape(*lead, num_segments, L, d)
+    dr = dz.transpose(-3, -2).reshape(*lead, L, num_segments * d)              # (..., L, S*d)
+    dr_rows, x_rows = dr.reshape(-1, num_segments * d), x.reshape(-1, C)
+    d_compress_weight = dr_rows.T @ x_rows
+    d_compress_bias = dr_rows.sum(0)
+    dx = dx_mix + dr @ compress_weight
+    return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
+
+
+def upstream_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
+    """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op."""
+    B, L, C = x.shape
+    S = num_segments
+    d = compress_weight.shape[0] // S
+    w = F.linear(x, compress_weight, compress_bias).reshape(B, L, S, d).permute(0, 2, 1, 3).reshape(B, S, L * d)
+    P = F.linear(w, generate_weight, generate_bias).reshape(B, S, L, L).softmax(dim=-2)
+    return (x.reshape(B, L, S, C // S).permute(0, 2, 3, 1) @ P).permute(0, 3, 1, 2).reshape(B, L, C)

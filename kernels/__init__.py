@@ -1,0 +1,1 @@
+"""Triton kernels of dynamixer_ops, installed as ``dynamixer_ops.kernels``."""

@@ -274,7 +274,6 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     const int64_t nb = block_size(N, S, L, sizeof(T));
     const int64_t nblocks = (N + nb - 1) / nb;
     const int64_t nchunks = std::min(nblocks, kMaxChunks);
-    const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
     const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
     at::Tensor partials = at::zeros({nchunks, part_size}, x.options());
     T* part_base = partials.data_ptr<T>();
@@ -285,23 +284,27 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         T* pb = part_base + chunk * part_size;
         const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
-        const int64_t blk_end = std::min(nblocks, (chunk + 1) * per_chunk);
-        for (int64_t blk = chunk * per_chunk; blk < blk_end; ++blk)
+        // Chunk c owns blocks [c*nblocks/nchunks, (c+1)*nblocks/nchunks): balanced, fixed by the shape.
+        for (int64_t blk = chunk * nblocks / nchunks; blk < (chunk + 1) * nblocks / nchunks; ++blk)
           run_backward_block<T>(isa, a, blk * nb, std::min(N, (blk + 1) * nb), w, p);
       }
     });
     // Sum the chunks' partials in chunk order, in float64.
-    T* dst[] = {grad_generate_weight.data_ptr<T>(), grad_generate_bias.data_ptr<T>(),
-                grad_compress_weight.data_ptr<T>(), grad_compress_bias.data_ptr<T>()};
-    const int64_t offset[] = {0, LL * Ld, LL * Ld + LL, LL * Ld + LL + Sd * C, part_size};
-    at::parallel_for(0, part_size, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        double s = 0;
-        for (int64_t c = 0; c < nchunks; ++c) s += static_cast<double>(part_base[c * part_size + e]);
-        const int which = static_cast<int>(std::upper_bound(offset, offset + 5, e) - offset) - 1;
-        dst[which][e - offset[which]] = static_cast<T>(s);
-      }
-    });
+    const std::pair<T*, int64_t> dst[] = {
+        {grad_generate_weight.data_ptr<T>(), LL * Ld}, {grad_generate_bias.data_ptr<T>(), LL},
+        {grad_compress_weight.data_ptr<T>(), Sd * C}, {grad_compress_bias.data_ptr<T>(), Sd}};
+    int64_t offset = 0;
+    for (const auto& [out, count] : dst) {
+      const T* src = part_base + offset;
+      at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          double s = 0;
+          for (int64_t c = 0; c < nchunks; ++c) s += static_cast<double>(src[c * part_size + e]);
+          out[e] = static_cast<T>(s);
+        }
+      });
+      offset += count;
+    }
   });
 }
 

@@ -101,8 +101,10 @@ setup(
     cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.6", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["rich", "matplotlib"],
+        # The tests exercise every optional feature: the models (timm), the digits training run
+        # (scikit-learn), the CLI's table and plot (rich, matplotlib), the property tests (hypothesis).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "scikit-learn", "rich", "matplotlib"],
+        "bench": ["rich", "matplotlib", "timm"],
         "models": ["timm"],
     },
     entry_points={"console_scripts": ["dynamixer-bench = dynamixer_ops.bench:main"]},

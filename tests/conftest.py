@@ -1,0 +1,25 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter where no GPU is visible. This must be decided before
+# any module that defines a Triton kernel is imported (dynamixer_ops imports them).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import dynamixer_ops.ops  # noqa: E402
+
+# Every output buffer a kernel receives starts as NaN, so an element it forgets to write fails the comparison.
+dynamixer_ops.ops.POISON_OUTPUTS = True
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (new inputs every run), printed on failure so that a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little") if "DYNAMIXER_SEED" not in os.environ else int(os.environ["DYNAMIXER_SEED"])
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value} (replay with DYNAMIXER_SEED={value})")
+    return value

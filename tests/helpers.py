@@ -1,0 +1,87 @@
+"""Shared test helpers: random inputs in every layout the op accepts, and an honest comparison."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import dynamixer_ops
+from dynamixer_ops.reference import mix_forward
+from dynamixer_ops.backends import get_backend
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend_device_pairs():
+    """Every (backend, device) this machine can run: the grid's first axis."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(name, dev) for dev in devices for name in dynamixer_ops.available_backends(dev)]
+
+
+def supported_dtypes(backend: str, device: str):
+    return [t for t in DTYPES if get_backend(backend).why_not(device, t) is None]
+
+
+def tolerance(dtype: torch.dtype, device: str) -> float:
+    """||out - ref|| / ||ref|| bounds from DYNAMIC_MIX.md (bf16 also covers the interpreter's truncating stores)."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5 if device == "cpu" else 2e-3     # GPU dots may run in tf32
+    return 1e-2
+
+
+def make_inputs(num_seq_shape, L, C, S, d, *, dtype, device, layout="contiguous", bias=True, logit_scale=2.0):
+    """Random inputs (never zeros). ``layout``:
+
+    * "contiguous": x is (*num_seq_shape, L, C), contiguous;
+    * "transposed": x is a (B, H=L, W, C) tensor viewed as (B, W, L, C) (mixing along H, no copy);
+    * "sliced": x is a channel- and token-sliced view with a gap between rows.
+    """
+    if layout == "contiguous":
+        x = torch.randn(*num_seq_shape, L, C, dtype=dtype, device=device)
+    elif layout == "transposed":
+        B, W = num_seq_shape
+        x = torch.randn(B, L, W, C, dtype=dtype, device=device).transpose(1, 2)
+    elif layout == "sliced":
+        x = torch.randn(*num_seq_shape, L + 2, C + 5, dtype=dtype, device=device)[..., 1:L + 1, 3:C + 3]
+    else:
+        raise ValueError(layout)
+    # Scales chosen so that the logits are O(logit_scale): a softmax that is neither uniform nor one-hot.
+    compress_weight = torch.randn(S * d, C, dtype=dtype, device=device) / math.sqrt(C)
+    generate_weight = torch.randn(L * L, L * d, dtype=dtype, device=device) * (logit_scale / math.sqrt(L * d))
+    compress_bias = torch.randn(S * d, dtype=dtype, device=device) * 0.5 if bias else None
+    generate_bias = torch.randn(L * L, dtype=dtype, device=device) * 0.5 if bias else None
+    return x, compress_weight, compress_bias, generate_weight, generate_bias
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return math.inf          # NaN (e.g. an unwritten, poisoned element) never passes
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    """Pass when ||out - ref|| / ||ref|| <= tol; otherwise say where and by how much the values differ."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}"
+    err = relative_error(out, ref)
+    if err <= tol:
+        return
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (out64 - ref64).abs().nan_to_num(math.inf)
+    worst = diff.flatten().argmax().item()
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out.shape))
+    nonfinite = (~torch.isfinite(out64)).sum().item()
+    raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}; worst at {index}: got "
+                         f"{out64[index].item():.6g}, expected {ref64[index].item():.6g}; "
+                         f"{nonfinite} non-finite element(s) of {out.numel()}")
+
+
+def reference_outputs(inputs, num_segments, grad_y):
+    """Forward and the five gradients, by autograd of the reference math in float64 on the CPU."""
+    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in inputs]
+    y = mix_forward(*leaves, num_segments)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, wanted, grad_y.double().cpu())
+    return y.detach(), grads

@@ -1,0 +1,128 @@
+"""The backend grid: every backend this machine can run x dtype x awkward shape x layout, forward and all five
+gradients, against the float64 reference. A backend that registers itself is picked up here automatically."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dynamixer_ops
+from dynamixer_ops import dynamic_mix
+
+from helpers import (assert_close_rel, backend_device_pairs, make_inputs, reference_outputs, supported_dtypes,
+                     tolerance)
+
+# (batch shape, L, C, S, d): L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence,
+# several hundred sequences (ragged against any block size), C/S = 1.
+SHAPES = {
+    "L7-e24-d1-N1": ((1,), 7, 48, 2, 1),
+    "L14-e24-d2": ((3,), 14, 96, 4, 2),
+    "L16-e32-d2": ((2, 3), 16, 128, 4, 2),
+    "L32-e32-d8": ((2,), 32, 64, 2, 8),
+    "L28-e24-d2": ((2,), 28, 48, 2, 2),
+    "L7-e32-d2-N300": ((300,), 7, 64, 2, 2),
+    "L5-e1-d3": ((4,), 5, 3, 3, 3),
+}
+LAYOUT_SHAPES = {"transposed": ((2, 3), 14, 48, 2, 2), "sliced": ((3,), 7, 48, 2, 1)}
+
+# The Triton interpreter executes every program in Python: keep its share of the grid to small cases.
+INTERPRETER_SKIP = {"L7-e32-d2-N300", "L32-e32-d8"}
+
+
+def _cases():
+    for backend, device in backend_device_pairs():
+        for dtype in supported_dtypes(backend, device):
+            for name, shape in SHAPES.items():
+                yield pytest.param(backend, device, dtype, shape, "contiguous", id=f"{backend}-{device}-{str(dtype)[6:]}-{name}")
+            for layout, shape in LAYOUT_SHAPES.items():
+                yield pytest.param(backend, device, dtype, shape, layout, id=f"{backend}-{device}-{str(dtype)[6:]}-{layout}")
+
+
+def _skip_if_too_slow(backend, device, case_id):
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if any(case_id.endswith(s) for s in INTERPRETER_SKIP):
+            pytest.skip("too slow under the Triton interpreter; runs on a GPU")
+
+
+@pytest.mark.parametrize("backend, device, dtype, shape, layout", list(_cases()))
+def test_forward_and_gradients_match_reference(backend, device, dtype, shape, layout, seed, request):
+    _skip_if_too_slow(backend, device, request.node.callspec.id)
+    batch, L, C, S, d = shape
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device=device, layout=layout)
+    leaves = [t.requires_grad_() for t in inputs]
+    y = dynamic_mix(*leaves, S, backend=backend)
+    assert y.shape == inputs[0].shape and y.dtype == dtype and y.device.type == device
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
+    tol = tolerance(dtype, device)
+    assert_close_rel(y, ref_y, tol, "y")
+    for name, g, ref in zip(("dx", "d compress_weight", "d compress_bias", "d generate_weight", "d generate_bias"),
+                            grads, ref_grads):
+        assert g.dtype == dtype and g.shape == ref.shape
+        assert_close_rel(g, ref, tol, name)
+
+
+@pytest.mark.parametrize("backend, device", backend_device_pairs())
+def test_without_biases_and_noncontiguous_grad(backend, device, seed):
+    """Biases of None act as zeros and get no gradient; a non-contiguous grad_y is read correctly."""
+    dtype = torch.float32 if torch.float32 in supported_dtypes(backend, device) else supported_dtypes(backend, device)[0]
+    x, wc, _, wg, _ = make_inputs((3,), 7, 48, 2, 2, dtype=dtype, device=device, bias=False)
+    leaves = [t.requires_grad_() for t in (x, wc, wg)]
+    y = dynamic_mix(leaves[0], leaves[1], None, leaves[2], None, 2, backend=backend)
+    grad_y = torch.randn(48, 7, 3, dtype=dtype, device=device).permute(2, 1, 0)   # (3, 7, 48), last stride 21
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    ref_y, ref_grads = reference_outputs((x, wc, None, wg, None), 2, grad_y)
+    tol = tolerance(dtype, device)
+    assert_close_rel(y, ref_y, tol, "y")
+    for name, g, ref in zip(("dx", "d compress_weight", "d generate_weight"), grads, ref_grads):
+        assert_close_rel(g, ref, tol, name)
+
+
+@pytest.mark.parametrize("backend, device", backend_device_pairs())
+def test_transposed_input_is_not_copied_and_output_keeps_layout(backend, device, seed):
+    """Mixing along H of (B, H, W, C) through a transposed view: y comes back in the same layout."""
+    dtype = supported_dtypes(backend, device)[0]
+    x, *weights = make_inputs((2, 5), 7, 48, 2, 2, dtype=dtype, device=device, layout="transposed")
+    y = dynamic_mix(x, *weights, 2, backend=backend)
+    assert y.stride() == x.stride()
+    assert y.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("backend, device", backend_device_pairs())
+def test_repeated_backward_is_bitwise_deterministic(backend, device, seed):
+    dtype = torch.float32 if torch.float32 in supported_dtypes(backend, device) else supported_dtypes(backend, device)[0]
+    inputs = [t.requires_grad_() for t in make_inputs((37,), 7, 48, 2, 2, dtype=dtype, device=device)]
+    grad_y = torch.randn(37, 7, 48, dtype=dtype, device=device)
+    first = torch.autograd.grad(dynamic_mix(*inputs, 2, backend=backend), inputs, grad_y)
+    second = torch.autograd.grad(dynamic_mix(*inputs, 2, backend=backend), inputs, grad_y)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_device_pairs()
+                                             if torch.float64 in supported_dtypes(*p)])
+def test_gradcheck_float64(backend, device, seed):
+    inputs = [t.requires_grad_() for t in make_inputs((2,), 5, 6, 2, 2, dtype=torch.float64, device=device)]
+    assert torch.autograd.gradcheck(lambda *a: dynamic_mix(*a, 2, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend, device", backend_device_pairs())
+def test_empty_batch(backend, device):
+    dtype = supported_dtypes(backend, device)[0]
+    x, *weights = make_inputs((0,), 7, 48, 2, 2, dtype=dtype, device=device)
+    leaves = [x.requires_grad_()] + [w.requires_grad_() for w in weights]
+    y = dynamic_mix(*leaves, 2, backend=backend)
+    assert y.shape == (0, 7, 48)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert grads[0].shape == x.shape
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
+def test_auto_picks_an_available_backend_and_falls_back_for_unsupported_dtypes():
+    x, *weights = make_inputs((2,), 7, 48, 2, 2, dtype=torch.bfloat16, device="cpu")
+    y = dynamic_mix(x, *weights, 2)   # "cpu" has no bf16 kernel: auto must fall back, not fail
+    ref_y, _ = reference_outputs((x, *weights), 2, torch.ones_like(y))
+    assert_close_rel(y, ref_y, 1e-2, "y")
+    assert dynamixer_ops.available_backends("cpu")[-1] == "reference"

@@ -18,10 +18,11 @@ and, given ``dy``::
 
 Kernels (fp32 accumulation everywhere; inputs fp32/fp16/bf16 are upcast right after ``tl.load``):
 
-* ``_forward_kernel``: one program per (tile of ``BLOCK_N`` sequences, segment, block of ``BLOCK_J`` targets):
-  reduce -> generate -> column softmax -> apply, writing only ``y`` (no ``(N, S, L, L)`` tensor in memory).
-* ``_backward_dx_kernel``: one program per (tile, segment), all targets: recomputes ``P``, writes ``dxm``
-  and ``dr`` (fp32, ``(N, L, S*d)``, the size of ``S*d/C`` of x).
+* ``_forward_kernel``: one program per (tile of ``BLOCK_N`` sequences, segment): reduce once, then per block
+  of ``BLOCK_J`` targets generate -> column softmax -> apply, writing only ``y`` (no ``(N, S, L, L)`` tensor
+  in memory; the softmax normalises each target column j on its own, so target blocks are independent).
+* ``_backward_dx_kernel``: one program per (tile, segment): recomputes ``P`` block of targets by block,
+  summing ``dxm`` and ``dz`` in registers; writes ``dxm`` and ``dr`` (fp32 ``(N, L, S*d)``, ``S*d/C`` of x).
 * ``_backward_dwg_kernel``: one program per (block of targets, partition of the tiles): recomputes ``P`` and
   ``dG`` for its target columns (the softmax is per column, so columns split cleanly) and sums
   ``dG^T z`` and ``dG`` over its tiles and all segments in registers, then writes one fp32 partial.
@@ -127,23 +128,14 @@ def _store_tokens(ptr, val, seq_off, stride_l, n_ok, ch0, tok0, L, E,
 
 
 @triton.jit
-def _probs(x_ptr, x_seq, sx_l, n_ok, s, j0, wc_ptr, bc_ptr, wg_ptr, bg_ptr,
-           L: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-           BLOCK_C: tl.constexpr, DOT_REDUCE: tl.constexpr, DOT_GEN: tl.constexpr,
-           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Recompute, for a tile of sequences and segment ``s``, the targets ``j0 .. j0+BLOCK_J-1``:
-
-    ``z`` (BLOCK_N, BLOCK_L*BLOCK_D) with ``z[n, l*BLOCK_D + k] = r[n,l,s,k]``, the probabilities
-    ``P`` (BLOCK_N, BLOCK_L, BLOCK_J) (``P[n, i, jj]`` for target ``j0+jj``; padded sources exactly 0) and the
-    generate weights ``wg`` (BLOCK_L*BLOCK_D, BLOCK_L*BLOCK_J) with ``wg[l*BLOCK_D+k, i*BLOCK_J+jj] =
-    Wg[i*L + j0+jj, l*D+k]`` (0 where padded).
-    """
-    l = tl.arange(0, BLOCK_L)
+def _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+            DOT_REDUCE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``z`` (BLOCK_N, BLOCK_L*BLOCK_D), ``z[n, l*BLOCK_D + k] = sum_c x[n,l,c] Wc[s*D+k, c] + bc[s*D+k]``
+    for a tile of sequences and segment ``s`` (chunked over all C channels). Padded k are 0; padded l hold
+    the bias and meet only zero columns of Wg."""
     k = tl.arange(0, BLOCK_D)
-    l_ok = l < L
     k_ok = k < D
-    # reduce, chunked over all C channels: r[(n, l), k] = sum_c x[n, l, c] Wc[s*D + k, c]
     r = tl.zeros((BLOCK_N * BLOCK_L, BLOCK_D), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         xt = _load_tokens(x_ptr, x_seq, sx_l, n_ok, c0, 0, L, C - c0, BLOCK_N, BLOCK_L, BLOCK_C)
@@ -152,13 +144,27 @@ def _probs(x_ptr, x_seq, sx_l, n_ok, s, j0, wc_ptr, bc_ptr, wg_ptr, bg_ptr,
                      other=0.0).to(tl.float32)                                        # (BLOCK_C, BLOCK_D)
         r += _mm(tl.reshape(xt, (BLOCK_N * BLOCK_L, BLOCK_C)), wt, DOT_REDUCE, DOT_DTYPE, PRECISION)
     r += tl.load(bc_ptr + s * D + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    z = tl.reshape(r, (BLOCK_N, BLOCK_L * BLOCK_D))
-    # generate: G[n, (i, jj)] = sum_m z[n, m] Wg[i*L + j, m]; padded l/k columns of Wg load as 0
+    return tl.reshape(r, (BLOCK_N, BLOCK_L * BLOCK_D))
+
+
+@triton.jit
+def _probs(z, j0, wg_ptr, bg_ptr, L: tl.constexpr, D: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+           DOT_GEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``j0 .. j0+BLOCK_J-1`` of the mixing matrices (the softmax normalises each column on its own):
+
+    ``P`` (BLOCK_N, BLOCK_L, BLOCK_J), ``P[n, i, jj] = softmax_i(G[n, :, j0+jj])`` (padded sources exactly 0),
+    and the generate weights ``wg`` (BLOCK_L*BLOCK_D, BLOCK_L*BLOCK_J),
+    ``wg[l*BLOCK_D+k, i*BLOCK_J+jj] = Wg[i*L + j0+jj, l*D+k]`` (0 where padded).
+    """
+    l = tl.arange(0, BLOCK_L)
+    k = tl.arange(0, BLOCK_D)
+    l_ok = l < L
     j = j0 + tl.arange(0, BLOCK_J)
     g_row = l[:, None] * L + j[None, :]                                                # (i, jj) -> i*L + j
     g_ok = l_ok[:, None] & (j < L)[None, :]
     m = l[:, None] * D + k[None, :]
-    m_ok = l_ok[:, None] & k_ok[None, :]
+    m_ok = l_ok[:, None] & (k < D)[None, :]
     wg = tl.load(wg_ptr + g_row[None, None, :, :] * (L * D) + m[:, :, None, None],
                  mask=m_ok[:, :, None, None] & g_ok[None, None, :, :], other=0.0).to(tl.float32)
     wg = tl.reshape(wg, (BLOCK_L * BLOCK_D, BLOCK_L * BLOCK_J))
@@ -167,7 +173,7 @@ def _probs(x_ptr, x_seq, sx_l, n_ok, s, j0, wc_ptr, bc_ptr, wg_ptr, bg_ptr,
     # softmax over the source token i (axis 1); padded sources -> -inf -> probability exactly 0
     logits = tl.where(l_ok[None, :, None], logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None, :])
-    return z, p / tl.sum(p, axis=1)[:, None, :], wg
+    return p / tl.sum(p, axis=1)[:, None, :], wg
 
 
 @triton.jit
@@ -178,8 +184,8 @@ def _softmax_grad(P, xs, dys_t, DOT_DP: tl.constexpr, DOT_DTYPE: tl.constexpr, P
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Kernels. Arguments: pointers; `seq0, N, B` (first sequence of this launch, sequences, x.shape[1]); the
-# strides of dims 0, 1, 2 of each 4-D tensor (dim 3 has stride 1); the shape L, C, S, D (= d), E (= C/S);
+# Kernels. Arguments: pointers; `seq0, N, B` (first sequence of this launch, end of its sequences, x.shape[1]);
+# the strides of dims 0, 1, 2 of each 4-D tensor (dim 3 has stride 1); the shape L, C, S, D (= d), E (= C/S);
 # BLOCK_* tile sizes (powers of two); DOT_* whether each product uses tl.dot; DOT_DTYPE / PRECISION its operands.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -191,43 +197,51 @@ def _forward_kernel(x_ptr, y_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
                     BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, DOT_REDUCE: tl.constexpr,
                     DOT_GEN: tl.constexpr, DOT_APPLY: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr):
-    """``y[n, j, s*E+e] = sum_i P[n,s,i,j] x[n, i, s*E+e]`` for a tile x segment x target block."""
-    # segment and target block vary fastest, so the programs that read one tile of x run together (L2 reuse)
+    """``y[n, j, s*E+e] = sum_i P[n,s,i,j] x[n, i, s*E+e]`` for a tile x segment, looping over target blocks."""
+    # the segment varies fastest, so the S programs that read one tile of x run together (L2 reuse)
     pid = tl.program_id(0).to(tl.int64)
-    J_BLOCKS: tl.constexpr = (L + BLOCK_J - 1) // BLOCK_J
-    jb = pid % J_BLOCKS
-    s = (pid // J_BLOCKS) % S
-    n, n_ok, a, b = _tile(pid // (J_BLOCKS * S), seq0, N, B, BLOCK_N)
+    s = pid % S
+    n, n_ok, a, b = _tile(pid // S, seq0, N, B, BLOCK_N)
     x_seq = a * sx_a + b * sx_b
-    _, P, _ = _probs(x_ptr, x_seq, sx_l, n_ok, s, jb * BLOCK_J, wc_ptr, bc_ptr, wg_ptr, bg_ptr, L, C, D,
-                     BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, BLOCK_C, DOT_REDUCE, DOT_GEN, DOT_DTYPE, PRECISION)
+    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
+                DOT_REDUCE, DOT_DTYPE, PRECISION)
     xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
-    y = _bmm(tl.permute(P, (0, 2, 1)), xs, DOT_APPLY, DOT_DTYPE, PRECISION)           # (N, J, E)
-    _store_tokens(y_ptr, y, a * sy_a + b * sy_b, sy_l, n_ok, s * E, jb * BLOCK_J, L, E,
-                  BLOCK_N, BLOCK_J, BLOCK_E)
+    for j0 in range(0, L, BLOCK_J):
+        P, _ = _probs(z, j0, wg_ptr, bg_ptr, L, D, BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, DOT_GEN, DOT_DTYPE,
+                      PRECISION)
+        y = _bmm(tl.permute(P, (0, 2, 1)), xs, DOT_APPLY, DOT_DTYPE, PRECISION)       # (N, J, E)
+        _store_tokens(y_ptr, y, a * sy_a + b * sy_b, sy_l, n_ok, s * E, j0, L, E, BLOCK_N, BLOCK_J, BLOCK_E)
 
 
 @triton.jit
 def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
                         sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l, sdx_a, sdx_b, sdx_l,
                         L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, DOT_REDUCE: tl.constexpr,
-                        DOT_GEN: tl.constexpr, DOT_APPLY: tl.constexpr, DOT_BACK: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``dxm[n, i, s*E+e] = sum_j P[i,j] dy[n, j, s*E+e]`` and ``dr[n, l, s*D+k] = (dG Wg)[l*D+k]``."""
+                        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                        DOT_REDUCE: tl.constexpr, DOT_GEN: tl.constexpr, DOT_APPLY: tl.constexpr,
+                        DOT_DP: tl.constexpr, DOT_BACK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """``dxm[n, i, s*E+e] = sum_j P[i,j] dy[n, j, s*E+e]`` and ``dr[n, l, s*D+k] = (dG Wg)[l*D+k]``, both summed
+    over target blocks in registers."""
     pid = tl.program_id(0).to(tl.int64)
     s = pid % S
     n, n_ok, a, b = _tile(pid // S, seq0, N, B, BLOCK_N)
     x_seq = a * sx_a + b * sx_b
-    _, P, wg = _probs(x_ptr, x_seq, sx_l, n_ok, s, 0, wc_ptr, bc_ptr, wg_ptr, bg_ptr, L, C, D,
-                      BLOCK_N, BLOCK_L, BLOCK_L, BLOCK_D, BLOCK_C, DOT_REDUCE, DOT_GEN, DOT_DTYPE, PRECISION)
+    dy_seq = a * sdy_a + b * sdy_b
+    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
+                DOT_REDUCE, DOT_DTYPE, PRECISION)
     xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
-    dys = _load_tokens(dy_ptr, a * sdy_a + b * sdy_b, sdy_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
-    dxm = _bmm(P, dys, DOT_APPLY, DOT_DTYPE, PRECISION)                                # (N, L_i, E)
+    dxm = tl.zeros((BLOCK_N, BLOCK_L, BLOCK_E), tl.float32)
+    dz = tl.zeros((BLOCK_N, BLOCK_L * BLOCK_D), tl.float32)
+    for j0 in range(0, L, BLOCK_J):
+        P, wg = _probs(z, j0, wg_ptr, bg_ptr, L, D, BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, DOT_GEN, DOT_DTYPE,
+                       PRECISION)
+        dys = _load_tokens(dy_ptr, dy_seq, sdy_l, n_ok, s * E, j0, L, E, BLOCK_N, BLOCK_J, BLOCK_E)
+        dxm += _bmm(P, dys, DOT_APPLY, DOT_DTYPE, PRECISION)                           # (N, L_i, E)
+        dG = _softmax_grad(P, xs, tl.permute(dys, (0, 2, 1)), DOT_DP, DOT_DTYPE, PRECISION)
+        dz += _mm(tl.reshape(dG, (BLOCK_N, BLOCK_L * BLOCK_J)), tl.trans(wg), DOT_BACK, DOT_DTYPE, PRECISION)
     _store_tokens(dxm_ptr, dxm, a * sdx_a + b * sdx_b, sdx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
-    dG = _softmax_grad(P, xs, tl.permute(dys, (0, 2, 1)), DOT_APPLY, DOT_DTYPE, PRECISION)
-    dz = _mm(tl.reshape(dG, (BLOCK_N, BLOCK_L * BLOCK_L)), tl.trans(wg), DOT_BACK, DOT_DTYPE, PRECISION)
     # dr is a contiguous fp32 (N, L, S*D) scratch
     dz = tl.reshape(dz, (BLOCK_N, BLOCK_L, BLOCK_D))
     l = tl.arange(0, BLOCK_L)
@@ -245,7 +259,8 @@ def _backward_dwg_kernel(x_ptr, dy_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, dwg_part
                          BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                          DOT_REDUCE: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
                          DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial ``dWg[i*L+j, m] = sum_{n,s} dG[n,s,i,j] z[n,s,m]`` and ``dbg`` over tiles ``part + it*PARTS``."""
+    """Partial ``dWg[i*L+j, m] = sum_{n,s} dG[n,s,i,j] z[n,s,m]`` and ``dbg`` for one block of targets, over the
+    tiles ``part + it*PARTS`` and all segments, accumulated in registers and written once."""
     pid = tl.program_id(0)
     J_BLOCKS: tl.constexpr = (L + BLOCK_J - 1) // BLOCK_J
     jb = pid % J_BLOCKS
@@ -259,9 +274,10 @@ def _backward_dwg_kernel(x_ptr, dy_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, dwg_part
         x_seq = a * sx_a + b * sx_b
         dy_seq = a * sdy_a + b * sdy_b
         for s in range(0, S):
-            z, P, _ = _probs(x_ptr, x_seq, sx_l, n_ok, s, j0, wc_ptr, bc_ptr, wg_ptr, bg_ptr, L, C, D,
-                             BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, BLOCK_C, DOT_REDUCE, DOT_GEN, DOT_DTYPE,
-                             PRECISION)
+            z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
+                        DOT_REDUCE, DOT_DTYPE, PRECISION)
+            P, _ = _probs(z, j0, wg_ptr, bg_ptr, L, D, BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, DOT_GEN, DOT_DTYPE,
+                          PRECISION)
             xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
             dys = _load_tokens(dy_ptr, dy_seq, sdy_l, n_ok, s * E, j0, L, E, BLOCK_N, BLOCK_J, BLOCK_E)
             dG = _softmax_grad(P, xs, tl.permute(dys, (0, 2, 1)), DOT_DP, DOT_DTYPE, PRECISION)
@@ -329,14 +345,16 @@ def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, d
 class MixConfig:
     """Tile sizes of one launch (powers of two; anything larger than the shape is masked).
 
-    block_n: sequences per program; block_j: target tokens per forward program and per dWg program
-    (>= L gives one block); block_c: channels per step of the reduce loop and per dWc program;
-    dot: use ``tl.dot`` for each product whose dims are all >= 16 (broadcast + ``tl.sum`` otherwise);
-    partitions: programs per target block (dWg) / channel block (dWc), each summing a strided share of the
-    tiles into its own fp32 partial; num_warps: per program (ignored by the interpreter).
+    block_n: sequences per program; block_j: target tokens per step of the forward / dx target loop;
+    block_jw: target tokens per dWg program (its fp32 accumulator is L*d x L*block_jw); block_c: channels per
+    step of the reduce loop and per dWc program; dot: use ``tl.dot`` for each product whose dims are all
+    >= 16 (broadcast + ``tl.sum`` otherwise); partitions: programs per target block (dWg) / channel block
+    (dWc), each summing a strided share of the tiles into its own fp32 partial; num_warps: per program
+    (ignored by the interpreter).
     """
     block_n: int
     block_j: int
+    block_jw: int
     block_c: int
     dot: bool
     partitions: int
@@ -347,27 +365,45 @@ def _pow2(v: int) -> int:
     return triton.next_power_of_2(max(int(v), 1))
 
 
+def _largest_tile(block_n, L, C, S, d, block_j, block_jw, block_c):
+    """Elements of the largest intermediate any kernel builds (broadcast products are 3-D/4-D)."""
+    BL, BD, BE = _pow2(L), _pow2(d), _pow2(C // S)
+    rows = block_n * BL
+    return max(rows * block_c * BD, block_n * BL * BD * BL * max(block_j, block_jw), block_n * block_j * BL * BE,
+               block_n * BL * block_jw * BE, _pow2(S * d) * rows * block_c)
+
+
 def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str) -> MixConfig:
-    """The launch table. Under the interpreter: one small config (interpreter time grows with tile size;
-    autotuning with several configs fails there). On a GPU: chosen from the model shapes (L = 32/16,
-    C/S = 24/32, d = 2/8) by register and shared-memory arithmetic -- NOT MEASURED on a GPU."""
+    """The launch table (one config per shape: autotuning over several configs fails under the interpreter).
+
+    Interpreter: the cost is Python overhead per operation per program, so tiles grow (up to 32 sequences)
+    while the largest broadcast intermediate stays under 2**17 elements. GPU: chosen for the model shapes
+    (L = 32/16, C/S = 24/32, d = 2/8) by register and shared-memory arithmetic -- NOT MEASURED on a GPU.
+    """
     BL = _pow2(L)
     if INTERPRET or device_type != "cuda":
-        return MixConfig(block_n=4, block_j=min(BL, 8), block_c=min(_pow2(C), 32), dot=False,
-                         partitions=max(1, min(4, triton.cdiv(N, 4))))
-    # GPU: 16 sequences per tile so that the generate GEMM (tile x L*d by L*d x L*block_j) runs on tensor
-    # cores; the Wg block (L*d x L*block_j) must fit shared memory in bf16: L = 32, d = 2 -> 64 x 512 (64 KB);
-    # d = 8 -> 256 x 256 with block_j = 8 (128 KB).
-    if BL <= 16:
-        block_j, warps = BL, 4
-    elif _pow2(d) <= 2:
-        block_j, warps = 16, 8
-    else:
-        block_j, warps = 8, 8
+        block_j = block_jw = min(BL, 8)
+        block_c = min(_pow2(C), 64)
+        block_n = 1
+        while (block_n < min(32, _pow2(N))
+               and _largest_tile(2 * block_n, L, C, S, d, block_j, block_jw, block_c) <= 2**17):
+            block_n *= 2
+        return MixConfig(block_n=block_n, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=False,
+                         partitions=max(1, min(4, triton.cdiv(N, block_n))))
+    # GPU. 16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
+    # (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). The Wg block
+    # (L*d x L*block_j, bf16) must fit in shared memory: L = 32, d = 2 -> 64 x 512 = 64 KB; d = 8 -> 256 x 256
+    # = 128 KB with block_j = 8 (then the apply falls back to broadcasting). The dWg accumulator
+    # (L*d x L*block_jw fp32, in registers) is kept at 8K-16K elements: block_jw = 16 at L*d <= 32, 4 at 64,
+    # 1 at 256. Partitions: about two waves of 132 SMs, from the shape only (results repeat across GPUs).
+    Ld = BL * _pow2(d)
+    block_j = 8 if Ld > 128 else min(BL, 16)
+    block_jw = max(1, min(BL, 16384 // (Ld * BL)))
+    warps = 8 if BL >= 32 else 4
     tiles = triton.cdiv(N, 16)
-    # ~2 waves of 132 SMs in the weight-gradient kernels; depends on the shape only (determinism across GPUs)
-    partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_j)))
-    return MixConfig(block_n=16, block_j=block_j, block_c=32, dot=True, partitions=partitions, num_warps=warps)
+    partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
+    return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=32, dot=True, partitions=partitions,
+                     num_warps=warps)
 
 
 def _dot_operands(dtype: torch.dtype):
@@ -378,28 +414,36 @@ def _dot_operands(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "ieee"
 
 
-def _shape(x, compress_weight, num_segments):
-    A, B, L, C = x.shape
-    S = num_segments
-    d = compress_weight.shape[0] // S
-    return A * B, B, L, C, S, d, C // S
+class _Plan:
+    """Shape, padded block sizes and config of one call."""
 
+    def __init__(self, x, compress_weight, num_segments, config):
+        A, self.B, self.L, self.C = x.shape
+        self.N, self.S = A * self.B, num_segments
+        self.d = compress_weight.shape[0] // self.S
+        self.E = self.C // self.S
+        self.cfg = cfg = config or default_config(self.N, self.L, self.C, self.S, self.d, x.device.type)
+        self.BN, self.BC = cfg.block_n, cfg.block_c
+        self.BL, self.BD, self.BE = _pow2(self.L), _pow2(self.d), _pow2(self.E)
+        self.BJ, self.BJW = min(_pow2(cfg.block_j), self.BL), min(_pow2(cfg.block_jw), self.BL)
+        dot_dtype, precision = _dot_operands(x.dtype)
+        self.common = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps)
 
-def _chunks(N: int, block_n: int, programs_per_tile: int):
-    """(first sequence, sequences) of each launch, so that no launch has more than MAX_GRID programs."""
-    tiles_per_launch = max(1, MAX_GRID // programs_per_tile)
-    step = tiles_per_launch * block_n
-    for seq0 in range(0, N, step):
-        yield seq0, min(N, seq0 + step)
+    def dots(self, **dims):
+        """Per product, whether it uses tl.dot: ``dims`` maps a name to its (M, K, N)."""
+        return {f"DOT_{name}": self.cfg.dot and min(mkn) >= 16 for name, mkn in dims.items()}
+
+    def chunks(self):
+        """(first sequence, end, grid) of each launch over (tile, segment) programs, so that no launch has more
+        than MAX_GRID programs."""
+        step = max(1, MAX_GRID // self.S) * self.BN
+        for seq0 in range(0, self.N, step):
+            seq1 = min(self.N, seq0 + step)
+            yield seq0, seq1, (triton.cdiv(seq1 - seq0, self.BN) * self.S,)
 
 
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _dots(cfg: MixConfig, **dims):
-    """Per product, whether it uses tl.dot: ``dims`` maps a name to its (M, K, N)."""
-    return {name: cfg.dot and min(mkn) >= 16 for name, mkn in dims.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,22 +453,14 @@ def _dots(cfg: MixConfig, **dims):
 def mix_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y,
                 config: MixConfig | None = None):
     """Write ``dynamic_mix(x, ...)`` into ``y``. ``x``, ``y``: ``(A, B, L, C)``, unit last stride, any other
-    strides; weights contiguous; one dtype (fp32/fp16/bf16) and device."""
-    N, B, L, C, S, d, E = _shape(x, compress_weight, num_segments)
-    cfg = config or default_config(N, L, C, S, d, x.device.type)
-    BL, BD, BE, BJ = _pow2(L), _pow2(d), _pow2(E), min(_pow2(cfg.block_j), _pow2(L))
-    dot_dtype, precision = _dot_operands(x.dtype)
-    dots = _dots(cfg, REDUCE=(cfg.block_n * BL, cfg.block_c, BD), GEN=(cfg.block_n, BL * BD, BL * BJ),
-                 APPLY=(BJ, BL, BE))
-    programs_per_tile = S * triton.cdiv(L, BJ)
-    for seq0, seq1 in _chunks(N, cfg.block_n, programs_per_tile):
-        grid = (triton.cdiv(seq1 - seq0, cfg.block_n) * programs_per_tile,)
+    strides; weights contiguous; one dtype (fp32/fp16/bf16) and device. One program per (tile, segment)."""
+    p = _Plan(x, compress_weight, num_segments, config)
+    dots = p.dots(REDUCE=(p.BN * p.BL, p.BC, p.BD), GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BJ, p.BL, p.BE))
+    for seq0, seq1, grid in p.chunks():
         _forward_kernel[grid](
-            x, y, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, B,
-            *_strides(x), *_strides(y), L, C, S, d, E,
-            BLOCK_N=cfg.block_n, BLOCK_L=BL, BLOCK_J=BJ, BLOCK_D=BD, BLOCK_C=cfg.block_c, BLOCK_E=BE,
-            DOT_REDUCE=dots["REDUCE"], DOT_GEN=dots["GEN"], DOT_APPLY=dots["APPLY"],
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps)
+            x, y, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
+            *_strides(x), *_strides(y), p.L, p.C, p.S, p.d, p.E,
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
 
 
 def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
@@ -433,52 +469,44 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
     """Write the five gradients of ``dynamic_mix``. Three launches: dxm and dr (per tile and segment), the dWg
     partials (per target block and partition), then dx and the dWc partials (per channel block and partition);
     the partials are reduced with ``torch.sum(dim=0)`` (fixed order, deterministic)."""
-    N, B, L, C, S, d, E = _shape(x, compress_weight, num_segments)
-    cfg = config or default_config(N, L, C, S, d, x.device.type)
-    BL, BD, BE, BJ = _pow2(L), _pow2(d), _pow2(E), min(_pow2(cfg.block_j), _pow2(L))
-    BN, BC, SD = cfg.block_n, cfg.block_c, S * d
-    dot_dtype, precision = _dot_operands(x.dtype)
-    common = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps)
+    p = _Plan(x, compress_weight, num_segments, config)
+    N, L, C, S, d, SD = p.N, p.L, p.C, p.S, p.d, p.S * p.d
     f32 = dict(device=x.device, dtype=torch.float32)
-    reduce_dims = (BN * BL, BC, BD)
+    reduce_dims = (p.BN * p.BL, p.BC, p.BD)
 
-    # 1. dxm (into grad_x directly when fp32: the last kernel adds dr @ Wc in place) and dr.
+    # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place) and dr.
     dxm = grad_x if x.dtype == torch.float32 else torch.empty(x.shape, **f32)
     dr = torch.empty((N, L, SD), **f32)
-    dots = _dots(cfg, REDUCE=reduce_dims, GEN=(BN, BL * BD, BL * BL), APPLY=(BL, BL, BE),
-                 BACK=(BN, BL * BL, BL * BD))
-    for seq0, seq1 in _chunks(N, BN, S):
-        grid = (triton.cdiv(seq1 - seq0, BN) * S,)
+    dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BL, p.BJ, p.BE),
+                  DP=(p.BL, p.BE, p.BJ), BACK=(p.BN, p.BL * p.BJ, p.BL * p.BD))
+    for seq0, seq1, grid in p.chunks():
         _backward_dx_kernel[grid](
-            x, grad_y, dxm, dr, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, B,
-            *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, E,
-            BLOCK_N=BN, BLOCK_L=BL, BLOCK_D=BD, BLOCK_C=BC, BLOCK_E=BE,
-            DOT_REDUCE=dots["REDUCE"], DOT_GEN=dots["GEN"], DOT_APPLY=dots["APPLY"], DOT_BACK=dots["BACK"],
-            **common)
+            x, grad_y, dxm, dr, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
+            *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, p.E,
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
 
     # 2. dWg, dbg: partitions x target blocks programs, each looping over its share of the tiles.
-    tiles = triton.cdiv(N, BN)
-    parts = max(1, min(cfg.partitions, tiles))
+    tiles = triton.cdiv(N, p.BN)
+    parts = max(1, min(p.cfg.partitions, tiles))
     iters = triton.cdiv(tiles, parts)
     dwg_part = torch.empty((parts, L * L, L * d), **f32)
     dbg_part = torch.empty((parts, L * L), **f32)
-    dots = _dots(cfg, REDUCE=reduce_dims, GEN=(BN, BL * BD, BL * BJ), DP=(BL, BE, BJ),
-                 WG=(BL * BD, BN, BL * BJ))
-    _backward_dwg_kernel[(parts * triton.cdiv(L, BJ),)](
+    dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
+                  WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
+    _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
         x, grad_y, compress_weight, compress_bias, generate_weight, generate_bias, dwg_part, dbg_part,
-        N, B, iters, parts, *_strides(x), *_strides(grad_y), L, C, S, d, E,
-        BLOCK_N=BN, BLOCK_L=BL, BLOCK_J=BJ, BLOCK_D=BD, BLOCK_C=BC, BLOCK_E=BE,
-        DOT_REDUCE=dots["REDUCE"], DOT_GEN=dots["GEN"], DOT_DP=dots["DP"], DOT_WG=dots["WG"], **common)
+        N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, C, S, d, p.E,
+        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
 
     # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
     BSD = _pow2(SD)
     dwc_part = torch.empty((parts, SD, C), **f32)
     dbc_part = torch.empty((parts, SD), **f32)
-    dots = _dots(cfg, DWC=(BSD, BN * BL, BC), DX=(BN * BL, BSD, BC))
-    _backward_dwc_kernel[(parts * triton.cdiv(C, BC),)](
-        x, dxm, grad_x, dr, compress_weight, dwc_part, dbc_part, N, B, iters, parts,
+    dots = p.dots(DWC=(BSD, p.BN * p.BL, p.BC), DX=(p.BN * p.BL, BSD, p.BC))
+    _backward_dwc_kernel[(parts * triton.cdiv(C, p.BC),)](
+        x, dxm, grad_x, dr, compress_weight, dwc_part, dbc_part, N, p.B, iters, parts,
         *_strides(x), *_strides(dxm), *_strides(grad_x), L, C, SD,
-        BLOCK_N=BN, BLOCK_L=BL, BLOCK_SD=BSD, BLOCK_C=BC, DOT_DWC=dots["DWC"], DOT_DX=dots["DX"], **common)
+        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_SD=BSD, BLOCK_C=p.BC, **dots, **p.common)
 
     for out, part in ((grad_generate_weight, dwg_part), (grad_generate_bias, dbg_part),
                       (grad_compress_weight, dwc_part), (grad_compress_bias, dbc_part)):

@@ -377,7 +377,7 @@ def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str) -> 
     """The launch table (one config per shape: autotuning over several configs fails under the interpreter).
 
     Interpreter: the cost is Python overhead per operation per program, so tiles grow (up to 32 sequences)
-    while the largest broadcast intermediate stays under 2**17 elements. GPU: chosen for the model shapes
+    while the largest broadcast intermediate stays under 2**19 elements. GPU: chosen for the model shapes
     (L = 32/16, C/S = 24/32, d = 2/8) by register and shared-memory arithmetic -- NOT MEASURED on a GPU.
     """
     BL = _pow2(L)
@@ -386,7 +386,7 @@ def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str) -> 
         block_c = min(_pow2(C), 64)
         block_n = 1
         while (block_n < min(32, _pow2(N))
-               and _largest_tile(2 * block_n, L, C, S, d, block_j, block_jw, block_c) <= 2**17):
+               and _largest_tile(2 * block_n, L, C, S, d, block_j, block_jw, block_c) <= 2**19):
             block_n *= 2
         return MixConfig(block_n=block_n, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=False,
                          partitions=max(1, min(4, triton.cdiv(N, block_n))))

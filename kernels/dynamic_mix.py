@@ -42,7 +42,7 @@ batch stride overflows int32 long before memory runs out); weight offsets are < 
 
 GPU status: **compiled and run only under the Triton interpreter (TRITON_INTERPRET=1) on a CPU; never run on
 a GPU.** The ``tl.dot`` paths carry ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load
-has ``other=``; ``tl.exp`` sees fp32. The GPU launch table in :func:`default_config` is a guess from the
+has ``other=``; ``tl.exp`` sees fp32. The GPU launch table (:func:`gpu_config`) is a guess from the
 shapes (register and shared-memory arithmetic), not a measurement.
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MixConfig", "default_config", "mix_forward", "mix_backward", "INTERPRET"]
+__all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
+           "INTERPRET"]
 
 # Triton decides at decoration time whether @triton.jit kernels are interpreted; read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -374,36 +375,44 @@ def _largest_tile(block_n, L, C, S, d, block_j, block_jw, block_c):
 
 
 def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str) -> MixConfig:
-    """The launch table (one config per shape: autotuning over several configs fails under the interpreter).
+    """The launch table: one config per shape (autotuning over several configs fails under the interpreter)."""
+    if INTERPRET or device_type != "cuda":
+        return interpreter_config(N, L, C, S, d)
+    return gpu_config(N, L, C, S, d)
 
-    Interpreter: the cost is Python overhead per operation per program, so tiles grow (up to 32 sequences)
-    while the largest broadcast intermediate stays under 2**19 elements. GPU: chosen for the model shapes
-    (L = 32/16, C/S = 24/32, d = 2/8) by register and shared-memory arithmetic -- NOT MEASURED on a GPU.
+
+def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
+    """The interpreter's cost is Python overhead per operation per program, so tiles grow (up to 32 sequences)
+    while the largest broadcast intermediate stays under 2**19 elements."""
+    block_j = block_jw = min(_pow2(L), 8)
+    block_c = min(_pow2(C), 64)
+    block_n = 1
+    while (block_n < min(32, _pow2(N))
+           and _largest_tile(2 * block_n, L, C, S, d, block_j, block_jw, block_c) <= 2**19):
+        block_n *= 2
+    return MixConfig(block_n=block_n, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=False,
+                     partitions=max(1, min(4, triton.cdiv(N, block_n))))
+
+
+def gpu_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
+    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) by register and shared-memory arithmetic;
+    NOT MEASURED on a GPU (only run through the interpreter, where tests/test_triton.py checks it).
+
+    16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
+    (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). The Wg block
+    (L*d x L*block_j, bf16) must fit in shared memory: L = 32, d = 2 -> 64 x 512 = 64 KB; d = 8 -> 256 x 256
+    = 128 KB with block_j = 8 (then the apply falls back to broadcasting). The dWg accumulator
+    (L*d x L*block_jw fp32, in registers) is kept at 16K elements: block_jw = 16 at L*d <= 32, 8 at 64,
+    2 at 256. Partitions: about two waves of 132 SMs, from the shape only (results repeat across GPUs).
     """
     BL = _pow2(L)
-    if INTERPRET or device_type != "cuda":
-        block_j = block_jw = min(BL, 8)
-        block_c = min(_pow2(C), 64)
-        block_n = 1
-        while (block_n < min(32, _pow2(N))
-               and _largest_tile(2 * block_n, L, C, S, d, block_j, block_jw, block_c) <= 2**19):
-            block_n *= 2
-        return MixConfig(block_n=block_n, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=False,
-                         partitions=max(1, min(4, triton.cdiv(N, block_n))))
-    # GPU. 16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
-    # (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). The Wg block
-    # (L*d x L*block_j, bf16) must fit in shared memory: L = 32, d = 2 -> 64 x 512 = 64 KB; d = 8 -> 256 x 256
-    # = 128 KB with block_j = 8 (then the apply falls back to broadcasting). The dWg accumulator
-    # (L*d x L*block_jw fp32, in registers) is kept at 8K-16K elements: block_jw = 16 at L*d <= 32, 4 at 64,
-    # 1 at 256. Partitions: about two waves of 132 SMs, from the shape only (results repeat across GPUs).
     Ld = BL * _pow2(d)
     block_j = 8 if Ld > 128 else min(BL, 16)
-    block_jw = max(1, min(BL, 16384 // (Ld * BL)))
-    warps = 8 if BL >= 32 else 4
+    block_jw = max(1, min(BL, 16, 16384 // (Ld * BL)))
     tiles = triton.cdiv(N, 16)
     partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
     return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=32, dot=True, partitions=partitions,
-                     num_warps=warps)
+                     num_warps=8 if BL >= 32 else 4)
 
 
 def _dot_operands(dtype: torch.dtype):

@@ -22,9 +22,10 @@ Kernels (fp32 accumulation everywhere; inputs fp32/fp16/bf16 are upcast right af
   of ``BLOCK_J`` targets generate -> column softmax -> apply, writing only ``y`` (no ``(N, S, L, L)`` tensor
   in memory; the softmax normalises each target column j on its own, so target blocks are independent).
 * ``_backward_dx_kernel``: one program per (tile, segment): recomputes ``P`` block of targets by block,
-  summing ``dxm`` and ``dz`` in registers; writes ``dxm`` and ``dr`` (fp32 ``(N, L, S*d)``, ``S*d/C`` of x).
-* ``_backward_dwg_kernel``: one program per (block of targets, partition of the tiles): recomputes ``P`` and
-  ``dG`` for its target columns (the softmax is per column, so columns split cleanly) and sums
+  summing ``dxm`` and ``dz`` in registers; writes ``dxm``, and ``dr`` and ``z`` (fp32 ``(N, L, S*d)``
+  scratch, each ``S*d/C`` of x's size).
+* ``_backward_dwg_kernel``: one program per (block of targets, partition of the tiles): reads ``z`` (written by
+  the dx kernel), recomputes ``P`` and ``dG`` for its target columns (the softmax is per column, so columns split cleanly) and sums
   ``dG^T z`` and ``dG`` over its tiles and all segments in registers, then writes one fp32 partial.
 * ``_backward_dwc_kernel``: one program per (block of channels, partition of the tiles): ``dx = dxm + dr Wc``
   and the partials of ``dr^T x`` and ``dr``.
@@ -129,6 +130,16 @@ def _store_tokens(ptr, val, seq_off, stride_l, n_ok, ch0, tok0, L, E,
 
 
 @triton.jit
+def _scratch(n, n_ok, s, L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """Offsets and mask of ``t[n, l, s*D + k]`` in a contiguous fp32 ``(N, L, S*D)`` scratch (z and dr)."""
+    l = tl.arange(0, BLOCK_L)
+    k = tl.arange(0, BLOCK_D)
+    off = (n * (L * S * D))[:, None, None] + (l * (S * D))[None, :, None] + (s * D + k)[None, None, :]
+    return off, n_ok[:, None, None] & (l < L)[None, :, None] & (k < D)[None, None, :]
+
+
+@triton.jit
 def _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
             DOT_REDUCE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -215,7 +226,7 @@ def _forward_kernel(x_ptr, y_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
 
 
 @triton.jit
-def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
+def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
                         sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l, sdx_a, sdx_b, sdx_l,
                         L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -224,7 +235,7 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, wc_ptr, bc_ptr, wg_ptr, 
                         DOT_DP: tl.constexpr, DOT_BACK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         PRECISION: tl.constexpr):
     """``dxm[n, i, s*E+e] = sum_j P[i,j] dy[n, j, s*E+e]`` and ``dr[n, l, s*D+k] = (dG Wg)[l*D+k]``, both summed
-    over target blocks in registers."""
+    over target blocks in registers; also writes ``z`` for the dWg kernel."""
     pid = tl.program_id(0).to(tl.int64)
     s = pid % S
     n, n_ok, a, b = _tile(pid // S, seq0, N, B, BLOCK_N)
@@ -243,25 +254,21 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, wc_ptr, bc_ptr, wg_ptr, 
         dG = _softmax_grad(P, xs, tl.permute(dys, (0, 2, 1)), DOT_DP, DOT_DTYPE, PRECISION)
         dz += _mm(tl.reshape(dG, (BLOCK_N, BLOCK_L * BLOCK_J)), tl.trans(wg), DOT_BACK, DOT_DTYPE, PRECISION)
     _store_tokens(dxm_ptr, dxm, a * sdx_a + b * sdx_b, sdx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
-    # dr is a contiguous fp32 (N, L, S*D) scratch
-    dz = tl.reshape(dz, (BLOCK_N, BLOCK_L, BLOCK_D))
-    l = tl.arange(0, BLOCK_L)
-    k = tl.arange(0, BLOCK_D)
-    off = (n * (L * S * D))[:, None, None] + (l * (S * D))[None, :, None] + (s * D + k)[None, None, :]
-    ok = n_ok[:, None, None] & (l < L)[None, :, None] & (k < D)[None, None, :]
-    tl.store(dr_ptr + off, dz, mask=ok)
+    off, ok = _scratch(n, n_ok, s, L, S, D, BLOCK_L, BLOCK_D)
+    tl.store(dr_ptr + off, tl.reshape(dz, (BLOCK_N, BLOCK_L, BLOCK_D)), mask=ok)
+    tl.store(z_ptr + off, tl.reshape(z, (BLOCK_N, BLOCK_L, BLOCK_D)), mask=ok)
 
 
 @triton.jit
-def _backward_dwg_kernel(x_ptr, dy_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg_part_ptr,
+def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg_part_ptr,
                          N, B, ITERS, PARTS, sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l,
                          L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-                         DOT_REDUCE: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
                          DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Partial ``dWg[i*L+j, m] = sum_{n,s} dG[n,s,i,j] z[n,s,m]`` and ``dbg`` for one block of targets, over the
-    tiles ``part + it*PARTS`` and all segments, accumulated in registers and written once."""
+    tiles ``part + it*PARTS`` and all segments, accumulated in registers and written once. ``z`` comes from the
+    dx kernel's scratch: recomputing it here would read all C channels of x once per target block."""
     pid = tl.program_id(0)
     J_BLOCKS: tl.constexpr = (L + BLOCK_J - 1) // BLOCK_J
     jb = pid % J_BLOCKS
@@ -275,8 +282,8 @@ def _backward_dwg_kernel(x_ptr, dy_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, dwg_part
         x_seq = a * sx_a + b * sx_b
         dy_seq = a * sdy_a + b * sdy_b
         for s in range(0, S):
-            z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
-                        DOT_REDUCE, DOT_DTYPE, PRECISION)
+            off, ok = _scratch(n, n_ok, s, L, S, D, BLOCK_L, BLOCK_D)
+            z = tl.reshape(tl.load(z_ptr + off, mask=ok, other=0.0), (BLOCK_N, BLOCK_L * BLOCK_D))
             P, _ = _probs(z, j0, wg_ptr, bg_ptr, L, D, BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, DOT_GEN, DOT_DTYPE,
                           PRECISION)
             xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
@@ -483,14 +490,16 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
     f32 = dict(device=x.device, dtype=torch.float32)
     reduce_dims = (p.BN * p.BL, p.BC, p.BD)
 
-    # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place) and dr.
+    # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place), dr and z (fp32 scratch, each S*d/C
+    #    of x's size).
     dxm = grad_x if x.dtype == torch.float32 else torch.empty(x.shape, **f32)
     dr = torch.empty((N, L, SD), **f32)
+    z = torch.empty((N, L, SD), **f32)
     dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BL, p.BJ, p.BE),
                   DP=(p.BL, p.BE, p.BJ), BACK=(p.BN, p.BL * p.BJ, p.BL * p.BD))
     for seq0, seq1, grid in p.chunks():
         _backward_dx_kernel[grid](
-            x, grad_y, dxm, dr, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
+            x, grad_y, dxm, dr, z, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
             *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, p.E,
             BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
 
@@ -500,12 +509,12 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
     iters = triton.cdiv(tiles, parts)
     dwg_part = torch.empty((parts, L * L, L * d), **f32)
     dbg_part = torch.empty((parts, L * L), **f32)
-    dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
+    dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
                   WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
     _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
-        x, grad_y, compress_weight, compress_bias, generate_weight, generate_bias, dwg_part, dbg_part,
+        x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
         N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, C, S, d, p.E,
-        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
+        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **p.common)
 
     # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
     BSD = _pow2(SD)

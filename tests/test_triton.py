@@ -133,3 +133,27 @@ def test_unavailable_without_interpreter_says_how_to_enable_it():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout and "no CUDA device" in out.stdout
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="uses the interpreter's int32 overflow checks")
+def test_sequence_indices_past_int32(monkeypatch, seed):
+    """Sequences numbered across 2**31 (x and y expanded with batch stride 0, so all alias one sequence): with
+    the interpreter's overflow checks on, int32 index math on them raises; the result is still right."""
+    import triton.runtime.interpreter as interpreter
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    last_chunk = kernels._Plan.chunks
+
+    def only_the_last_sequences(plan):
+        *_, (seq0, seq1, grid) = last_chunk(plan)
+        seq0 = seq1 - 5
+        yield seq0, seq1, (-(-(seq1 - seq0) // plan.BN) * plan.S,)
+
+    monkeypatch.setattr(kernels._Plan, "chunks", only_the_last_sequences)
+    L, E, S, d, N = 7, 24, 2, 2, 2**31 + 1    # seq0 = 2**31 - 4 fits int32, the indices do not
+    x1, wc, bc, wg, bg = make_inputs((1, 1), L, E * S, S, d, dtype=torch.float32, device=DEVICE)
+    y1 = torch.full_like(x1, float("nan"))
+    kernels.mix_forward(x1.expand(1, N, L, E * S), wc, bc, wg, bg, S, y1.expand(1, N, L, E * S),
+                        config=MixConfig(block_n=4, block_j=8, block_jw=8, block_c=32, dot=False, partitions=1))
+    ref_y, _ = reference_outputs((x1, wc, bc, wg, bg), S, torch.ones_like(x1))
+    assert_close_rel(y1, ref_y, 1e-5, "y")

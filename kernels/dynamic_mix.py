@@ -25,8 +25,9 @@ Kernels (fp32 accumulation everywhere; inputs fp32/fp16/bf16 are upcast right af
   summing ``dxm`` and ``dz`` in registers; writes ``dxm``, and ``dr`` and ``z`` (fp32 ``(N, L, S*d)``
   scratch, each ``S*d/C`` of x's size).
 * ``_backward_dwg_kernel``: one program per (block of targets, partition of the tiles): reads ``z`` (written by
-  the dx kernel), recomputes ``P`` and ``dG`` for its target columns (the softmax is per column, so columns split cleanly) and sums
-  ``dG^T z`` and ``dG`` over its tiles and all segments in registers, then writes one fp32 partial.
+  the dx kernel), recomputes ``P`` and ``dG`` for its target columns (the softmax is per column, so columns
+  split cleanly) and sums ``dG^T z`` and ``dG`` over its tiles and all segments in registers, then writes one
+  fp32 partial.
 * ``_backward_dwc_kernel``: one program per (block of channels, partition of the tiles): ``dx = dxm + dr Wc``
   and the partials of ``dr^T x`` and ``dr``.
 
@@ -122,6 +123,7 @@ def _load_tokens(ptr, seq_off, stride_l, n_ok, ch0, tok0, L, E,
 @triton.jit
 def _store_tokens(ptr, val, seq_off, stride_l, n_ok, ch0, tok0, L, E,
                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Store ``val`` (fp32) into ``t[n, tok0 + l, ch0 + e]`` in ``t``'s dtype, only where ``l < L``, ``e < E``."""
     tok = tok0 + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     off = seq_off[:, None, None] + tok.to(tl.int64)[None, :, None] * stride_l + (ch0 + e)[None, None, :]
@@ -262,7 +264,7 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, w
 @triton.jit
 def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg_part_ptr,
                          N, B, ITERS, PARTS, sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l,
-                         L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                         L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
                          DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -312,7 +314,8 @@ def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, d
                          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SD: tl.constexpr,
                          BLOCK_C: tl.constexpr, DOT_DWC: tl.constexpr, DOT_DX: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``dx = dxm + dr @ Wc`` on a block of channels, and partial ``dWc = sum dr^T x``, ``dbc = sum dr``."""
+    """``dx = dxm + dr @ Wc`` on a block of channels, and partial ``dWc = sum dr^T x``, ``dbc = sum dr``.
+    ``dxm`` may be ``dx`` itself (fp32): each element is read and then written by the same program."""
     pid = tl.program_id(0)
     C_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     cb = pid % C_BLOCKS
@@ -320,7 +323,6 @@ def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, d
     c0 = cb * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     q = tl.arange(0, BLOCK_SD)
-    l = tl.arange(0, BLOCK_L)
     wc = tl.load(wc_ptr + q[:, None] * C + c[None, :], mask=(q < SD)[:, None] & (c < C)[None, :],
                  other=0.0).to(tl.float32)                                              # (SD, BLOCK_C)
     acc = tl.zeros((BLOCK_SD, BLOCK_C), tl.float32)
@@ -328,8 +330,7 @@ def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, d
     R: tl.constexpr = BLOCK_N * BLOCK_L
     for it in range(0, ITERS):
         n, n_ok, a, b = _tile(part + it * PARTS, 0, N, B, BLOCK_N)
-        dr_off = (n * (L * SD))[:, None, None] + (l * SD)[None, :, None] + q[None, None, :]
-        dr_ok = n_ok[:, None, None] & (l < L)[None, :, None] & (q < SD)[None, None, :]
+        dr_off, dr_ok = _scratch(n, n_ok, 0, L, 1, SD, BLOCK_L, BLOCK_SD)      # all S*d columns of dr
         dr = tl.reshape(tl.load(dr_ptr + dr_off, mask=dr_ok, other=0.0), (R, BLOCK_SD))
         xt = tl.reshape(_load_tokens(x_ptr, a * sx_a + b * sx_b, sx_l, n_ok, c0, 0, L, C - c0,
                                      BLOCK_N, BLOCK_L, BLOCK_C), (R, BLOCK_C))
@@ -513,7 +514,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
                   WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
     _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
         x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
-        N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, C, S, d, p.E,
+        N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E,
         BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **p.common)
 
     # 3. dx = dxm + dr @ Wc; dWc, dbc partials.

@@ -47,11 +47,16 @@ def _check(batch, L, E, S, d, config, *, dtype=torch.float32, layout="contiguous
 
 # Small tiles: every loop runs several times and every mask cuts a tile (block_n does not divide N, the last
 # partition gets fewer tiles than the others, C is not a multiple of block_c, L not of block_j).
-SMALL = {
-    "L7-e24-d1": ((1, 5), 7, 24, 2, 1, MixConfig(block_n=2, block_j=2, block_jw=4, block_c=16, dot=False, partitions=2)),
-    "L14-e24-d2": ((2, 3), 14, 24, 3, 2, MixConfig(block_n=4, block_j=4, block_jw=2, block_c=32, dot=False, partitions=2)),
-    "L16-e32-d8": ((1, 3), 16, 32, 1, 8, MixConfig(block_n=2, block_j=8, block_jw=8, block_c=16, dot=False, partitions=3)),
-    "L32-e24-d2": ((1, 3), 32, 24, 2, 2, MixConfig(block_n=2, block_j=16, block_jw=8, block_c=64, dot=False, partitions=2)),
+def _cfg(block_n, block_j, block_jw, block_c, partitions, dot=False):
+    return MixConfig(block_n=block_n, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=dot,
+                     partitions=partitions)
+
+
+SMALL = {   # batch, L, E, S, d, config
+    "L7-e24-d1": ((1, 5), 7, 24, 2, 1, _cfg(block_n=2, block_j=2, block_jw=4, block_c=16, partitions=2)),
+    "L14-e24-d2": ((2, 3), 14, 24, 3, 2, _cfg(block_n=4, block_j=4, block_jw=2, block_c=32, partitions=2)),
+    "L16-e32-d8": ((1, 3), 16, 32, 1, 8, _cfg(block_n=2, block_j=8, block_jw=8, block_c=16, partitions=3)),
+    "L32-e24-d2": ((1, 3), 32, 24, 2, 2, _cfg(block_n=2, block_j=16, block_jw=8, block_c=64, partitions=2)),
 }
 
 
@@ -62,11 +67,13 @@ def test_small_tiles_multi_step_loops(case, layout, seed):
     _check(batch, L, E, S, d, config, layout=layout)
 
 
-# tl.dot wherever all dims reach 16 (block_n = 16, so also with a single, masked, sequence tile).
+# tl.dot wherever all dims reach 16 (block_n = 16; 18 sequences: a full tile and a mostly masked one).
 @pytest.mark.parametrize("L, E, S, d, block_j", [(16, 24, 2, 2, 16), (32, 32, 2, 8, 16), (14, 24, 2, 8, 16),
                                                   (7, 24, 2, 2, 8)])
 def test_dot_path(L, E, S, d, block_j, seed):
-    config = MixConfig(block_n=16, block_j=block_j, block_jw=block_j, block_c=32, dot=True, partitions=2)
+    config = _cfg(block_n=16, block_j=block_j, block_jw=block_j, block_c=32, partitions=2, dot=True)
+    plan = kernels._Plan(torch.empty(1, 1, L, E * S), torch.empty(S * d, E * S), S, config)
+    assert plan.dots(GEN=(plan.BN, plan.BL * plan.BD, plan.BL * plan.BJ))["DOT_GEN"]   # the dot branch runs
     _check((2, 9), L, E, S, d, config)
 
 
@@ -89,7 +96,7 @@ def test_half_inputs_small_tiles(dtype, seed):
 def test_launch_split_into_chunks(monkeypatch, seed):
     """More programs than MAX_GRID: the launchers split the sequences, each launch starting at seq0 > 0."""
     monkeypatch.setattr(kernels, "MAX_GRID", 5)     # S = 2 programs per tile -> 2 tiles per launch
-    config = MixConfig(block_n=2, block_j=8, block_jw=8, block_c=32, dot=False, partitions=2)
+    config = _cfg(block_n=2, block_j=8, block_jw=8, block_c=32, partitions=2)
     _check((1, 11), 7, 24, 2, 2, config)
 
 
@@ -101,13 +108,13 @@ def test_masks_never_read_or_write_past_the_view(seed):
     buffer = torch.full((3, 2, L + 3, C + 5), float("nan"), device=DEVICE)
     x = buffer[:, :, 1:L + 1, 2:C + 2]
     x.copy_(torch.randn(x.shape))
-    config = MixConfig(block_n=4, block_j=8, block_jw=8, block_c=32, dot=False, partitions=2)
+    config = _cfg(block_n=4, block_j=8, block_jw=8, block_c=32, partitions=2)
     _check((3, 2), L, E, S, d, config, x=x)
 
 
 def test_weight_gradients_do_not_depend_on_the_run(seed):
     inputs = list(make_inputs((1, 9), 14, 48, 2, 2, dtype=torch.float32, device=DEVICE))
-    config = MixConfig(block_n=2, block_j=8, block_jw=8, block_c=32, dot=False, partitions=3)
+    config = _cfg(block_n=2, block_j=8, block_jw=8, block_c=32, partitions=3)
     torch.manual_seed(seed)
     first, _ = _run(inputs, 2, config, torch.float32)
     torch.manual_seed(seed)
@@ -154,6 +161,6 @@ def test_sequence_indices_past_int32(monkeypatch, seed):
     x1, wc, bc, wg, bg = make_inputs((1, 1), L, E * S, S, d, dtype=torch.float32, device=DEVICE)
     y1 = torch.full_like(x1, float("nan"))
     kernels.mix_forward(x1.expand(1, N, L, E * S), wc, bc, wg, bg, S, y1.expand(1, N, L, E * S),
-                        config=MixConfig(block_n=4, block_j=8, block_jw=8, block_c=32, dot=False, partitions=1))
+                        config=_cfg(block_n=4, block_j=8, block_jw=8, block_c=32, partitions=1))
     ref_y, _ = reference_outputs((x1, wc, bc, wg, bg), S, torch.ones_like(x1))
     assert_close_rel(y1, ref_y, 1e-5, "y")

@@ -6,12 +6,20 @@
 //
 // One block of kThreads threads per (tile of ts sequences, segment s); block b has s = b % S, so the blocks
 // that run together read the same x rows (the reduce needs whole rows) from L2. Everything is SIMT with fp32
-// accumulation for every input dtype; no tensor cores. Host code (dynamic_mix_cuda_host.cpp) validates the sizes,
-// chooses ts so that the shared memory fits, and owns every allocation.
-#include <cuda_runtime.h>
+// accumulation for every input dtype; no tensor cores. The host code (dynamic_mix_cuda_host.cpp) validates
+// the sizes, chooses ts so that the shared memory fits, and owns every allocation.
+//
+// The same source also compiles as plain C++ against tests/cuda_emu/emu.h (DMX_EMULATE), which runs every
+// block's threads as CPU threads with real barriers: the only GPU-specific spellings that this needs are the
+// two macros below (dynamic shared memory, launch).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#ifndef DMX_EMULATE
+#include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
+#define DMX_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define DMX_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
+#endif
 
 #include "dynamic_mix_cuda.h"
 
@@ -144,7 +152,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
     MixDims dm, Rows<const T> x, const T* __restrict__ wc, const T* __restrict__ bc, const T* __restrict__ wgT,
     const T* __restrict__ bg, Rows<T> y) {
-  extern __shared__ float smem[];
+  DMX_DYNAMIC_SMEM(smem);
   float* zs = smem;                                   // [ts][Ld]
   float* ps = zs + dm.ts * dm.Ld;                     // [ts][L][LP]
   float* xs = ps + dm.ts * dm.L * dm.LP;              // [L][kChunk]
@@ -196,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
     const T* __restrict__ wgT, const T* __restrict__ bg, const T* __restrict__ wg, float* __restrict__ z_out,
     float* __restrict__ dg_out, float* __restrict__ dr_out, float* __restrict__ dxm_out) {
   constexpr int64_t XP = kChunk + 1;                  // odd row stride: the dP loop reads dys[j][e] by j
-  extern __shared__ float smem[];
+  DMX_DYNAMIC_SMEM(smem);
   float* zs = smem;                                   // [ts][Ld]
   float* ps = zs + dm.ts * dm.Ld;                     // [ts][L][LP]  P
   float* ds = ps + dm.ts * dm.L * dm.LP;              // [ts][L][LP]  dP, then dG
@@ -354,7 +362,7 @@ template <typename T>
 void forward_impl(const MixDims& dm, RowsArg x, const void* wc, const void* bc, const void* wgT, const void* bg,
                   RowsArg y, size_t smem, cudaStream_t stream) {
   set_smem(reinterpret_cast<const void*>(&mix_forward_kernel<T>), smem);
-  mix_forward_kernel<T><<<static_cast<unsigned>(fused_blocks(dm)), kThreads, smem, stream>>>(
+  DMX_LAUNCH(mix_forward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
       dm, typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc), static_cast<const T*>(wgT),
       static_cast<const T*>(bg), typed<T>(y));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -365,7 +373,7 @@ void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, con
                    const void* bg, const void* wg, float* z, float* dg, float* dr, float* dxm, size_t smem,
                    cudaStream_t stream) {
   set_smem(reinterpret_cast<const void*>(&mix_backward_kernel<T>), smem);
-  mix_backward_kernel<T><<<static_cast<unsigned>(fused_blocks(dm)), kThreads, smem, stream>>>(
+  DMX_LAUNCH(mix_backward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
       dm, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc),
       static_cast<const T*>(wgT), static_cast<const T*>(bg), static_cast<const T*>(wg), z, dg, dr, dxm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -375,7 +383,7 @@ template <typename T>
 void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
                  cudaStream_t stream) {
   const int64_t rows = dm.N * dm.L;
-  grad_x_kernel<T><<<static_cast<unsigned>((rows + kRows - 1) / kRows), kThreads, 0, stream>>>(
+  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kRows - 1) / kRows), 0, stream,
       rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -385,7 +393,7 @@ void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, 
                  int64_t rows_per_split, float* partial, cudaStream_t stream) {
   const int64_t tiles = (Q + kTile - 1) / kTile * ((cols + kTile - 1) / kTile);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  splitk_atb_kernel<TB><<<grid, kThreads, 0, stream>>>(a, K, Q, typed<const TB>(b), cols, rows_per_split, partial);
+  DMX_LAUNCH(splitk_atb_kernel<TB>, grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

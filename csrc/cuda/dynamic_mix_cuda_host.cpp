@@ -1,11 +1,15 @@
 // The CUDA implementations of dynamixer_ops_C::mix_forward / mix_backward: argument checks, shared-memory
 // sizing, fp32 workspaces and the deterministic weight-gradient reductions. The kernels are in
 // dynamic_mix_cuda.cu; this file is compiled by the host compiler (nvcc never parses the ATen headers).
+// With DMX_EMULATE (tests/cuda_emu) only the device-independent core is compiled: run_forward / run_backward.
+#include <algorithm>
 #include <climits>
 
+#ifndef DMX_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "dynamic_mix.h"
 #include "cuda/dynamic_mix_cuda.h"
@@ -36,21 +40,16 @@ RowsArg rows_of_matrix(const at::Tensor& t) {   // t: contiguous 2-D (K, C)
   return RowsArg{t.data_ptr(), 1, 1, t.size(1), 0, 0};
 }
 
-void check_cuda(const at::Tensor& x) {     // the other tensors' devices: check_mix_contract, check_like
-  TORCH_CHECK(x.is_cuda(), "dynamixer_ops (cuda): x must be a CUDA tensor, got one on ", x.device());
-}
-
 // The sizes of one call plus the tile of sequences per block: the largest (<= kMaxTile) whose shared memory
 // fits the device's opt-in limit per block.
-MixDims plan(const MixShape& sh, bool backward, int device, size_t* smem) {
+MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
   MixDims dm;
   dm.N = sh.sequences(); dm.L = sh.L; dm.C = sh.C; dm.S = sh.S; dm.d = sh.d; dm.e0 = sh.e0;
   dm.Ld = sh.L * sh.d; dm.LL = sh.L * sh.L; dm.LP = cuda::padded_row(sh.L);
   // Keeps the size arithmetic below far from overflow; the shared-memory check is the real limit.
   TORCH_CHECK(sh.L <= 4096 && sh.d <= (int64_t{1} << 20),
               "dynamixer_ops (cuda): L=", sh.L, " and d=", sh.d, " are far beyond what the kernels support");
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t limit = smem_limit;
   auto bytes = [&](int64_t ts) {
     return backward ? cuda::backward_smem_bytes(sh.L, sh.d, ts) : cuda::forward_smem_bytes(sh.L, sh.d, ts);
   };
@@ -58,8 +57,8 @@ MixDims plan(const MixShape& sh, bool backward, int device, size_t* smem) {
   while (dm.ts > 1 && bytes(dm.ts) > static_cast<size_t>(limit)) --dm.ts;
   TORCH_CHECK(bytes(dm.ts) <= static_cast<size_t>(limit), "dynamixer_ops (cuda): the ",
               backward ? "backward" : "forward", " kernel needs ", bytes(dm.ts),
-              " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but device ", device,
-              " allows ", limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
+              " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but the device allows ",
+              limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
   const int64_t blocks = (dm.N + dm.ts - 1) / dm.ts * dm.S;
   TORCH_CHECK(blocks <= INT_MAX, "dynamixer_ops (cuda): ", dm.N, " sequences x ", dm.S,
               " segments need more than 2^31-1 blocks; split the batch");
@@ -91,54 +90,34 @@ void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
               w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
 }
 
-void mix_forward_cuda(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                      const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                      at::Tensor& y) {
-  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
-                                         num_segments);
-  check_like(y, x, "y");
-  check_cuda(x);
-  const DType dtype = dtype_of(x);
-  if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+// The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.
+void run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
+                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                 at::Tensor& y, int smem_limit, cudaStream_t stream) {
   size_t smem = 0;
-  const MixDims dm = plan(sh, /*backward=*/false, x.get_device(), &smem);
+  const MixDims dm = plan(sh, /*backward=*/false, smem_limit, &smem);
   const at::Tensor wgT = generate_weight.t().contiguous();     // (L*d, L*L): coalesced reads by logit
-  cuda::launch_forward(dtype, dm, rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(), wgT.data_ptr(),
-                       generate_bias.data_ptr(), rows_of(y), smem, stream);
+  cuda::launch_forward(dtype_of(x), dm, rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
+                       wgT.data_ptr(), generate_bias.data_ptr(), rows_of(y), smem, stream);
 }
 
-void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
-                       const at::Tensor& compress_bias, const at::Tensor& generate_weight,
-                       const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
-                       at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
-                       at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
-  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
-                                         num_segments);
-  check_like(grad_y, x, "grad_y");
-  check_like(grad_x, x, "grad_x");
-  check_grad(grad_compress_weight, compress_weight, "grad_compress_weight");
-  check_grad(grad_compress_bias, compress_bias, "grad_compress_bias");
-  check_grad(grad_generate_weight, generate_weight, "grad_generate_weight");
-  check_grad(grad_generate_bias, generate_bias, "grad_generate_bias");
-  check_cuda(x);
-  const DType dtype = dtype_of(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (x.numel() == 0) {                       // an empty batch contributes nothing to the weight gradients
-    for (at::Tensor* g : {&grad_compress_weight, &grad_compress_bias, &grad_generate_weight, &grad_generate_bias})
-      g->zero_();
-    return;
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+void run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
+                  const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                  const at::Tensor& generate_weight, const at::Tensor& generate_bias, at::Tensor& grad_x,
+                  at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight,
+                  at::Tensor& grad_generate_bias, int smem_limit, cudaStream_t stream) {
   size_t smem = 0;
-  const MixDims dm = plan(sh, /*backward=*/true, x.get_device(), &smem);
+  const MixDims dm = plan(sh, /*backward=*/true, smem_limit, &smem);
+  const DType dtype = dtype_of(x);
   const at::Tensor wgT = generate_weight.t().contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor z = at::empty({dm.N * dm.S, dm.Ld}, f32);
   at::Tensor dg = at::empty({dm.N * dm.S, dm.LL}, f32);
   at::Tensor dr = at::empty({dm.N * dm.L, dm.S * dm.d}, f32);
   at::Tensor dx_mix = at::empty({dm.N * dm.L, dm.C}, f32);
+#ifdef DMX_EMULATE
+  for (at::Tensor* t : {&z, &dg, &dr, &dx_mix}) t->fill_(NAN);   // an element the kernels do not write shows
+#endif
   cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
                         wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(), z.data_ptr<float>(),
                         dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(), smem, stream);
@@ -150,10 +129,73 @@ void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::
   grad_compress_bias.copy_(dr.sum(0));
 }
 
+void check_grads(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                 const at::Tensor& grad_x, const at::Tensor& grad_compress_weight,
+                 const at::Tensor& grad_compress_bias, const at::Tensor& grad_generate_weight,
+                 const at::Tensor& grad_generate_bias) {
+  check_like(grad_y, x, "grad_y");
+  check_like(grad_x, x, "grad_x");
+  check_grad(grad_compress_weight, compress_weight, "grad_compress_weight");
+  check_grad(grad_compress_bias, compress_bias, "grad_compress_bias");
+  check_grad(grad_generate_weight, generate_weight, "grad_generate_weight");
+  check_grad(grad_generate_bias, generate_bias, "grad_generate_bias");
+}
+
+#ifndef DMX_EMULATE
+void check_cuda(const at::Tensor& x) {     // the other tensors' devices: check_mix_contract, check_like
+  TORCH_CHECK(x.is_cuda(), "dynamixer_ops (cuda): x must be a CUDA tensor, got one on ", x.device());
+}
+
+int smem_limit_of(int device) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limit;
+}
+
+void mix_forward_cuda(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                      const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                      at::Tensor& y) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_like(y, x, "y");
+  check_cuda(x);
+  dtype_of(x);                                 // rejects other dtypes before any work
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_forward(sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y, smem_limit_of(x.get_device()),
+              c10::cuda::getCurrentCUDAStream().stream());
+}
+
+void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                       const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                       const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
+                       at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                       at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+              grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias);
+  check_cuda(x);
+  dtype_of(x);                                 // rejects other dtypes before any work
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {                       // an empty batch contributes nothing to the weight gradients
+    for (at::Tensor* g : {&grad_compress_weight, &grad_compress_bias, &grad_generate_weight, &grad_generate_bias})
+      g->zero_();
+    return;
+  }
+  run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+               grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
+               smem_limit_of(x.get_device()), c10::cuda::getCurrentCUDAStream().stream());
+}
+#endif  // DMX_EMULATE
+
 }  // namespace
 }  // namespace dynamixer_ops
 
+#ifndef DMX_EMULATE
 TORCH_LIBRARY_IMPL(dynamixer_ops_C, CUDA, m) {
   m.impl("mix_forward", &dynamixer_ops::mix_forward_cuda);
   m.impl("mix_backward", &dynamixer_ops::mix_backward_cuda);
 }
+#endif

@@ -75,7 +75,9 @@ def _extensions():
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        # *.cu: the kernels (nvcc, CUDA headers only); *.cpp: their host side (checks, ATen), host compiler.
+        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                                                             + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
         include_dirs += _extra_cuda_includes()
         print(f"dynamixer_ops: building the CPU and CUDA kernels ({why})", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(

@@ -1,0 +1,442 @@
+// CUDA kernels of dynamixer_ops_C::mix_forward / mix_backward (the math: shared/DYNAMIC_MIX.md).
+//
+//   r[n,l,s,k] = x[n,l,:] . Wc[s*d+k,:] + bc[s*d+k]          z[n,s,l*d+k] = r[n,l,s,k]
+//   G[n,s,i,j] = z[n,s,:] . Wg[i*L+j,:] + bg[i*L+j]          P[n,s,:,j] = softmax_i(G[n,s,:,j])
+//   y[n,j,s*e0+e] = sum_i P[n,s,i,j] x[n,i,s*e0+e]
+//
+// One block of kThreads threads per (tile of ts sequences, segment s); block b has s = b % S, so the blocks
+// that run together read the same x rows (the reduce needs whole rows) from L2. Everything is SIMT with fp32
+// accumulation for every input dtype; no tensor cores. The host code (dynamic_mix_cuda_host.cpp) validates
+// the sizes, chooses ts so that the shared memory fits, and owns every allocation.
+//
+// The same source also compiles as plain C++ against tests/cuda_emu/emu.h (DMX_EMULATE), which runs every
+// block's threads as CPU threads with real barriers: the only GPU-specific spellings that this needs are the
+// two macros below (dynamic shared memory, launch).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#ifndef DMX_EMULATE
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+#define DMX_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define DMX_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
+#endif
+
+#include "dynamic_mix_cuda.h"
+
+namespace dynamixer_ops {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+// __launch_bounds__ minimum blocks per SM: the register budgets (64 forward, 80 backward) at which ptxas 13.0
+// reports no spills for sm_80/sm_90 (csrc/cuda/NOTES.md); shared memory allows that many blocks at L <= 32.
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// A 4-D (A, B, L, C) tensor with unit last stride (RowsArg with its element type).
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t L, B, sA, sB, sL;
+  // Offset of token 0 of sequence n.
+  __device__ __forceinline__ int64_t seq(int64_t n) const { return (n / B) * sA + (n % B) * sB; }
+  // Offset of flat row k = n * L + l.
+  __device__ __forceinline__ int64_t row(int64_t k) const { return seq(k / L) + (k % L) * sL; }
+};
+
+template <typename T>
+Rows<T> typed(RowsArg a) {
+  return Rows<T>{static_cast<T*>(const_cast<void*>(a.data)), a.L, a.B, a.sA, a.sB, a.sL};
+}
+
+// ---- the steps shared by the forward and the backward (one formula, written once) ----------------------
+
+// zs[t][l*d + k] = r[n0+t, l, s, k] for t < tv. A warp per token row; lanes stride over the C channels
+// (coalesced), each lane keeps up to KC partial dot products, then a butterfly sum.
+template <typename T>
+__device__ void reduce_segment(const MixDims& dm, const Rows<const T>& x, const T* __restrict__ wc,
+                               const T* __restrict__ bc, int64_t n0, int tv, int64_t s, float* zs) {
+  constexpr int KC = 8;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t row = warp; row < tv * dm.L; row += kWarps) {      // warp-uniform: the shuffles see all lanes
+    const int64_t t = row / dm.L, l = row % dm.L;
+    const T* xr = x.data + x.seq(n0 + t) + l * x.sL;
+    for (int64_t k0 = 0; k0 < dm.d; k0 += KC) {
+      float acc[KC];
+#pragma unroll
+      for (int kk = 0; kk < KC; ++kk) acc[kk] = 0.f;
+      for (int64_t c = lane; c < dm.C; c += 32) {
+        const float xv = to_f(xr[c]);
+#pragma unroll
+        for (int kk = 0; kk < KC; ++kk)
+          if (k0 + kk < dm.d) acc[kk] += xv * to_f(wc[(s * dm.d + k0 + kk) * dm.C + c]);
+      }
+#pragma unroll
+      for (int kk = 0; kk < KC; ++kk) acc[kk] = warp_sum(acc[kk]);
+      if (lane == 0) {
+#pragma unroll
+        for (int kk = 0; kk < KC; ++kk)
+          if (k0 + kk < dm.d) zs[t * dm.Ld + l * dm.d + k0 + kk] = acc[kk] + to_f(bc[s * dm.d + k0 + kk]);
+      }
+    }
+  }
+}
+
+// ps[t][i][j] (row stride LP) = G[n0+t, s, i, j]. A thread per logit q = i*L + j; wgT is (L*d, L*L), so the
+// threads of a warp read consecutive q (coalesced); zs is a shared-memory broadcast.
+template <typename T>
+__device__ void generate_logits(const MixDims& dm, const T* __restrict__ wgT, const T* __restrict__ bg, int tv,
+                                const float* zs, float* ps) {
+  for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) {
+    float acc[kMaxTile];
+    const float bias = to_f(bg[q]);
+#pragma unroll
+    for (int t = 0; t < kMaxTile; ++t) acc[t] = bias;
+    for (int64_t m = 0; m < dm.Ld; ++m) {
+      const float w = to_f(wgT[m * dm.LL + q]);
+#pragma unroll
+      for (int t = 0; t < kMaxTile; ++t)
+        if (t < tv) acc[t] += zs[t * dm.Ld + m] * w;
+    }
+    const int64_t i = q / dm.L, j = q % dm.L;
+#pragma unroll
+    for (int t = 0; t < kMaxTile; ++t)
+      if (t < tv) ps[(t * dm.L + i) * dm.LP + j] = acc[t];
+  }
+}
+
+// Softmax over the source token i of every column j, in place. A thread per (t, j) column walks i.
+__device__ void softmax_columns(const MixDims& dm, int tv, float* ps) {
+  for (int64_t col = threadIdx.x; col < tv * dm.L; col += kThreads) {
+    float* p = ps + (col / dm.L) * dm.L * dm.LP + col % dm.L;       // p[i * LP] = G[i][j]
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < dm.L; ++i) mx = fmaxf(mx, p[i * dm.LP]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < dm.L; ++i) {
+      const float e = expf(p[i * dm.LP] - mx);
+      p[i * dm.LP] = e;
+      sum += e;                                                       // >= 1: the max contributes exp(0)
+    }
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < dm.L; ++i) p[i * dm.LP] *= inv;
+  }
+}
+
+// buf[i * stride + e] = src[n, i, s*e0 + e_begin + e] for i < L, e < kChunk (0 past the segment's end).
+template <typename T>
+__device__ void stage_chunk(const MixDims& dm, const Rows<const T>& src, int64_t n, int64_t s, int64_t e_begin,
+                            int64_t ec, int64_t stride, float* buf) {
+  const T* base = src.data + src.seq(n) + s * dm.e0 + e_begin;
+  for (int64_t idx = threadIdx.x; idx < dm.L * kChunk; idx += kThreads) {
+    const int64_t i = idx / kChunk, e = idx % kChunk;
+    buf[i * stride + e] = e < ec ? to_f(base[i * src.sL + e]) : 0.f;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
+    MixDims dm, Rows<const T> x, const T* __restrict__ wc, const T* __restrict__ bc, const T* __restrict__ wgT,
+    const T* __restrict__ bg, Rows<T> y) {
+  DMX_DYNAMIC_SMEM(smem);
+  float* zs = smem;                                   // [ts][Ld]
+  float* ps = zs + dm.ts * dm.Ld;                     // [ts][L][LP]
+  float* xs = ps + dm.ts * dm.L * dm.LP;              // [L][kChunk]
+  const int64_t s = blockIdx.x % dm.S;
+  const int64_t n0 = (blockIdx.x / dm.S) * dm.ts;
+  const int tv = static_cast<int>(min(dm.ts, dm.N - n0));     // valid sequences of this tile, >= 1
+
+  reduce_segment(dm, x, wc, bc, n0, tv, s, zs);
+  __syncthreads();
+  generate_logits(dm, wgT, bg, tv, zs, ps);
+  __syncthreads();
+  softmax_columns(dm, tv, ps);
+  __syncthreads();
+
+  // y[n0+t, j, s*e0 + e] = sum_i P[t][i][j] x[n0+t, i, s*e0 + e]: lanes over e, each warp JB targets j.
+  constexpr int JB = 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int t = 0; t < tv; ++t) {
+    const float* p = ps + t * dm.L * dm.LP;
+    T* yb = y.data + y.seq(n0 + t) + s * dm.e0;
+    for (int64_t eb = 0; eb < dm.e0; eb += kChunk) {
+      const int64_t ec = min(static_cast<int64_t>(kChunk), dm.e0 - eb);
+      stage_chunk(dm, x, n0 + t, s, eb, ec, kChunk, xs);
+      __syncthreads();
+      for (int64_t j0 = warp * JB; j0 < dm.L; j0 += kWarps * JB) {
+        float acc[JB] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t i = 0; i < dm.L; ++i) {
+          const float xv = xs[i * kChunk + lane];
+#pragma unroll
+          for (int jj = 0; jj < JB; ++jj)
+            if (j0 + jj < dm.L) acc[jj] += p[i * dm.LP + j0 + jj] * xv;
+        }
+        if (lane < ec) {
+#pragma unroll
+          for (int jj = 0; jj < JB; ++jj)
+            if (j0 + jj < dm.L) yb[(j0 + jj) * y.sL + eb + lane] = from_f<T>(acc[jj]);
+        }
+      }
+      __syncthreads();                                  // xs is overwritten by the next chunk
+    }
+  }
+}
+
+// ---- backward, fused part -----------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
+    MixDims dm, Rows<const T> dy, Rows<const T> x, const T* __restrict__ wc, const T* __restrict__ bc,
+    const T* __restrict__ wgT, const T* __restrict__ bg, const T* __restrict__ wg, float* __restrict__ z_out,
+    float* __restrict__ dg_out, float* __restrict__ dr_out, float* __restrict__ dxm_out) {
+  constexpr int64_t XP = kChunk + 1;                  // odd row stride: the dP loop reads dys[j][e] by j
+  DMX_DYNAMIC_SMEM(smem);
+  float* zs = smem;                                   // [ts][Ld]
+  float* ps = zs + dm.ts * dm.Ld;                     // [ts][L][LP]  P
+  float* ds = ps + dm.ts * dm.L * dm.LP;              // [ts][L][LP]  dP, then dG
+  float* xs = ds + dm.ts * dm.L * dm.LP;              // [L][XP]
+  float* dys = xs + dm.L * XP;                        // [L][XP]
+  const int64_t s = blockIdx.x % dm.S;
+  const int64_t n0 = (blockIdx.x / dm.S) * dm.ts;
+  const int tv = static_cast<int>(min(dm.ts, dm.N - n0));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+
+  // Recompute z and P exactly as the forward does.
+  reduce_segment(dm, x, wc, bc, n0, tv, s, zs);
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < tv * dm.Ld; idx += kThreads)
+    z_out[((n0 + idx / dm.Ld) * dm.S + s) * dm.Ld + idx % dm.Ld] = zs[idx];
+  generate_logits(dm, wgT, bg, tv, zs, ps);
+  for (int64_t idx = threadIdx.x; idx < tv * dm.L * dm.LP; idx += kThreads) ds[idx] = 0.f;
+  __syncthreads();
+  softmax_columns(dm, tv, ps);
+  __syncthreads();
+
+  // dP[t][i][j] = sum_e x[i, e] dy[j, e] and dx_mix[t][i, e] = sum_j P[t][i][j] dy[j, e], a channel chunk
+  // at a time.
+  for (int t = 0; t < tv; ++t) {
+    const float* p = ps + t * dm.L * dm.LP;
+    float* dp = ds + t * dm.L * dm.LP;
+    float* dxm = dxm_out + (n0 + t) * dm.L * dm.C + s * dm.e0;     // row i at dxm[i * C]
+    for (int64_t eb = 0; eb < dm.e0; eb += kChunk) {
+      const int64_t ec = min(static_cast<int64_t>(kChunk), dm.e0 - eb);
+      stage_chunk(dm, x, n0 + t, s, eb, ec, XP, xs);
+      stage_chunk(dm, dy, n0 + t, s, eb, ec, XP, dys);
+      __syncthreads();
+      for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) {     // each (i, j) owned by one thread
+        const int64_t i = q / dm.L, j = q % dm.L;
+        float acc = 0.f;
+        for (int64_t e = 0; e < ec; ++e) acc += xs[i * XP + e] * dys[j * XP + e];
+        dp[i * dm.LP + j] += acc;
+      }
+      for (int64_t i = warp; i < dm.L; i += kWarps) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < dm.L; ++j) acc += p[i * dm.LP + j] * dys[j * XP + lane];
+        if (lane < ec) dxm[i * dm.C + eb + lane] = acc;
+      }
+      __syncthreads();
+    }
+  }
+
+  // dG[i][j] = P[i][j] (dP[i][j] - sum_i' P[i'][j] dP[i'][j]), in place of dP; also to dg_out.
+  for (int64_t col = threadIdx.x; col < tv * dm.L; col += kThreads) {
+    const int64_t t = col / dm.L, j = col % dm.L;
+    const float* p = ps + t * dm.L * dm.LP + j;
+    float* g = ds + t * dm.L * dm.LP + j;
+    float* out = dg_out + ((n0 + t) * dm.S + s) * dm.LL + j;
+    float dot = 0.f;
+    for (int64_t i = 0; i < dm.L; ++i) dot += p[i * dm.LP] * g[i * dm.LP];
+    for (int64_t i = 0; i < dm.L; ++i) {
+      const float v = p[i * dm.LP] * (g[i * dm.LP] - dot);
+      g[i * dm.LP] = v;
+      out[i * dm.L] = v;
+    }
+  }
+  __syncthreads();
+
+  // dz[t][m] = sum_q dG[t][q] Wg[q, m]; a thread per m (coalesced rows of Wg). dr[n, l, s*d + k] = dz[l*d + k].
+  for (int64_t m = threadIdx.x; m < dm.Ld; m += kThreads) {
+    float acc[kMaxTile];
+#pragma unroll
+    for (int t = 0; t < kMaxTile; ++t) acc[t] = 0.f;
+    for (int64_t i = 0; i < dm.L; ++i) {
+      for (int64_t j = 0; j < dm.L; ++j) {
+        const float w = to_f(wg[(i * dm.L + j) * dm.Ld + m]);
+#pragma unroll
+        for (int t = 0; t < kMaxTile; ++t)
+          if (t < tv) acc[t] += ds[(t * dm.L + i) * dm.LP + j] * w;
+      }
+    }
+    const int64_t l = m / dm.d, k = m % dm.d;
+#pragma unroll
+    for (int t = 0; t < kMaxTile; ++t)
+      if (t < tv) dr_out[((n0 + t) * dm.L + l) * (dm.S * dm.d) + s * dm.d + k] = acc[t];
+  }
+}
+
+// ---- backward, the rest -------------------------------------------------------------------------------
+
+// grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c]; kRows flat rows per block, threads along c.
+constexpr int kRows = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_x_kernel(
+    int64_t rows, int64_t C, int64_t Sd, const float* __restrict__ dxm, const float* __restrict__ dr,
+    const T* __restrict__ wc, Rows<T> gx) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t nr = min(static_cast<int64_t>(kRows), rows - r0);
+  for (int64_t idx = threadIdx.x; idx < nr * C; idx += kThreads) {
+    const int64_t r = r0 + idx / C, c = idx % C;
+    float acc = dxm[r * C + c];
+    for (int64_t m = 0; m < Sd; ++m) acc += dr[r * Sd + m] * to_f(wc[m * C + c]);
+    gx.data[gx.row(r) + c] = from_f<T>(acc);
+  }
+}
+
+// partial[p][q][c] = sum_{k in split p} a[k][q] b[k][c], 32 x 32 output tiles, 32 rows of k per step.
+// Deterministic: a fixed order inside a block, and the host sums the splits with at::sum.
+constexpr int kTile = 32;
+
+template <typename TB>
+__global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
+    const float* __restrict__ a, int64_t K, int64_t Q, Rows<const TB> b, int64_t cols, int64_t rows_per_split,
+    float* __restrict__ partial) {
+  __shared__ float as[kTile][kTile + 1];
+  __shared__ float bs[kTile][kTile + 1];
+  __shared__ int64_t boff[kTile];
+  const int64_t tiles_c = (cols + kTile - 1) / kTile;
+  const int64_t q0 = (blockIdx.x / tiles_c) * kTile, c0 = (blockIdx.x % tiles_c) * kTile;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t k_end = min(K, k_begin + rows_per_split);
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;   // ty in [0, 8): rows ty, ty+8, ty+16, ty+24
+  float acc[kTile / kWarps] = {};
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
+    if (threadIdx.x < kTile) boff[threadIdx.x] = k0 + threadIdx.x < k_end ? b.row(k0 + threadIdx.x) : 0;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
+      const int kk = idx / kTile, jj = idx % kTile;
+      const bool k_ok = k0 + kk < k_end;
+      as[kk][jj] = k_ok && q0 + jj < Q ? a[(k0 + kk) * Q + q0 + jj] : 0.f;
+      bs[kk][jj] = k_ok && c0 + jj < cols ? to_f(b.data[boff[kk] + c0 + jj]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < kTile; ++kk) {
+      const float bv = bs[kk][tx];
+#pragma unroll
+      for (int r = 0; r < kTile / kWarps; ++r) acc[r] += as[kk][ty + kWarps * r] * bv;
+    }
+    __syncthreads();                                  // as, bs and boff are overwritten next step
+  }
+  float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
+#pragma unroll
+  for (int r = 0; r < kTile / kWarps; ++r) {
+    const int64_t q = q0 + ty + kWarps * r, c = c0 + tx;
+    if (q < Q && c < cols) out[q * cols + c] = acc[r];
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------------------------------
+
+void set_smem(const void* kernel, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+int64_t fused_blocks(const MixDims& dm) { return (dm.N + dm.ts - 1) / dm.ts * dm.S; }
+
+template <typename T>
+void forward_impl(const MixDims& dm, RowsArg x, const void* wc, const void* bc, const void* wgT, const void* bg,
+                  RowsArg y, size_t smem, cudaStream_t stream) {
+  set_smem(reinterpret_cast<const void*>(&mix_forward_kernel<T>), smem);
+  DMX_LAUNCH(mix_forward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
+      dm, typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc), static_cast<const T*>(wgT),
+      static_cast<const T*>(bg), typed<T>(y));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, const void* bc, const void* wgT,
+                   const void* bg, const void* wg, float* z, float* dg, float* dr, float* dxm, size_t smem,
+                   cudaStream_t stream) {
+  set_smem(reinterpret_cast<const void*>(&mix_backward_kernel<T>), smem);
+  DMX_LAUNCH(mix_backward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
+      dm, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc),
+      static_cast<const T*>(wgT), static_cast<const T*>(bg), static_cast<const T*>(wg), z, dg, dr, dxm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
+                 cudaStream_t stream) {
+  const int64_t rows = dm.N * dm.L;
+  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kRows - 1) / kRows), 0, stream,
+      rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename TB>
+void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, int64_t splits,
+                 int64_t rows_per_split, float* partial, cudaStream_t stream) {
+  const int64_t tiles = (Q + kTile - 1) / kTile * ((cols + kTile - 1) / kTile);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  DMX_LAUNCH(splitk_atb_kernel<TB>, grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_forward(DType dtype, const MixDims& dm, RowsArg x, const void* wc, const void* bc, const void* wgT,
+                    const void* bg, RowsArg y, size_t smem, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float: return forward_impl<float>(dm, x, wc, bc, wgT, bg, y, smem, stream);
+    case DType::Half: return forward_impl<__half>(dm, x, wc, bc, wgT, bg, y, smem, stream);
+    case DType::BFloat16: return forward_impl<__nv_bfloat16>(dm, x, wc, bc, wgT, bg, y, smem, stream);
+  }
+}
+
+void launch_backward(DType dtype, const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, const void* bc,
+                     const void* wgT, const void* bg, const void* wg, float* z, float* dg, float* dr, float* dxm,
+                     size_t smem, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float: return backward_impl<float>(dm, dy, x, wc, bc, wgT, bg, wg, z, dg, dr, dxm, smem, stream);
+    case DType::Half: return backward_impl<__half>(dm, dy, x, wc, bc, wgT, bg, wg, z, dg, dr, dxm, smem, stream);
+    case DType::BFloat16:
+      return backward_impl<__nv_bfloat16>(dm, dy, x, wc, bc, wgT, bg, wg, z, dg, dr, dxm, smem, stream);
+  }
+}
+
+void launch_grad_x(DType dtype, const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
+                   cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float: return grad_x_impl<float>(dm, dxm, dr, wc, gx, stream);
+    case DType::Half: return grad_x_impl<__half>(dm, dxm, dr, wc, gx, stream);
+    case DType::BFloat16: return grad_x_impl<__nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
+  }
+}
+
+void launch_splitk_atb(DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols,
+                       int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
+  switch (b_dtype) {
+    case DType::Float: return splitk_impl<float>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::Half: return splitk_impl<__half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::BFloat16:
+      return splitk_impl<__nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace dynamixer_ops

@@ -1,0 +1,201 @@
+// The CUDA implementations of dynamixer_ops_C::mix_forward / mix_backward: argument checks, shared-memory
+// sizing, fp32 workspaces and the deterministic weight-gradient reductions. The kernels are in
+// dynamic_mix_cuda.cu; this file is compiled by the host compiler (nvcc never parses the ATen headers).
+// With DMX_EMULATE (tests/cuda_emu) only the device-independent core is compiled: run_forward / run_backward.
+#include <algorithm>
+#include <climits>
+
+#ifndef DMX_EMULATE
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "dynamic_mix.h"
+#include "cuda/dynamic_mix_cuda.h"
+
+namespace dynamixer_ops {
+namespace {
+
+using cuda::DType;
+using cuda::MixDims;
+using cuda::RowsArg;
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::Float;
+    case at::kHalf: return DType::Half;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "dynamixer_ops (cuda): x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return DType::Float;   // unreachable
+}
+
+RowsArg rows_of(const at::Tensor& t) {      // t: 4-D (A, B, L, C) with unit last stride
+  return RowsArg{t.data_ptr(), t.size(2), t.size(1), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+RowsArg rows_of_matrix(const at::Tensor& t) {   // t: contiguous 2-D (K, C)
+  return RowsArg{t.data_ptr(), 1, 1, t.size(1), 0, 0};
+}
+
+// The sizes of one call plus the tile of sequences per block: the largest (<= kMaxTile) whose shared memory
+// fits the device's opt-in limit per block.
+MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
+  MixDims dm;
+  dm.N = sh.sequences(); dm.L = sh.L; dm.C = sh.C; dm.S = sh.S; dm.d = sh.d; dm.e0 = sh.e0;
+  dm.Ld = sh.L * sh.d; dm.LL = sh.L * sh.L; dm.LP = cuda::padded_row(sh.L);
+  // Keeps the size arithmetic below far from overflow; the shared-memory check is the real limit.
+  TORCH_CHECK(sh.L <= 4096 && sh.d <= (int64_t{1} << 20),
+              "dynamixer_ops (cuda): L=", sh.L, " and d=", sh.d, " are far beyond what the kernels support");
+  const int64_t limit = smem_limit;
+  auto bytes = [&](int64_t ts) {
+    return backward ? cuda::backward_smem_bytes(sh.L, sh.d, ts) : cuda::forward_smem_bytes(sh.L, sh.d, ts);
+  };
+  dm.ts = std::min<int64_t>(cuda::kMaxTile, dm.N);
+  while (dm.ts > 1 && bytes(dm.ts) > static_cast<size_t>(limit)) --dm.ts;
+  TORCH_CHECK(bytes(dm.ts) <= static_cast<size_t>(limit), "dynamixer_ops (cuda): the ",
+              backward ? "backward" : "forward", " kernel needs ", bytes(dm.ts),
+              " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but the device allows ",
+              limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
+  const int64_t blocks = (dm.N + dm.ts - 1) / dm.ts * dm.S;
+  TORCH_CHECK(blocks <= INT_MAX, "dynamixer_ops (cuda): ", dm.N, " sequences x ", dm.S,
+              " segments need more than 2^31-1 blocks; split the batch");
+  *smem = bytes(dm.ts);
+  return dm;
+}
+
+// out (Q, cols) = (a^T b).to(out's dtype), a: fp32 contiguous (K, Q), b: K flat rows. Per-block fp32
+// partial sums over fixed slices of K, then at::sum over the slices: the same bits on every run.
+void reduce_atb(const at::Tensor& a, RowsArg b, DType b_dtype, int64_t cols, at::Tensor& out, cudaStream_t stream) {
+  const int64_t K = a.size(0), Q = a.size(1);
+  const int64_t tiles = (Q + 31) / 32 * ((cols + 31) / 32);
+  const int64_t k_steps = (K + 31) / 32;
+  // About 1024 blocks in all, every split at least 8 steps of 32 rows, at most 65535 splits (grid.y).
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(1024 / std::max<int64_t>(tiles, 1), k_steps / 8));
+  int64_t rows_per_split = (k_steps + splits - 1) / splits * 32;
+  while ((K + rows_per_split - 1) / rows_per_split > 65535) rows_per_split *= 2;
+  splits = (K + rows_per_split - 1) / rows_per_split;
+  TORCH_CHECK(tiles <= INT_MAX, "dynamixer_ops (cuda): weight gradient of ", Q, " x ", cols, " is too large");
+  at::Tensor partial = at::empty({splits, Q, cols}, a.options());
+  cuda::launch_splitk_atb(b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
+                          partial.data_ptr<float>(), stream);
+  out.copy_(partial.sum(0));
+}
+
+void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(g.sizes() == w.sizes() && g.scalar_type() == w.scalar_type() && g.device() == w.device(),
+              "dynamixer_ops (cuda): ", name, " must match its weight (", w.sizes(), ", ", w.scalar_type(), ", ",
+              w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
+}
+
+// The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.
+void run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
+                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                 at::Tensor& y, int smem_limit, cudaStream_t stream) {
+  size_t smem = 0;
+  const MixDims dm = plan(sh, /*backward=*/false, smem_limit, &smem);
+  const at::Tensor wgT = generate_weight.t().contiguous();     // (L*d, L*L): coalesced reads by logit
+  cuda::launch_forward(dtype_of(x), dm, rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
+                       wgT.data_ptr(), generate_bias.data_ptr(), rows_of(y), smem, stream);
+}
+
+void run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
+                  const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                  const at::Tensor& generate_weight, const at::Tensor& generate_bias, at::Tensor& grad_x,
+                  at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight,
+                  at::Tensor& grad_generate_bias, int smem_limit, cudaStream_t stream) {
+  size_t smem = 0;
+  const MixDims dm = plan(sh, /*backward=*/true, smem_limit, &smem);
+  const DType dtype = dtype_of(x);
+  const at::Tensor wgT = generate_weight.t().contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor z = at::empty({dm.N * dm.S, dm.Ld}, f32);
+  at::Tensor dg = at::empty({dm.N * dm.S, dm.LL}, f32);
+  at::Tensor dr = at::empty({dm.N * dm.L, dm.S * dm.d}, f32);
+  at::Tensor dx_mix = at::empty({dm.N * dm.L, dm.C}, f32);
+#ifdef DMX_EMULATE
+  for (at::Tensor* t : {&z, &dg, &dr, &dx_mix}) t->fill_(NAN);   // an element the kernels do not write shows
+#endif
+  cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
+                        wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(), z.data_ptr<float>(),
+                        dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(), smem, stream);
+  cuda::launch_grad_x(dtype, dm, dx_mix.data_ptr<float>(), dr.data_ptr<float>(), compress_weight.data_ptr(),
+                      rows_of(grad_x), stream);
+  reduce_atb(dg, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, stream);   // sum dG^T z
+  reduce_atb(dr, rows_of(x), dtype, dm.C, grad_compress_weight, stream);                 // sum dr^T x
+  grad_generate_bias.copy_(dg.sum(0));
+  grad_compress_bias.copy_(dr.sum(0));
+}
+
+void check_grads(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                 const at::Tensor& grad_x, const at::Tensor& grad_compress_weight,
+                 const at::Tensor& grad_compress_bias, const at::Tensor& grad_generate_weight,
+                 const at::Tensor& grad_generate_bias) {
+  check_like(grad_y, x, "grad_y");
+  check_like(grad_x, x, "grad_x");
+  check_grad(grad_compress_weight, compress_weight, "grad_compress_weight");
+  check_grad(grad_compress_bias, compress_bias, "grad_compress_bias");
+  check_grad(grad_generate_weight, generate_weight, "grad_generate_weight");
+  check_grad(grad_generate_bias, generate_bias, "grad_generate_bias");
+}
+
+#ifndef DMX_EMULATE
+void check_cuda(const at::Tensor& x) {     // the other tensors' devices: check_mix_contract, check_like
+  TORCH_CHECK(x.is_cuda(), "dynamixer_ops (cuda): x must be a CUDA tensor, got one on ", x.device());
+}
+
+int smem_limit_of(int device) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limit;
+}
+
+void mix_forward_cuda(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                      const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                      at::Tensor& y) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_like(y, x, "y");
+  check_cuda(x);
+  dtype_of(x);                                 // rejects other dtypes before any work
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_forward(sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y, smem_limit_of(x.get_device()),
+              c10::cuda::getCurrentCUDAStream().stream());
+}
+
+void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                       const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                       const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
+                       at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                       at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+              grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias);
+  check_cuda(x);
+  dtype_of(x);                                 // rejects other dtypes before any work
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {                       // an empty batch contributes nothing to the weight gradients
+    for (at::Tensor* g : {&grad_compress_weight, &grad_compress_bias, &grad_generate_weight, &grad_generate_bias})
+      g->zero_();
+    return;
+  }
+  run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+               grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
+               smem_limit_of(x.get_device()), c10::cuda::getCurrentCUDAStream().stream());
+}
+#endif  // DMX_EMULATE
+
+}  // namespace
+}  // namespace dynamixer_ops
+
+#ifndef DMX_EMULATE
+TORCH_LIBRARY_IMPL(dynamixer_ops_C, CUDA, m) {
+  m.impl("mix_forward", &dynamixer_ops::mix_forward_cuda);
+  m.impl("mix_backward", &dynamixer_ops::mix_backward_cuda);
+}
+#endif

@@ -1,0 +1,48 @@
+// torch.ops.dynamixer_cuda_emu.{forward, backward}: the CUDA backend's kernels and host core
+// (csrc/cuda/dynamic_mix_cuda.cu and dynamic_mix_cuda_host.cpp, unchanged) run on CPU tensors through
+// emu.h. Built on demand by tests/test_cuda_kernel.py; `smem_limit` stands in for the device's limit
+// (a small one forces small tiles of sequences).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "emu.h"      // after the ATen headers: its macros and ::min are meant for the kernels only
+
+#include "cuda/dynamic_mix_cuda.cu"
+#include "cuda/dynamic_mix_cuda_host.cpp"
+
+namespace {
+
+void emu_forward(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                 const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                 at::Tensor& y, int64_t smem_limit) {
+  const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
+                                                    generate_bias, num_segments);
+  dynamixer_ops::check_like(y, x, "y");
+  dynamixer_ops::run_forward(sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
+                             static_cast<int>(smem_limit), nullptr);
+}
+
+void emu_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                  const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                  int64_t num_segments, at::Tensor& grad_x, at::Tensor& grad_compress_weight,
+                  at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias,
+                  int64_t smem_limit) {
+  const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
+                                                    generate_bias, num_segments);
+  dynamixer_ops::check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+                             grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias);
+  dynamixer_ops::run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+                              grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
+                              static_cast<int>(smem_limit), nullptr);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dynamixer_cuda_emu, m) {
+  m.def("forward(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+        "Tensor generate_bias, int num_segments, Tensor(a!) y, int smem_limit) -> ()", &emu_forward);
+  m.def("backward(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+        "Tensor generate_bias, int num_segments, Tensor(a!) grad_x, Tensor(b!) grad_compress_weight, "
+        "Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, Tensor(e!) grad_generate_bias, "
+        "int smem_limit) -> ()", &emu_backward);
+}

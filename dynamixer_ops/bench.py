@@ -185,8 +185,9 @@ def make_mix_fn(backend: str, S: int, device: torch.device, compile_override: st
 
 
 def make_closure(fn: Callable, inputs, dy, direction: str) -> Callable[[], object]:
-    """The exact call that is checked and then timed. fwd: inference (no autograd graph); bwd: only the
-    backward of a graph built once (``retain_graph``); fwdbwd: forward with autograd + backward."""
+    """The exact call that is checked and then timed. fwd: inference (no autograd graph), returns y; bwd: only
+    the backward of a graph built once (``retain_graph``); fwdbwd: forward with autograd + backward. Both
+    return ``(y, grads)``, so the check covers the forward that feeds the backward too."""
     if direction == "fwd":
         def run():
             with torch.no_grad():
@@ -194,17 +195,21 @@ def make_closure(fn: Callable, inputs, dy, direction: str) -> Callable[[], objec
         return run
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     if direction == "fwdbwd":
-        return lambda: torch.autograd.grad(fn(*leaves), leaves, dy)
+        def run():
+            y = fn(*leaves)
+            return y, torch.autograd.grad(y, leaves, dy)
+        return run
     y = fn(*leaves)
-    return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+    return lambda: (y, torch.autograd.grad(y, leaves, dy, retain_graph=True))
 
 
 def check(run: Callable, direction: str, ref_y, ref_grads) -> float:
-    """Largest relative error of what ``run`` returns (y, or the five gradients) against float64."""
+    """Largest relative error of what ``run`` returns (y, and the five gradients) against float64."""
     out = run()
     if direction == "fwd":
         return rel_error(out, ref_y)
-    return max(rel_error(g, r) for g, r in zip(out, ref_grads))
+    y, grads = out
+    return max(rel_error(y, ref_y), *(rel_error(g, r) for g, r in zip(grads, ref_grads)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -374,10 +374,11 @@ def resolve_backends(requested: list[str] | None, device: torch.device, dtype: t
     from . import backends as registry
     known = list(BASELINES) + list(registry._REGISTRY) + [n for n in registry._LOAD_ERRORS
                                                           if n not in registry._REGISTRY]
-    if requested is None:
+    if requested is None or requested == ["all"]:
+        every = requested is not None
         chosen = [b.name for b in sorted(registry._REGISTRY.values(), key=lambda b: b.priority.get(device.type, 100))
-                  if b.why_not(device.type, dtype) is None and b.auto(device.type)]
-        baselines = ["eager"] if quick else ["eager", "compile"]
+                  if b.why_not(device.type, dtype) is None and (every or b.auto(device.type))]
+        baselines = ["eager"] if quick and not every else ["eager", "compile"]
         return baselines + chosen, {}
     unknown = [n for n in requested if n not in known]
     if unknown:
@@ -804,9 +805,11 @@ examples:
                    help="backends to time (default: every registered backend that runs on the device and dtype "
                         "and is chosen automatically, plus 'eager' (dynamixer_ops.reference.upstream_mix, the "
                         "upstream eager step) and 'compile' (torch.compile of it; mode max-autotune on GPU, the "
-                        "default mode on CPU). Named backends that cannot run here are listed as SKIPPED with "
-                        "the reason. With --model: the fused networks' backends, 'eager' = the upstream network, "
-                        "'compile' = torch.compile of it")
+                        "default mode on CPU). 'all': every registered backend that can run here, including "
+                        "those never chosen automatically (e.g. the Triton interpreter), plus eager and compile. "
+                        "Named backends that cannot run here are listed as SKIPPED with the reason. With --model: "
+                        "the fused networks' backends, 'eager' = the upstream network, 'compile' = torch.compile "
+                        "of it (default there: eager and the fused backends except 'reference')")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help="named shapes (s1 s2 m1 m3 l1 l2, or 'all') or custom L,C,S,d (default: all named "
                         "shapes; --quick: s1 s2)")

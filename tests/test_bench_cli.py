@@ -289,3 +289,27 @@ def test_model_mode_times_images_per_second(tmp_path, capsys):
     assert ref["status"] == "ok", ref["message"]
     assert ref["error"] <= ref["tolerance"]
     assert ref["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / ref["median_ms"], rel=1e-12)
+
+
+def _make_results_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "make_results.py")
+    spec = importlib.util.spec_from_file_location("make_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_results_files_sections_by_device_and_replaces_reruns(quick_run):
+    make_results = _make_results_module()
+    _, report = quick_run
+    text = make_results.update(make_results.HEADER, report)
+    cpu_at, gpu_at = text.index("## CPU"), text.index("## GPU")
+    assert text.index(report["command"]) > cpu_at > gpu_at            # a CPU run lands under CPU only
+    assert "_No GPU run recorded yet._" in text and "_No CPU run recorded yet._" not in text
+    assert make_results.update(text, report) == text                   # the same command replaces its section
+    other = dict(report, command=report["command"] + " --rounds 3")
+    assert make_results.update(text, other).count("<!-- /dynamixer-bench") == 2
+    fake_gpu = dict(report, settings=dict(report["settings"], device="cuda:0"))
+    with pytest.raises(ValueError, match="records no GPU"):            # GPU tables only from GPU runs
+        make_results.update(text, fake_gpu)

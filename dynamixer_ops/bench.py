@@ -851,7 +851,48 @@ examples:
                    help="a smoke run in seconds: shapes s1 s2 at 2 images, short warm-up and timing, and "
                         "'compile' left out unless named in --backends")
     p.add_argument("--plain", action="store_true", help="plain-text table even when rich is installed")
+    p.add_argument("--require", nargs="+", metavar="BACKEND:DIR>=X", default=[],
+                   help="acceptance targets checked after the run, e.g. 'cpu:fwd>=1.3 cpu:fwdbwd>=1.2' (issue 3): "
+                        "the backend's speedup over eager in that direction must be at least X for every shape "
+                        "run (a WRONG/ERROR/untimed backend fails); prints PASS/FAIL per shape, exit code 3 "
+                        "when any fails. With --model, DIR is fwd or fwdbwd as for --direction")
     return p
+
+
+_REQUIRE = re.compile(r"^([A-Za-z0-9_.-]+):(fwd|bwd|fwdbwd)>=([0-9]*\.?[0-9]+)$")
+
+
+def parse_requirements(p: argparse.ArgumentParser, texts: list[str]) -> list[tuple[str, str, float]]:
+    out = []
+    for text in texts:
+        m = _REQUIRE.match(text.replace(" ", ""))
+        if not m:
+            p.error(f"argument --require: {text!r} is not BACKEND:DIR>=X (e.g. cpu:fwd>=1.3)")
+        out.append((m.group(1), m.group(2), float(m.group(3))))
+    return out
+
+
+def check_requirements(report: dict, requirements) -> tuple[bool, list[str]]:
+    """(all met, one line per requirement and shape)."""
+    mode_of = {"fwd": "inference", "fwdbwd": "train_step"}
+    lines, ok = [], True
+    for backend, direction, target in requirements:
+        if report["mode"] == "model":
+            rows = [r for r in report["results"] if r["backend"] == backend and r["mode"] == mode_of.get(direction)]
+        else:
+            rows = [r for r in report["results"] if r["backend"] == backend and r["direction"] == direction]
+        if not rows:
+            ok = False
+            lines.append(f"FAIL {backend} {direction} >= {target:g}x eager: not run")
+        for r in rows:
+            got = r.get("speedup_vs_eager")
+            passed = got is not None and got >= target
+            ok &= passed
+            where = r.get("model") or f"{_case_label(r).replace(chr(10), ' ')}"
+            value = f"{got:.2f}x" if got is not None else r["status"]
+            lines.append(f"{'PASS' if passed else 'FAIL'} {backend} {direction} >= {target:g}x eager at {where}: "
+                         f"{value}")
+    return ok, lines
 
 
 def _finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.dtype, list[Shape]]:
@@ -912,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     device, dtype, shapes = _finish_args(p, args)
+    requirements = parse_requirements(p, args.require)
     from . import __version__  # noqa: F401  (imports the package: registers every backend)
     try:
         backends, skipped = resolve_backends(args.backends, device, dtype, args.quick)
@@ -941,6 +983,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     where = report["machine"].get("gpu", {}).get("name") if device.type == "cuda" else report["machine"]["cpu"]
     report["title"] = f"dynamixer-bench on {where}, {dname}, torch {torch.__version__}"
+    load = report["machine"]["loadavg_at_start"]
+    if device.type == "cpu" and load is not None:
+        report["title"] += f", {threads} threads, load {load[0]:.1f} on {os.cpu_count()} cores"
+        if load[0] > 0.75 * (os.cpu_count() or 1):
+            log(f"dynamixer-bench: warning: the machine is busy (load average {load[0]:.1f} on {os.cpu_count()} "
+                f"cores): CPU times are inflated and noisy; the interleaved ratios are the figures to trust, "
+                f"and only when repeated")
     try:
         if args.model:
             report["shapes"] = []
@@ -962,6 +1011,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(report, args.plot)
         log(f"dynamixer-bench: wrote {args.plot}")
+    if requirements:
+        met, lines = check_requirements(report, requirements)
+        print("\n".join(lines))
+        if not met:
+            return 3
     return 0
 
 

@@ -54,6 +54,7 @@ def test_help_explains_every_option(capsys):
     (["--device", "tpu"], "argument --device"),
     (["--model", "dynamixer_s", "--direction", "bwd"], "with --model use fwd"),
     (["--model", "dynamixer_x"], "argument --model: invalid choice"),
+    (["--require", "cpu:fwd>1.3"], "argument --require: 'cpu:fwd>1.3' is not BACKEND:DIR>=X"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, expected, capsys):
     code, _, err = run_main(argv, capsys)
@@ -199,6 +200,17 @@ def test_wrong_backend_is_reported_and_not_timed(broken_backends, tmp_path, caps
     assert "> tolerance" in r["message"]
     assert rows[("eager", "fwdbwd")]["status"] == "ok"
     assert "WRONG" in out
+
+
+def test_require_passes_fails_and_sets_the_exit_code(broken_backends, capsys):
+    argv = [*TINY, "--backends", "eager", *broken_backends, "--direction", "fwd", "fwdbwd", "--plain"]
+    code, out, _ = run_main([*argv, "--require", "eager:fwd>=1.0", "test_bad_grads:fwd>=0.0001"], capsys)
+    assert code == 0
+    assert "PASS eager fwd >= 1x eager at 7,48,2,1 N=5: 1.00x" in out
+    code, out, _ = run_main([*argv, "--require", "eager:fwd>=1.0", "test_bad_grads:fwdbwd>=0.0001"], capsys)
+    assert code == 3 and "FAIL test_bad_grads fwdbwd >= 0.0001x eager at 7,48,2,1 N=5: WRONG" in out
+    code, out, _ = run_main([*argv, "--require", "eager:bwd>=1.0"], capsys)
+    assert code == 3 and "FAIL eager bwd >= 1x eager: not run" in out
 
 
 def test_raising_backend_is_reported_as_error(tmp_path, capsys):

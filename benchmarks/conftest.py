@@ -1,0 +1,24 @@
+"""Options of the pytest-benchmark suite (``pytest benchmarks ...``); ``pytest tests`` never loads this file.
+
+    pytest benchmarks --bench-device cpu --bench-shapes s1 --bench-sequences 256 --benchmark-autosave
+    pytest benchmarks --bench-device cpu --bench-shapes s1 --bench-sequences 256 --benchmark-compare
+"""
+import os
+
+# The Triton interpreter must be chosen before anything that defines a kernel is imported (KERNEL_NOTES.md).
+if os.environ.get("DYNAMIXER_BENCH_TRITON_INTERPRET") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dynamixer-bench", "dynamic_mix benchmark cases (same meaning as dynamixer-bench)")
+    group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
+    group.addoption("--bench-dtype", default=None, help="float32, bfloat16, float16, float64 (default: bf16 on "
+                                                        "GPU, float32 on CPU)")
+    group.addoption("--bench-shapes", default="all", help="space-separated named shapes (s1 s2 m1 m3 l1 l2) "
+                                                          "and/or L,C,S,d (default: all named)")
+    group.addoption("--bench-backends", default=None, help="space-separated backends (default: as dynamixer-bench)")
+    group.addoption("--bench-images", type=int, default=None, help="images per call (N = images * L sequences; "
+                                                                   "default 128 on GPU, 8 on CPU)")
+    group.addoption("--bench-sequences", type=int, default=None, help="sequences per call, instead of images")
+    group.addoption("--bench-directions", default="fwd fwdbwd", help="space-separated: fwd bwd fwdbwd")

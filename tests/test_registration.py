@@ -14,10 +14,11 @@ def _dtype(backend, device):
     return torch.float32 if torch.float32 in dtypes else dtypes[0]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("backend, device", backend_device_pairs())
-def test_opcheck_forward_and_backward(backend, device, seed):
-    x, wc, bc, wg, bg = make_inputs((2,), 7, 48, 2, 2, dtype=_dtype(backend, device), device=device)
-    args = (x.unsqueeze(0).requires_grad_(), wc.requires_grad_(), bc.requires_grad_(), wg.requires_grad_(),
+def test_opcheck_forward_and_backward(backend, device, layout, seed):
+    x, wc, bc, wg, bg = make_inputs((2, 3), 7, 48, 2, 2, dtype=_dtype(backend, device), device=device, layout=layout)
+    args = (x.requires_grad_(), wc.requires_grad_(), bc.requires_grad_(), wg.requires_grad_(),
             bg.requires_grad_(), 2, backend)
     torch.library.opcheck(torch.ops.dynamixer_ops.dynamic_mix.default, args)
     grad_y = torch.randn_like(args[0]).detach()

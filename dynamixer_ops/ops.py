@@ -132,6 +132,15 @@ def _backward(ctx, grad_y):
 _dynamic_mix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _double_backward(ctx, *grads):
+    # Without this, torch's message names the internal op and asks the user to register an autograd formula.
+    raise RuntimeError("dynamic_mix: double backward (differentiating a gradient of dynamic_mix, e.g. "
+                       "torch.autograd.grad(..., create_graph=True) followed by another backward) is not supported")
+
+
+_dynamic_mix_backward_op.register_autograd(_double_backward)
+
+
 def _to_4d(x: Tensor) -> Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(0)

@@ -85,3 +85,80 @@ def reference_outputs(inputs, num_segments, grad_y):
     wanted = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(y, wanted, grad_y.double().cpu())
     return y.detach(), grads
+
+
+# ---- Additions for the reliability tests (properties, extremes, misuse, determinism) ----
+
+GRAD_NAMES = ("dx", "d compress_weight", "d compress_bias", "d generate_weight", "d generate_bias")
+
+
+def is_interpreted(backend: str, device: str) -> bool:
+    """True where the backend's kernels run in the Triton interpreter (every program executed in Python)."""
+    import os
+    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_dtype_triples():
+    """Every (backend, device, dtype) this machine can run, as pytest ids ``backend-device-dtype``."""
+    return [(b, dev, t) for b, dev in backend_device_pairs() for t in supported_dtypes(b, dev)]
+
+
+def triple_id(triple) -> str:
+    backend, device, dtype = triple
+    return f"{backend}-{device}-{str(dtype).replace('torch.', '')}"
+
+
+def op_outputs(inputs, num_segments, grad_y, backend):
+    """``y`` and the gradients of every input that is not None, through the public op."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    y = dynamixer_ops.dynamic_mix(*leaves, num_segments, backend=backend)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
+    return y.detach(), grads
+
+
+def assert_close_floor(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str, floor: float) -> None:
+    """``||out - ref|| <= tol * max(||ref||, floor)``: for values that are zero in exact arithmetic (their reference
+    is rounding noise), ``floor`` is the norm the same quantity has at generic inputs of the same magnitudes."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}"
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: {(~torch.isfinite(out64)).sum().item()} non-finite element(s)"
+    err = (out64 - ref64).norm().item()
+    bound = tol * max(ref64.norm().item(), floor)
+    assert err <= bound, f"{what}: ||out - ref|| = {err:.3e} > {bound:.3e} (||ref|| = {ref64.norm().item():.3e}, floor {floor:.3e})"
+
+
+def assert_same_nonfinite(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    """NaN/Inf propagate as in the reference: ``out`` is non-finite exactly where ``ref`` is, and the finite
+    elements agree with the reference (relative error over the finite elements)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}"
+    bad_out, bad_ref = ~torch.isfinite(out64), ~torch.isfinite(ref64)
+    if not torch.equal(bad_out, bad_ref):
+        extra = (bad_out & ~bad_ref).nonzero()
+        missing = (bad_ref & ~bad_out).nonzero()
+        raise AssertionError(f"{what}: non-finite pattern differs from the reference: {len(extra)} element(s) "
+                             f"non-finite only in the output (first {extra[:3].tolist()}), {len(missing)} only in "
+                             f"the reference (first {missing[:3].tolist()})")
+    finite = ~bad_ref
+    if finite.any():
+        assert_close_rel(out64[finite], ref64[finite], tol, f"{what} (finite elements)")
+
+
+class torch_threads:
+    """``with torch_threads(n):`` runs with ``n`` intra-op threads and restores the previous count afterwards.
+
+    On a 2-core machine that other jobs keep busy, two OpenMP threads make each small op wait at barriers (measured
+    here: 100x slower per call), so the reliability tests run single-threaded except where threads are the subject.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.previous)
+        return False

@@ -1,5 +1,203 @@
-"""Drop-in modules (placeholder)."""
+"""Drop-in fused modules for DynaMixer, and :func:`convert` to swap them into an existing model.
+
+:class:`DynaMixerOp` and :class:`DynaMixerBlock` have the upstream constructors, parameter names and
+state_dict keys (``out``, ``compress``, ``generate``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight.fc1/fc2``,
+``proj``), so an upstream layer's state_dict loads with ``strict=True`` and gives the same output. The mixing
+step runs through :func:`dynamixer_ops.dynamic_mix`; the ``out`` projection stays a plain Linear.
+
+    from dynamixer_ops import convert
+    model = convert(model)          # every upstream-style DynaMixerOp / DynaMixerBlock, weights kept
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .ops import dynamic_mix
+from .upstream import Mlp
+
+__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
 
 
-def convert(model, backend="auto"):
-    raise NotImplementedError
+class DynaMixerOp(nn.Module):
+    """Fused ``DynaMixerOp(dim, seq_len, num_head, reduced_dim=2)``: ``out(dynamic_mix(x))`` on x (..., L, C).
+
+    Args:
+        dim: channels C. seq_len: tokens L. num_head: segments S (must divide C). reduced_dim: d.
+        backend: passed to :func:`dynamixer_ops.dynamic_mix` (``"auto"``, ``"cpu"``, ``"reference"``, ...).
+    """
+
+    def __init__(self, dim, seq_len, num_head, reduced_dim=2, *, backend="auto"):
+        super().__init__()
+        if dim % num_head:
+            raise ValueError(f"DynaMixerOp: dim={dim} must be divisible by num_head={num_head}")
+        self.dim = dim
+        self.seq_len = seq_len
+        self.num_head = num_head
+        self.reduced_dim = reduced_dim
+        self.backend = backend
+        self.out = nn.Linear(dim, dim)
+        self.compress = nn.Linear(dim, num_head * reduced_dim)
+        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+
+    def mix(self, x: Tensor) -> Tensor:
+        """The fused step without ``out``; y has x's shape and (for a dense x) x's layout."""
+        return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight, self.generate.bias,
+                           self.num_head, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.mix(x))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, seq_len={self.seq_len}, num_head={self.num_head}, "
+                f"reduced_dim={self.reduced_dim}, backend={self.backend!r}")
+
+
+class DynaMixerBlock(nn.Module):
+    """Fused ``DynaMixerBlock``: mixing along H and W, a channel Linear and their learned reweighting.
+
+    On x (B, H, W, C) with H = W = ``resolution``. Mixing along H hands :func:`dynamic_mix` the transposed view
+    ``x.transpose(1, 2)`` (no copy); the result keeps that layout, so transposing it back is free and ``out``
+    sees a contiguous tensor. ``qk_scale`` and ``attn_drop`` are accepted and unused, as upstream.
+    """
+
+    def __init__(self, dim, resolution=32, num_head=8, reduced_dim=2, qkv_bias=False, qk_scale=None,
+                 attn_drop=0., proj_drop=0., *, backend="auto"):
+        super().__init__()
+        self.resolution = resolution
+        self.num_head = num_head
+        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim, backend=backend)
+        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim, backend=backend)
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def backend(self) -> str:
+        return self.mix_h.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.mix_h.backend = self.mix_w.backend = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        h = self.mix_h.out(self.mix_h.mix(x.transpose(1, 2)).transpose(1, 2))
+        w = self.mix_w(x)
+        c = self.mlp_c(x)
+        a = self.reweight((h + w + c).mean(dim=(1, 2)))                    # (B, 3C)
+        a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+        return self.proj_drop(self.proj(h * a[0] + w * a[1] + c * a[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert(): recognise upstream-style layers by class name and structure, never by import path, so that it
+# works on dynamixer_ops.upstream and on the original repository's classes alike.
+
+def _linear_shape(module, attr: str, where: str):
+    layer = getattr(module, attr, None)
+    weight = getattr(layer, "weight", None)
+    if not isinstance(layer, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"convert: {where} looks like an upstream DynaMixerOp but its {attr!r} is "
+                        f"{type(layer).__name__}, not a Linear layer with a 2-D weight")
+    return tuple(weight.shape)
+
+
+def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
+    """A fused DynaMixerOp that shares ``op``'s submodules (same Parameters, device, dtype and hooks)."""
+    for attr in ("num_head",):
+        if not isinstance(getattr(op, attr, None), int):
+            raise TypeError(f"convert: {where} looks like an upstream DynaMixerOp but has no int attribute "
+                            f"{attr!r} (got {getattr(op, attr, None)!r})")
+    S = op.num_head
+    out_shape = _linear_shape(op, "out", where)
+    Sd, C = _linear_shape(op, "compress", where)
+    LL, Ld = _linear_shape(op, "generate", where)
+    L = round(LL ** 0.5)
+    d = Sd // S
+    problems = []
+    if Sd % S or C % S:
+        problems.append(f"compress.weight {(Sd, C)} needs num_head={S} to divide both dims")
+    if L * L != LL or L * d != Ld:
+        problems.append(f"generate.weight {(LL, Ld)} is not (L*L, L*d) with d = compress rows / num_head = {d}")
+    if out_shape != (C, C):
+        problems.append(f"out.weight {out_shape} is not ({C}, {C})")
+    for attr, want in (("dim", C), ("seq_len", L), ("reduced_dim", d)):
+        have = getattr(op, attr, want)
+        if have != want:
+            problems.append(f"attribute {attr}={have!r} disagrees with the weights ({want})")
+    if problems:
+        raise ValueError(f"convert: {where} ({type(op).__name__}) is not a well-formed upstream DynaMixerOp: "
+                         + "; ".join(problems))
+    with torch.device("meta"):      # a shell: its Linears are replaced by op's own
+        fused = DynaMixerOp(C, L, S, d, backend=backend)
+    fused.out, fused.compress, fused.generate = op.out, op.compress, op.generate
+    return fused.train(op.training)
+
+
+def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
+    missing = [a for a in ("mix_h", "mix_w", "mlp_c", "reweight", "proj") if not isinstance(getattr(block, a, None),
+                                                                                       nn.Module)]
+    if missing:
+        raise TypeError(f"convert: {where} is named DynaMixerBlock but lacks the submodule(s) {missing} of an "
+                        f"upstream DynaMixerBlock")
+    mix_h = _fused_op(block.mix_h, backend, f"{where}.mix_h")
+    mix_w = _fused_op(block.mix_w, backend, f"{where}.mix_w")
+    if (mix_h.dim, mix_h.seq_len) != (mix_w.dim, mix_w.seq_len):
+        raise ValueError(f"convert: {where}: mix_h (dim {mix_h.dim}, seq_len {mix_h.seq_len}) and mix_w "
+                         f"(dim {mix_w.dim}, seq_len {mix_w.seq_len}) differ; the block needs H = W")
+    with torch.device("meta"):
+        fused = DynaMixerBlock(mix_h.dim, mix_h.seq_len, mix_h.num_head, mix_h.reduced_dim, backend=backend)
+    fused.mix_h, fused.mix_w = mix_h, mix_w
+    fused.mlp_c, fused.reweight, fused.proj = block.mlp_c, block.reweight, block.proj
+    fused.proj_drop = getattr(block, "proj_drop", nn.Identity())
+    return fused.train(block.training)
+
+
+def _fuse(module: nn.Module, backend: str, where: str):
+    """The fused replacement of ``module``, or None when it is not an upstream-style layer."""
+    if isinstance(module, (DynaMixerOp, DynaMixerBlock)):
+        return None
+    name = type(module).__name__
+    if name == "DynaMixerBlock":
+        return _fused_block(module, backend, where)
+    if name == "DynaMixerOp":
+        return _fused_op(module, backend, where)
+    return None
+
+
+def _convert_children(module: nn.Module, backend: str, prefix: str) -> None:
+    for name, child in module.named_children():
+        where = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (DynaMixerOp, DynaMixerBlock)):
+            child.backend = backend
+            continue
+        fused = _fuse(child, backend, where)
+        if fused is not None:
+            setattr(module, name, fused)
+        else:
+            _convert_children(child, backend, where)
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap, in place, every upstream-style ``DynaMixerOp`` / ``DynaMixerBlock`` in ``model`` for the fused one.
+
+    Layers are recognised by class name and checked by structure (``out``, ``compress``, ``generate``,
+    ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
+    convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules: the
+    Parameters (and an optimizer that holds them), device, dtype and train/eval mode are kept. Layers that are
+    already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
+
+    Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (DynaMixerOp, DynaMixerBlock)):
+        model.backend = backend
+        return model
+    root = _fuse(model, backend, "model")
+    if root is not None:
+        return root
+    _convert_children(model, backend, "")
+    return model

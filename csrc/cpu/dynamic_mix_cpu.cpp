@@ -1,2 +1,314 @@
-// Placeholder: replaced by the fused CPU kernel.
+// The fused CPU kernels of dynamixer_ops_C::mix_forward / mix_backward (float32 and float64).
+//
+// Work is split into blocks of `nb` sequences (nb depends on the shape only, never on the thread count). For a
+// block, reduce -> generate -> softmax over the source token -> apply run on block-local buffers (the L x L
+// mixing matrices of one block stay in L2; nothing of size N*S*L*L is ever allocated), and the backward
+// recomputes them. The weight gradients are reduced deterministically: the blocks are grouped into a fixed
+// number of chunks (again from the shape only); each chunk sums its blocks in order into its own partial
+// buffer, and the partials are added in chunk order in float64. The results are therefore bitwise identical
+// run to run and for any thread count.
+//
+// The arithmetic lives in mix_cpu_kernels.inc, compiled here once per instruction set (AVX-512, AVX2+FMA and
+// the baseline x86-64/other target) and chosen at run time; DYNAMIXER_OPS_CPU_ISA=avx512|avx2|generic forces
+// one (tests use it to cover every path on one machine).
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
 #include "dynamic_mix.h"
+
+namespace dynamixer_ops {
+namespace {
+
+// Pointers and strides of one call. x, dy and out (y or grad_x) are (A, B, L, C) with unit channel stride.
+template <class T> struct MixArgs {
+  int64_t A, B, L, C, S, d;
+  const T* x; int64_t xA, xB, xL;
+  const T* dy; int64_t dyA, dyB, dyL;
+  T* out; int64_t oA, oB, oL;
+  const T* Wc;   // (S*d, C)
+  const T* WcT;  // (C, S*d)
+  const T* bc;   // (S*d)
+  const T* Wg;   // (L*L, L*d)
+  const T* WgT;  // (L*d, L*L)
+  const T* bg;   // (L*L)
+};
+
+// Block-local buffers (M = nb*S rows of matrices).
+template <class T> struct BlockBuffers {
+  T* r;    // (nb*L, S*d): reduced values; in the backward reused for dr
+  T* z;    // (M, L*d): r regrouped per segment, plus the compress bias
+  T* g;    // (M, L*L): logits, then e^(G - max) (forward) or P (backward)
+  T* inv;  // (M, L): 1 / column sums of e^(G - max)
+  T* dp;   // (M, L*L): dP, then dG (backward only)
+  T* dyT;  // (nb, C, L): dy transposed per sequence (backward only)
+  T* dz;   // (M, L*d) (backward only)
+};
+
+// One chunk's partial weight gradients.
+template <class T> struct Partials {
+  T* dWg;  // (L*L, L*d)
+  T* dbg;  // (L*L)
+  T* dWc;  // (S*d, C)
+  T* dbc;  // (S*d)
+};
+
+}  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define DMX_X86_MULTIVERSION 1
+namespace isa_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2")
+#define DMX_VEC_BYTES 64
+#define DMX_MR 6
+#define DMX_NV 4
+#include "mix_cpu_kernels.inc"
+#undef DMX_VEC_BYTES
+#undef DMX_MR
+#undef DMX_NV
+#pragma GCC pop_options
+}  // namespace isa_avx512
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define DMX_VEC_BYTES 32
+#define DMX_MR 4
+#define DMX_NV 3
+#include "mix_cpu_kernels.inc"
+#undef DMX_VEC_BYTES
+#undef DMX_MR
+#undef DMX_NV
+#pragma GCC pop_options
+}  // namespace isa_avx2
+#endif
+namespace isa_generic {  // the compiler's baseline target (SSE2 on x86-64)
+#define DMX_VEC_BYTES 16
+#define DMX_MR 4
+#define DMX_NV 2
+#include "mix_cpu_kernels.inc"
+#undef DMX_VEC_BYTES
+#undef DMX_MR
+#undef DMX_NV
+}  // namespace isa_generic
+
+namespace {
+
+enum class Isa { generic, avx2, avx512 };
+
+Isa best_isa() {
+#ifdef DMX_X86_MULTIVERSION
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::generic;
+  }();
+  return best;
+#else
+  return Isa::generic;
+#endif
+}
+
+// The instruction set to run: the best this CPU has, or a lower one forced by DYNAMIXER_OPS_CPU_ISA.
+Isa chosen_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("DYNAMIXER_OPS_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  Isa isa;
+  if (want == "avx512") isa = Isa::avx512;
+  else if (want == "avx2") isa = Isa::avx2;
+  else if (want == "generic") isa = Isa::generic;
+  else TORCH_CHECK(false, "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA=", want,
+              " but this CPU (or build) only supports a lower instruction set");
+  return isa;
+}
+
+template <class T> void run_forward_block(Isa isa, const MixArgs<T>& a, int64_t n0, int64_t n1,
+                                          const BlockBuffers<T>& w) {
+  switch (isa) {
+#ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512: isa_avx512::forward_block(a, n0, n1, w); return;
+    case Isa::avx2: isa_avx2::forward_block(a, n0, n1, w); return;
+#endif
+    default: isa_generic::forward_block(a, n0, n1, w); return;
+  }
+}
+
+template <class T> void run_backward_block(Isa isa, const MixArgs<T>& a, int64_t n0, int64_t n1,
+                                           const BlockBuffers<T>& w, const Partials<T>& p) {
+  switch (isa) {
+#ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512: isa_avx512::backward_block(a, n0, n1, w, p); return;
+    case Isa::avx2: isa_avx2::backward_block(a, n0, n1, w, p); return;
+#endif
+    default: isa_generic::backward_block(a, n0, n1, w, p); return;
+  }
+}
+
+// Sequences per block: enough rows (nb*S) for the register tiles of the generate GEMM, while one block's
+// mixing matrices (nb*S*L*L values) stay around 128 KB, so that a block's working set lives in L2; and at least
+// ~16 blocks when the batch allows, so that the blocks spread over the threads. A function of the shape only.
+int64_t block_size(int64_t N, int64_t S, int64_t L, size_t elem) {
+  const int64_t per_seq = S * L * L * static_cast<int64_t>(elem);
+  const int64_t by_cache = std::max<int64_t>(1, (int64_t{128} << 10) / per_seq);
+  const int64_t by_spread = std::max<int64_t>(1, (N + 15) / 16);
+  return std::max<int64_t>(1, std::min({by_cache, by_spread, N}));
+}
+
+// Upper bound on the number of partial weight-gradient buffers (one per chunk of blocks). It caps the
+// backward's parallelism, not its speed on this many or fewer threads; each buffer is ~(L*L*L*d) values.
+constexpr int64_t kMaxChunks = 16;
+
+template <class T> struct BufferSizes {
+  int64_t r, z, g, inv, dp, dyT, dz;
+  int64_t total() const { return r + z + g + inv + dp + dyT + dz; }
+};
+
+template <class T> BufferSizes<T> buffer_sizes(int64_t nb, int64_t L, int64_t C, int64_t S, int64_t d,
+                                               bool backward) {
+  const int64_t M = nb * S;
+  // Each buffer is rounded up to 16 values so that every one starts 64-byte aligned.
+  auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
+  BufferSizes<T> s;
+  s.r = up(nb * L * S * d); s.z = up(M * L * d); s.g = up(M * L * L); s.inv = up(M * L);
+  s.dp = backward ? up(M * L * L) : 0; s.dyT = backward ? up(nb * C * L) : 0; s.dz = backward ? up(M * L * d) : 0;
+  return s;
+}
+
+template <class T> BlockBuffers<T> carve(T* base, const BufferSizes<T>& s) {
+  BlockBuffers<T> w;
+  w.r = base; base += s.r;
+  w.z = base; base += s.z;
+  w.g = base; base += s.g;
+  w.inv = base; base += s.inv;
+  w.dp = base; base += s.dp;
+  w.dyT = base; base += s.dyT;
+  w.dz = base;
+  return w;
+}
+
+template <class T> MixArgs<T> make_args(const MixShape& sh, const at::Tensor& x, const at::Tensor& Wc,
+                                        const at::Tensor& WcT, const at::Tensor& bc, const at::Tensor& Wg,
+                                        const at::Tensor& WgT, const at::Tensor& bg, const at::Tensor& out) {
+  MixArgs<T> a;
+  a.A = sh.A; a.B = sh.B; a.L = sh.L; a.C = sh.C; a.S = sh.S; a.d = sh.d;
+  a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+  a.dy = nullptr; a.dyA = a.dyB = a.dyL = 0;
+  a.out = out.data_ptr<T>(); a.oA = out.stride(0); a.oB = out.stride(1); a.oL = out.stride(2);
+  a.Wc = Wc.data_ptr<T>(); a.WcT = WcT.data_ptr<T>(); a.bc = bc.data_ptr<T>();
+  a.Wg = Wg.data_ptr<T>(); a.WgT = WgT.data_ptr<T>(); a.bg = bg.data_ptr<T>();
+  return a;
+}
+
+void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                     const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                     const at::Tensor& y) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_like(y, x, "y");
+  const int64_t N = sh.sequences();
+  if (N == 0 || sh.L == 0 || sh.C == 0) return;
+  const Isa isa = chosen_isa();
+  // The GEMMs read B operands row by row: the transposed weights are tiny, copied once per call.
+  const at::Tensor WcT = compress_weight.t().contiguous();
+  const at::Tensor WgT = generate_weight.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
+    using T = scalar_t;
+    const MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT,
+                                      generate_bias, y);
+    const int64_t nb = block_size(N, sh.S, sh.L, sizeof(T));
+    const int64_t nblocks = (N + nb - 1) / nb;
+    const BufferSizes<T> sizes = buffer_sizes<T>(nb, sh.L, sh.C, sh.S, sh.d, false);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor ws = at::empty({sizes.total()}, x.options());
+      const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+      for (int64_t blk = b0; blk < b1; ++blk)
+        run_forward_block<T>(isa, a, blk * nb, std::min(N, (blk + 1) * nb), w);
+    });
+  });
+}
+
+void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                      const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                      const at::Tensor& generate_bias, int64_t num_segments, const at::Tensor& grad_x,
+                      const at::Tensor& grad_compress_weight, const at::Tensor& grad_compress_bias,
+                      const at::Tensor& grad_generate_weight, const at::Tensor& grad_generate_bias) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_like(grad_y, x, "grad_y");
+  check_like(grad_x, x, "grad_x");
+  const std::pair<const at::Tensor*, const at::Tensor*> weight_grads[] = {
+      {&grad_compress_weight, &compress_weight}, {&grad_compress_bias, &compress_bias},
+      {&grad_generate_weight, &generate_weight}, {&grad_generate_bias, &generate_bias}};
+  for (const auto& [g, w] : weight_grads) {
+    TORCH_CHECK(g->sizes() == w->sizes() && g->is_contiguous() && g->scalar_type() == x.scalar_type() &&
+                    g->device() == x.device(),
+                "dynamixer_ops: weight gradients must be contiguous, with their weight's shape ", w->sizes(),
+                " and x's dtype and device; got shape ", g->sizes());
+  }
+  const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
+  const int64_t Sd = S * d, Ld = L * d, LL = L * L;
+  if (N == 0 || L == 0 || C == 0) {
+    for (const auto& gw : weight_grads) gw.first->zero_();
+    return;
+  }
+  const Isa isa = chosen_isa();
+  const at::Tensor WcT = compress_weight.t().contiguous();
+  const at::Tensor WgT = generate_weight.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&] {
+    using T = scalar_t;
+    MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT, generate_bias,
+                                grad_x);
+    a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
+    const int64_t nb = block_size(N, S, L, sizeof(T));
+    const int64_t nblocks = (N + nb - 1) / nb;
+    const int64_t nchunks = std::min(nblocks, kMaxChunks);
+    const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
+    const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
+    at::Tensor partials = at::zeros({nchunks, part_size}, x.options());
+    T* part_base = partials.data_ptr<T>();
+    const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      at::Tensor ws = at::empty({sizes.total()}, x.options());
+      const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        T* pb = part_base + chunk * part_size;
+        const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
+        const int64_t blk_end = std::min(nblocks, (chunk + 1) * per_chunk);
+        for (int64_t blk = chunk * per_chunk; blk < blk_end; ++blk)
+          run_backward_block<T>(isa, a, blk * nb, std::min(N, (blk + 1) * nb), w, p);
+      }
+    });
+    // Sum the chunks' partials in chunk order, in float64.
+    T* dst[] = {grad_generate_weight.data_ptr<T>(), grad_generate_bias.data_ptr<T>(),
+                grad_compress_weight.data_ptr<T>(), grad_compress_bias.data_ptr<T>()};
+    const int64_t offset[] = {0, LL * Ld, LL * Ld + LL, LL * Ld + LL + Sd * C, part_size};
+    at::parallel_for(0, part_size, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        double s = 0;
+        for (int64_t c = 0; c < nchunks; ++c) s += static_cast<double>(part_base[c * part_size + e]);
+        const int which = static_cast<int>(std::upper_bound(offset, offset + 5, e) - offset) - 1;
+        dst[which][e - offset[which]] = static_cast<T>(s);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace dynamixer_ops
+
+TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
+  m.impl("mix_forward", &dynamixer_ops::mix_forward_cpu);
+  m.impl("mix_backward", &dynamixer_ops::mix_backward_cpu);
+}

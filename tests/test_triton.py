@@ -1,0 +1,135 @@
+"""Triton-specific cases the backend grid does not reach: forced tile sizes (multi-step loops over channels,
+target blocks, partitions and ragged tiles), the tl.dot path, the GPU launch table run through the
+interpreter, launches split into chunks, masks next to NaN memory, and the backend's registration."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close_rel, make_inputs, reference_outputs
+
+kernels = pytest.importorskip("dynamixer_ops.kernels.dynamic_mix", reason="triton is not installed")
+MixConfig = kernels.MixConfig
+
+pytestmark = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_available()),
+                                reason="needs a CUDA device or TRITON_INTERPRET=1")
+DEVICE = "cpu" if kernels.INTERPRET else "cuda"
+NAMES = ("y", "dx", "d compress_weight", "d compress_bias", "d generate_weight", "d generate_bias")
+
+
+def _run(inputs, S, config, dtype):
+    """Both launchers on NaN-poisoned outputs; returns y and the five gradients, and grad_y."""
+    x = inputs[0]
+    y = torch.full_like(x, float("nan"))
+    kernels.mix_forward(*inputs, S, y, config=config)
+    grad_y = torch.randn(x.shape, dtype=dtype, device=x.device)
+    grads = [torch.full_like(t, float("nan")) for t in inputs]
+    kernels.mix_backward(grad_y, *inputs, S, *grads, config=config)
+    return [y, *grads], grad_y
+
+
+def _check(batch, L, E, S, d, config, *, dtype=torch.float32, layout="contiguous", tol=None, x=None):
+    inputs = list(make_inputs(batch, L, E * S, S, d, dtype=dtype, device=DEVICE, layout=layout))
+    if x is not None:
+        inputs[0] = x
+    outs, grad_y = _run(inputs, S, config, dtype)
+    ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
+    tol = tol or (1e-5 if dtype == torch.float32 and DEVICE == "cpu" else 2e-3 if dtype == torch.float32 else 1e-2)
+    for name, out, ref in zip(NAMES, outs, (ref_y, *ref_grads)):
+        assert out.dtype == dtype
+        assert_close_rel(out, ref, tol, name)
+
+
+# Small tiles: every loop runs several times and every mask cuts a tile (block_n does not divide N, the last
+# partition gets fewer tiles than the others, C is not a multiple of block_c, L not of block_j).
+SMALL = {
+    "L7-e24-d1": ((1, 5), 7, 24, 2, 1, MixConfig(block_n=2, block_j=2, block_jw=4, block_c=16, dot=False, partitions=2)),
+    "L14-e24-d2": ((2, 3), 14, 24, 3, 2, MixConfig(block_n=4, block_j=4, block_jw=2, block_c=32, dot=False, partitions=2)),
+    "L16-e32-d8": ((1, 3), 16, 32, 1, 8, MixConfig(block_n=2, block_j=8, block_jw=8, block_c=16, dot=False, partitions=3)),
+    "L32-e24-d2": ((1, 3), 32, 24, 2, 2, MixConfig(block_n=2, block_j=16, block_jw=8, block_c=64, dot=False, partitions=2)),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("case", list(SMALL))
+def test_small_tiles_multi_step_loops(case, layout, seed):
+    batch, L, E, S, d, config = SMALL[case]
+    _check(batch, L, E, S, d, config, layout=layout)
+
+
+# tl.dot wherever all dims reach 16 (block_n = 16, so also with a single, masked, sequence tile).
+@pytest.mark.parametrize("L, E, S, d, block_j", [(16, 24, 2, 2, 16), (32, 32, 2, 8, 16), (14, 24, 2, 8, 16),
+                                                  (7, 24, 2, 2, 8)])
+def test_dot_path(L, E, S, d, block_j, seed):
+    config = MixConfig(block_n=16, block_j=block_j, block_jw=block_j, block_c=32, dot=True, partitions=2)
+    _check((2, 9), L, E, S, d, config)
+
+
+# The GPU launch table for the model shapes (L = 32/16, C/S = 24/32, d = 2/8), run through the interpreter:
+# its static_asserts (tl.dot dims >= 16) hold and the tiles compute the right thing.
+@pytest.mark.parametrize("L, E, d", [(32, 24, 2), (16, 24, 2), (32, 32, 2), (16, 32, 2), (32, 32, 8), (16, 32, 8)])
+def test_gpu_launch_table(L, E, d, seed):
+    S = 2
+    config = kernels.gpu_config(4096, L, E * S, S, d)
+    assert config.dot and config.block_n >= 16
+    _check((1, 20), L, E, S, d, dataclasses.replace(config, partitions=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_small_tiles(dtype, seed):
+    batch, L, E, S, d, config = SMALL["L14-e24-d2"]
+    _check(batch, L, E, S, d, config, dtype=dtype)
+
+
+def test_launch_split_into_chunks(monkeypatch, seed):
+    """More programs than MAX_GRID: the launchers split the sequences, each launch starting at seq0 > 0."""
+    monkeypatch.setattr(kernels, "MAX_GRID", 5)     # S = 2 programs per tile -> 2 tiles per launch
+    config = MixConfig(block_n=2, block_j=8, block_jw=8, block_c=32, dot=False, partitions=2)
+    _check((1, 11), 7, 24, 2, 2, config)
+
+
+def test_masks_never_read_or_write_past_the_view(seed):
+    """x is a view inside a NaN-filled buffer (padded tokens and channels of every tile would read NaN), and
+    a layout where the sequence stride is not a multiple of anything."""
+    L, E, S, d = 7, 24, 2, 2
+    C = E * S
+    buffer = torch.full((3, 2, L + 3, C + 5), float("nan"), device=DEVICE)
+    x = buffer[:, :, 1:L + 1, 2:C + 2]
+    x.copy_(torch.randn(x.shape))
+    config = MixConfig(block_n=4, block_j=8, block_jw=8, block_c=32, dot=False, partitions=2)
+    _check((3, 2), L, E, S, d, config, x=x)
+
+
+def test_weight_gradients_do_not_depend_on_the_run(seed):
+    inputs = list(make_inputs((1, 9), 14, 48, 2, 2, dtype=torch.float32, device=DEVICE))
+    config = MixConfig(block_n=2, block_j=8, block_jw=8, block_c=32, dot=False, partitions=3)
+    torch.manual_seed(seed)
+    first, _ = _run(inputs, 2, config, torch.float32)
+    torch.manual_seed(seed)
+    second, _ = _run(inputs, 2, config, torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_interpreter_backend_is_never_chosen_automatically():
+    from dynamixer_ops.backends import get_backend, resolve_backend
+    backend = get_backend("triton")
+    if kernels.INTERPRET:
+        assert not backend.auto("cpu") and not backend.auto("cuda")
+        assert resolve_backend("auto", "cpu", torch.float32).name != "triton"
+    assert backend.dtypes == (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a visible GPU makes the backend available")
+def test_unavailable_without_interpreter_says_how_to_enable_it():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import dynamixer_ops; r = dynamixer_ops.unavailable_backends().get('triton'); "
+            "assert 'triton' not in dynamixer_ops.available_backends(); print(r)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "no CUDA device" in out.stdout

@@ -162,9 +162,11 @@ def test_segments_and_sequences_are_independent(backend, device, dtype):
 def test_one_channel_with_a_last_stride_other_than_one(backend, device, dtype, seed):
     """Found by the property test: with C = 1, x and grad_y can be "contiguous" while stride(-1) != 1, so
     ``.contiguous()`` returned them unchanged and a kernel that checks the contract rejected them."""
-    x = torch.randn(1, 3, 4, dtype=dtype, device=device).permute(2, 1, 0)      # (4, 3, 1), strides (1, 1, 3)
+    def one_channel():      # (4, 3, 1) with strides (3, 1, 3): the last stride is free, C being 1
+        return torch.randn(4, 3, dtype=dtype, device=device).unsqueeze(-1).as_strided((4, 3, 1), (3, 1, 3))
+
+    x, grad_y = one_channel(), one_channel()
     _, *weights = make_inputs((4,), 3, 1, 1, 2, dtype=dtype, device=device)
-    grad_y = torch.randn(1, 3, 4, dtype=dtype, device=device).permute(2, 1, 0)
     assert x.is_contiguous() and x.stride(-1) != 1
     inputs = (x, *weights)
     leaves = [t.detach().requires_grad_() for t in inputs]

@@ -18,7 +18,12 @@ except ImportError as exc:  # a source checkout without `pip install -e .`, or a
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", dispatch_key)
+    return _KERNELS.get(dispatch_key, False)
+
+
+# Looked up once: the kernels are registered when _C loads, and torch.compile cannot trace the lookup itself.
+_KERNELS = {} if _BUILD_ERROR else {
+    key: torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", key) for key in ("CPU", "CUDA")}
 
 
 def _cuda_unavailable_reason() -> str | None:

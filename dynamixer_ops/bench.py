@@ -488,19 +488,20 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
         if not hasattr(mod, name):
             raise BenchError(f"{what} has no {name}()")
     torch.manual_seed(0)
-    base = getattr(upstream, name)().eval()
+    kw = {"img_size": args.img_size}
+    base = getattr(upstream, name)(**kw).eval()
     state = base.state_dict()
-    size = getattr(base, "default_cfg", {}).get("input_size", (3, 224, 224)) if hasattr(base, "default_cfg") \
-        else (3, 224, 224)
+    size = (3, args.img_size, args.img_size)
     B = args.batch
     x = torch.randn(B, *size, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     n_check = min(B, 2 if device.type == "cpu" else 8)
     # float64 upstream network: the truth for outputs and parameter gradients on the first n_check images
-    ref_net = getattr(upstream, name)().double().eval()
+    ref_net = getattr(upstream, name)(**kw).double().eval()
     ref_net.load_state_dict(state)
     x64 = x[:n_check].double()
     ref_out = ref_net(x64)
-    ref_grads = torch.autograd.grad(ref_out.square().mean(), list(ref_net.parameters()))
+    names, params = zip(*ref_net.named_parameters())
+    ref_grads = dict(zip(names, torch.autograd.grad(ref_out.square().mean(), params)))
     ref_out = ref_out.detach()
     del ref_net
 
@@ -514,9 +515,9 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
             continue
         try:
             if bname in BASELINES:
-                net = getattr(upstream, name)()
+                net = getattr(upstream, name)(**kw)
             else:
-                net = getattr(models, name)(backend=bname)
+                net = getattr(models, name)(backend=bname, **kw)
             net.load_state_dict(state)
             net = net.to(device=device, dtype=dtype)
             if bname == "compile":
@@ -537,11 +538,12 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
         try:
             net.eval()
             out = net(x[:n_check])
-            grads = torch.autograd.grad(out.double().square().mean(), list(net.parameters()))
-            err_out = rel_error(out, ref_out)
+            # parameters matched by name: a fused module may register them in another order
+            named = dict(getattr(net, "_orig_mod", net).named_parameters())
+            grads = torch.autograd.grad(out.double().square().mean(), [named[n] for n in ref_grads])
             g = torch.cat([t.double().flatten() for t in grads])
-            r = torch.cat([t.flatten() for t in ref_grads])
-            errs[row["backend"]] = max(err_out, rel_error(g, r))
+            r = torch.cat([t.flatten() for t in ref_grads.values()])
+            errs[row["backend"]] = max(rel_error(out, ref_out), rel_error(g, r))
         except Exception as exc:
             row.update(status="ERROR", message=_first_line(exc))
     own = errs.get("eager")
@@ -845,6 +847,8 @@ examples:
                    help="time the whole network instead of the op: images/s for inference and a training step, "
                         "dynamixer_ops.models.<model>(backend=...) against dynamixer_ops.upstream.<model>() "
                         "with the same weights")
+    p.add_argument("--img-size", type=int, default=224, metavar="PX",
+                   help="with --model: input resolution; the mixing length is PX/7 in the first stage (default 224)")
     p.add_argument("--json", metavar="PATH", help="write machine, versions, settings and every figure as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write a PNG of the speedups over eager (needs matplotlib)")
     p.add_argument("--quick", action="store_true",
@@ -920,6 +924,8 @@ def _finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.
             p.error(f"argument {name}: must be > 0 ms, got {value}")
     if args.model and args.sequences is not None:
         p.error("argument --sequences: not allowed with --model (use --batch, in images)")
+    if args.img_size < 7 or args.img_size % 7:
+        p.error(f"argument --img-size: must be a positive multiple of the patch size 7, got {args.img_size}")
     if args.model and args.shapes:
         p.error("argument --shapes: not allowed with --model (the network fixes its shapes)")
     args.direction = list(dict.fromkeys(args.direction or ["fwd", "fwdbwd"]))

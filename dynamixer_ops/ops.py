@@ -115,6 +115,12 @@ def _(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
     return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
 
 
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself, or a copy with ``stride(-1) == 1`` (the kernel contract). ``t.contiguous()`` is not enough:
+    with C = 1 a tensor can count as contiguous while its last stride is anything."""
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend = inputs
     # Only the inputs are kept: the mixing matrices are recomputed in the backward.
@@ -123,8 +129,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    if grad_y.stride(-1) != 1:    # e.g. the expanded gradient of y.sum(): kernels read rows of C
-        grad_y = grad_y.contiguous()
+    grad_y = _unit_last_stride(grad_y)    # e.g. the expanded gradient of y.sum(): kernels read rows of C
     grads = _dynamic_mix_backward_op(grad_y, *ctx.saved_tensors, ctx.num_segments, ctx.backend)
     return (*grads, None, None)
 
@@ -146,7 +151,7 @@ def _to_4d(x: Tensor) -> Tensor:
         x = x.unsqueeze(0)
     elif x.dim() > 4:
         x = x.flatten(0, -4)      # a view where the leading dims allow it, else a copy
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return _unit_last_stride(x)
 
 
 def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,

@@ -34,15 +34,16 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto",
                    help="'eager' (upstream layers), or a dynamic_mix backend: 'auto', "
                         + ", ".join(repr(b) for b in dynamixer_ops.available_backends()))
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--img-size", type=int, default=28)
-    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--dims", default="48,96", help="channels of the two stages")
     p.add_argument("--depths", default="2,2", help="blocks in the two stages")
+    p.add_argument("--heads", default="4,8", help="segments (num_head) of the two stages")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (per process)")
     p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
@@ -74,9 +75,10 @@ def build_model(args) -> torch.nn.Module:
     """A two-stage DynaMixer (the upstream network): L = img/patch in stage 1, halved in stage 2."""
     dims = [int(v) for v in args.dims.split(",")]
     depths = [int(v) for v in args.depths.split(",")]
+    heads = [int(v) for v in args.heads.split(",")]
     model = upstream.VisionModel(
         depths, img_size=args.img_size, patch_size=args.patch_size, in_chans=1, num_classes=10, embed_dims=dims,
-        transitions=[True] * (len(dims) - 1) + [False], num_heads=[max(1, d // 12) for d in dims],
+        transitions=[True] * (len(dims) - 1) + [False], num_heads=heads,
         reduced_dims=[2] * len(dims), mlp_ratios=[2] * len(dims))
     if args.backend != "eager":
         dynamixer_ops.convert(model, backend=args.backend)

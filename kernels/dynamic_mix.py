@@ -143,21 +143,28 @@ def _scratch(n, n_ok, s, L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOC
 
 @triton.jit
 def _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-            DOT_REDUCE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_C: tl.constexpr, DOT_REDUCE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``z`` (BLOCK_N, BLOCK_L*BLOCK_D), ``z[n, l*BLOCK_D + k] = sum_c x[n,l,c] Wc[s*D+k, c] + bc[s*D+k]``
     for a tile of sequences and segment ``s`` (chunked over all C channels). Padded k are 0; padded l hold
-    the bias and meet only zero columns of Wg."""
-    k = tl.arange(0, BLOCK_D)
+    the bias and meet only zero columns of Wg.
+
+    ``BLOCK_K >= BLOCK_D`` columns of Wc are multiplied (the ones past D load as 0): 16 lets the product run on
+    tl.dot at d < 16; the zero columns are then folded away by summing groups of BLOCK_D columns.
+    """
+    k = tl.arange(0, BLOCK_K)
     k_ok = k < D
-    r = tl.zeros((BLOCK_N * BLOCK_L, BLOCK_D), tl.float32)
+    r = tl.zeros((BLOCK_N * BLOCK_L, BLOCK_K), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         xt = _load_tokens(x_ptr, x_seq, sx_l, n_ok, c0, 0, L, C - c0, BLOCK_N, BLOCK_L, BLOCK_C)
         c = c0 + tl.arange(0, BLOCK_C)
         wt = tl.load(wc_ptr + (s * D + k)[None, :] * C + c[:, None], mask=k_ok[None, :] & (c < C)[:, None],
-                     other=0.0).to(tl.float32)                                        # (BLOCK_C, BLOCK_D)
+                     other=0.0).to(tl.float32)                                        # (BLOCK_C, BLOCK_K)
         r += _mm(tl.reshape(xt, (BLOCK_N * BLOCK_L, BLOCK_C)), wt, DOT_REDUCE, DOT_DTYPE, PRECISION)
-    r += tl.load(bc_ptr + s * D + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    if BLOCK_K > BLOCK_D:   # columns >= D are exactly 0: r[:, k] = sum over groups of r[:, g*BLOCK_D + k]
+        r = tl.sum(tl.reshape(r, (BLOCK_N * BLOCK_L, BLOCK_K // BLOCK_D, BLOCK_D)), axis=1)
+    kd = tl.arange(0, BLOCK_D)
+    r += tl.load(bc_ptr + s * D + kd, mask=kd < D, other=0.0).to(tl.float32)[None, :]
     return tl.reshape(r, (BLOCK_N, BLOCK_L * BLOCK_D))
 
 
@@ -208,7 +215,7 @@ def _forward_kernel(x_ptr, y_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
                     sx_a, sx_b, sx_l, sy_a, sy_b, sy_l,
                     L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, DOT_REDUCE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, DOT_REDUCE: tl.constexpr,
                     DOT_GEN: tl.constexpr, DOT_APPLY: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr):
     """``y[n, j, s*E+e] = sum_i P[n,s,i,j] x[n, i, s*E+e]`` for a tile x segment, looping over target blocks."""
@@ -217,8 +224,8 @@ def _forward_kernel(x_ptr, y_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, seq0, N, B,
     s = pid % S
     n, n_ok, a, b = _tile(pid // S, seq0, N, B, BLOCK_N)
     x_seq = a * sx_a + b * sx_b
-    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
-                DOT_REDUCE, DOT_DTYPE, PRECISION)
+    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_K,
+                BLOCK_C, DOT_REDUCE, DOT_DTYPE, PRECISION)
     xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
     for j0 in range(0, L, BLOCK_J):
         P, _ = _probs(z, j0, wg_ptr, bg_ptr, L, D, BLOCK_N, BLOCK_L, BLOCK_J, BLOCK_D, DOT_GEN, DOT_DTYPE,
@@ -232,7 +239,7 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, w
                         sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l, sdx_a, sdx_b, sdx_l,
                         L: tl.constexpr, C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                         DOT_REDUCE: tl.constexpr, DOT_GEN: tl.constexpr, DOT_APPLY: tl.constexpr,
                         DOT_DP: tl.constexpr, DOT_BACK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         PRECISION: tl.constexpr):
@@ -243,8 +250,8 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, w
     n, n_ok, a, b = _tile(pid // S, seq0, N, B, BLOCK_N)
     x_seq = a * sx_a + b * sx_b
     dy_seq = a * sdy_a + b * sdy_b
-    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
-                DOT_REDUCE, DOT_DTYPE, PRECISION)
+    z = _reduce(x_ptr, x_seq, sx_l, n_ok, s, wc_ptr, bc_ptr, L, C, D, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_K,
+                BLOCK_C, DOT_REDUCE, DOT_DTYPE, PRECISION)
     xs = _load_tokens(x_ptr, x_seq, sx_l, n_ok, s * E, 0, L, E, BLOCK_N, BLOCK_L, BLOCK_E)
     dxm = tl.zeros((BLOCK_N, BLOCK_L, BLOCK_E), tl.float32)
     dz = tl.zeros((BLOCK_N, BLOCK_L * BLOCK_D), tl.float32)
@@ -443,6 +450,8 @@ class _Plan:
         self.BN, self.BC = cfg.block_n, cfg.block_c
         self.BL, self.BD, self.BE = _pow2(self.L), _pow2(self.d), _pow2(self.E)
         self.BJ, self.BJW = min(_pow2(cfg.block_j), self.BL), min(_pow2(cfg.block_jw), self.BL)
+        # Wc columns per reduce step: padded to 16 for tl.dot where the tile's other dims allow it
+        self.BK = max(self.BD, 16) if cfg.dot and min(self.BN * self.BL, self.BC) >= 16 else self.BD
         dot_dtype, precision = _dot_operands(x.dtype)
         self.common = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps)
 
@@ -472,12 +481,13 @@ def mix_forward(x, compress_weight, compress_bias, generate_weight, generate_bia
     """Write ``dynamic_mix(x, ...)`` into ``y``. ``x``, ``y``: ``(A, B, L, C)``, unit last stride, any other
     strides; weights contiguous; one dtype (fp32/fp16/bf16) and device. One program per (tile, segment)."""
     p = _Plan(x, compress_weight, num_segments, config)
-    dots = p.dots(REDUCE=(p.BN * p.BL, p.BC, p.BD), GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BJ, p.BL, p.BE))
+    dots = p.dots(REDUCE=(p.BN * p.BL, p.BC, p.BK), GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BJ, p.BL, p.BE))
     for seq0, seq1, grid in p.chunks():
         _forward_kernel[grid](
             x, y, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
             *_strides(x), *_strides(y), p.L, p.C, p.S, p.d, p.E,
-            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
+            **dots, **p.common)
 
 
 def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
@@ -489,7 +499,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
     p = _Plan(x, compress_weight, num_segments, config)
     N, L, C, S, d, SD = p.N, p.L, p.C, p.S, p.d, p.S * p.d
     f32 = dict(device=x.device, dtype=torch.float32)
-    reduce_dims = (p.BN * p.BL, p.BC, p.BD)
+    reduce_dims = (p.BN * p.BL, p.BC, p.BK)
 
     # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place), dr and z (fp32 scratch, each S*d/C
     #    of x's size).
@@ -502,7 +512,8 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         _backward_dx_kernel[grid](
             x, grad_y, dxm, dr, z, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
             *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, p.E,
-            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_C=p.BC, BLOCK_E=p.BE, **dots, **p.common)
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
+            **dots, **p.common)
 
     # 2. dWg, dbg: partitions x target blocks programs, each looping over its share of the tiles.
     tiles = triton.cdiv(N, p.BN)

@@ -6,7 +6,10 @@ Two halves:
   per CUDA thread, real barriers, NaN-filled shared memory and workspaces), against the float64 reference.
   They check the index arithmetic, the tiling, the barriers' placement and the math without a GPU, not the
   GPU itself. Building the emulator takes about a minute on two cores (cached afterwards), so they run
-  only with ``DYNAMIXER_OPS_TEST_CUDA_EMU=1``.
+  only with ``DYNAMIXER_OPS_TEST_CUDA_EMU=1``. ``DYNAMIXER_OPS_TEST_CUDA_EMU=asan`` builds it with
+  AddressSanitizer (every out-of-bounds access to shared memory or a tensor is an error); run it as
+  ``LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 DYNAMIXER_OPS_TEST_CUDA_EMU=asan
+  pytest tests/test_cuda_kernel.py``.
 * ``test_gpu_*`` run the real kernels through ``dynamic_mix(..., backend="cuda")`` and need a GPU.
 """
 from __future__ import annotations
@@ -66,15 +69,19 @@ def _cuda_header_dirs():
 
 @pytest.fixture(scope="module")
 def emu():
-    if os.environ.get("DYNAMIXER_OPS_TEST_CUDA_EMU", "0") in ("", "0"):
+    mode = os.environ.get("DYNAMIXER_OPS_TEST_CUDA_EMU", "0")
+    if mode in ("", "0"):
         pytest.skip("set DYNAMIXER_OPS_TEST_CUDA_EMU=1 to build and run the CPU emulation of the CUDA kernels")
     headers = _cuda_header_dirs()
     if not headers:
         pytest.skip("no CUDA toolkit headers found (cuda_fp16.h and crt/host_defines.h)")
     from torch.utils import cpp_extension
-    cpp_extension.load(name="dynamixer_cuda_emu", sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
+    cpp_extension.load(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
+                       sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
                        extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
-                       extra_cflags=["-std=c++20", "-O1"], is_python_module=False, verbose=False)
+                       extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
+                       is_python_module=False, verbose=False)
     return torch.ops.dynamixer_cuda_emu
 
 

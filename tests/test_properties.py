@@ -155,3 +155,25 @@ def test_segments_and_sequences_are_independent(backend, device, dtype):
         assert math.isfinite(y2.double().norm().item())
 
     check()
+
+
+@pytest.mark.parametrize("backend, device, dtype", backend_dtype_triples(),
+                         ids=[triple_id(t) for t in backend_dtype_triples()])
+def test_one_channel_with_a_last_stride_other_than_one(backend, device, dtype, seed):
+    """Found by the property test: with C = 1, x and grad_y can be "contiguous" while stride(-1) != 1, so
+    ``.contiguous()`` returned them unchanged and a kernel that checks the contract rejected them."""
+    def one_channel():      # (4, 3, 1) with strides (3, 1, 3): the last stride is free, C being 1
+        return torch.randn(4, 3, dtype=dtype, device=device).unsqueeze(-1).as_strided((4, 3, 1), (3, 1, 3))
+
+    x, grad_y = one_channel(), one_channel()
+    _, *weights = make_inputs((4,), 3, 1, 1, 2, dtype=dtype, device=device)
+    assert x.is_contiguous() and x.stride(-1) != 1
+    inputs = (x, *weights)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = dynamic_mix(*leaves, 1, backend=backend)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    ref_y, ref_grads = reference_outputs(inputs, 1, grad_y)
+    tol = tolerance(dtype, device)
+    assert_close_rel(y, ref_y, tol, "y")
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close_rel(g, ref, tol, name)

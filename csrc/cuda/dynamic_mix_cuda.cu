@@ -290,15 +290,14 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
 
 // ---- backward, the rest -------------------------------------------------------------------------------
 
-// grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c]; kRows flat rows per block, threads along c.
-constexpr int kRows = 8;
+// grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c]; kGradXRows flat rows per block, threads along c.
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(
     int64_t rows, int64_t C, int64_t Sd, const float* __restrict__ dxm, const float* __restrict__ dr,
     const T* __restrict__ wc, Rows<T> gx) {
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int64_t nr = min(static_cast<int64_t>(kRows), rows - r0);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGradXRows;
+  const int64_t nr = min(static_cast<int64_t>(kGradXRows), rows - r0);
   for (int64_t idx = threadIdx.x; idx < nr * C; idx += kThreads) {
     const int64_t r = r0 + idx / C, c = idx % C;
     float acc = dxm[r * C + c];
@@ -383,7 +382,7 @@ template <typename T>
 void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
                  cudaStream_t stream) {
   const int64_t rows = dm.N * dm.L;
-  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kRows - 1) / kRows), 0, stream,
+  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
       rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

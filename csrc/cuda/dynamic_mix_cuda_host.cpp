@@ -60,8 +60,9 @@ MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
               " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but the device allows ",
               limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
   const int64_t blocks = (dm.N + dm.ts - 1) / dm.ts * dm.S;
-  TORCH_CHECK(blocks <= INT_MAX, "dynamixer_ops (cuda): ", dm.N, " sequences x ", dm.S,
-              " segments need more than 2^31-1 blocks; split the batch");
+  const int64_t grad_x_blocks = (dm.N * dm.L + cuda::kGradXRows - 1) / cuda::kGradXRows;
+  TORCH_CHECK(blocks <= INT_MAX && grad_x_blocks <= INT_MAX, "dynamixer_ops (cuda): ", dm.N, " sequences of ", dm.L,
+              " tokens in ", dm.S, " segments need more than 2^31-1 blocks; split the batch");
   *smem = bytes(dm.ts);
   return dm;
 }

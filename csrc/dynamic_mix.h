@@ -43,6 +43,18 @@ inline MixShape check_mix_contract(const at::Tensor& x, const at::Tensor& compre
   return s;
 }
 
+// The C++ signatures of the schemas in dynamic_mix.cpp. The dispatcher aborts at import when two devices
+// register kernels of one op with different C++ signatures (even const-ness of an output): every
+// TORCH_LIBRARY_IMPL casts its kernel to these types, so a mismatch fails the build instead.
+using MixForwardFn = void(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                          const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                          at::Tensor& y);
+using MixBackwardFn = void(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                           const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                           const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
+                           at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                           at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias);
+
 inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.sizes() == x.sizes(), "dynamixer_ops: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.stride(3) == 1, "dynamixer_ops: ", name, " must have unit stride in its last dim");

@@ -476,8 +476,8 @@ def _load_model_modules():
     try:
         from . import models, upstream
     except ImportError as exc:
-        raise BenchError(f"--model needs dynamixer_ops.models and dynamixer_ops.upstream, which this install "
-                         f"does not have ({exc}); they arrive with the 'models' branch") from None
+        raise BenchError(f"--model needs dynamixer_ops.models and dynamixer_ops.upstream, which failed to import "
+                         f"({exc})") from None
     return models, upstream
 
 

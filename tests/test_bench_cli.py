@@ -274,7 +274,9 @@ def test_bytes_convention():
 
 
 def test_model_mode_without_the_models_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "dynamixer_ops.models", None)
+    import dynamixer_ops
+    monkeypatch.setitem(sys.modules, "dynamixer_ops.models", None)     # None in sys.modules: ImportError
+    monkeypatch.delattr(dynamixer_ops, "models", raising=False)         # else `from . import models` finds it
     code, _, err = run_main(["--device", "cpu", "--model", "dynamixer_s", "--batch", "1", "--backends", "eager"],
                             capsys)
     assert code == 1 and "needs dynamixer_ops.models" in err

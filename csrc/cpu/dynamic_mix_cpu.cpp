@@ -213,7 +213,7 @@ template <class T> MixArgs<T> make_args(const MixShape& sh, const at::Tensor& x,
 
 void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
                      const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                     const at::Tensor& y) {
+                     at::Tensor& y) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(y, x, "y");
@@ -241,9 +241,9 @@ void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, con
 
 void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
                       const at::Tensor& compress_bias, const at::Tensor& generate_weight,
-                      const at::Tensor& generate_bias, int64_t num_segments, const at::Tensor& grad_x,
-                      const at::Tensor& grad_compress_weight, const at::Tensor& grad_compress_bias,
-                      const at::Tensor& grad_generate_weight, const at::Tensor& grad_generate_bias) {
+                      const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
+                      at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                      at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(grad_y, x, "grad_y");
@@ -312,6 +312,6 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 }  // namespace dynamixer_ops
 
 TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
-  m.impl("mix_forward", &dynamixer_ops::mix_forward_cpu);
-  m.impl("mix_backward", &dynamixer_ops::mix_backward_cpu);
+  m.impl("mix_forward", static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cpu));
+  m.impl("mix_backward", static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cpu));
 }

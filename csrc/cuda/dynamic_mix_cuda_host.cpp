@@ -196,7 +196,7 @@ void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::
 
 #ifndef DMX_EMULATE
 TORCH_LIBRARY_IMPL(dynamixer_ops_C, CUDA, m) {
-  m.impl("mix_forward", &dynamixer_ops::mix_forward_cuda);
-  m.impl("mix_backward", &dynamixer_ops::mix_backward_cuda);
+  m.impl("mix_forward", static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cuda));
+  m.impl("mix_backward", static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cuda));
 }
 #endif

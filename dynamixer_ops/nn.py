@@ -82,6 +82,9 @@ class DynaMixerBlock(nn.Module):
         self.mix_h.backend = self.mix_w.backend = name
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"DynaMixerBlock: x must be (B, H, W, C) with H = W = resolution = {self.resolution}, "
+                             f"got shape {tuple(x.shape)}")
         B, H, W, C = x.shape
         h = self.mix_h.out(self.mix_h.mix(x.transpose(1, 2)).transpose(1, 2))
         w = self.mix_w(x)

@@ -102,6 +102,14 @@ def evaluate(model, x, y, batch_size, device, rank, world):
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
+def progress(epoch: int, epochs: int, done: int, total: int, loss: float, width: int = 30) -> None:
+    """A one-line progress bar on stderr, redrawn in place (terminals only: logs stay clean)."""
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.4f}",
+          end=end, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,6 +124,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = print if rank == 0 else (lambda *a, **k: None)
+    show_progress = rank == 0 and sys.stderr.isatty()
 
     train_x, train_y, test_x, test_y = digits(args.img_size, args.seed)
     torch.manual_seed(args.seed)            # same initial weights on every rank and for every backend
@@ -159,6 +168,8 @@ def main(argv=None) -> dict:
             schedule.step()
             step += 1
             running, count = running + loss.item(), count + 1
+            if show_progress:
+                progress(epoch + 1, args.epochs, count, min(len(loader), steps - step + count), loss.item())
             if args.log_every and step % args.log_every == 0:
                 log(f"  step {step}/{steps} loss {loss.item():.4f}")
             if step >= steps:

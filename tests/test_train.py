@@ -37,8 +37,8 @@ def _restore_threads():
 
 
 def test_short_run_learns(train, tmp_path):
-    metrics = train.main(SMALL + ["--max-steps", "30", "--epochs", "2", "--metrics", str(tmp_path / "m.json")])
-    assert metrics["steps"] == 30
+    metrics = train.main(SMALL + ["--max-steps", "80", "--epochs", "2", "--metrics", str(tmp_path / "m.json")])
+    assert metrics["steps"] == 80
     assert metrics["test_loss"] < 0.8 * metrics["test_loss_before"], metrics
     assert metrics["test_acc"] > metrics["test_acc_before"], metrics
     assert json.loads((tmp_path / "m.json").read_text())["test_loss"] == metrics["test_loss"]

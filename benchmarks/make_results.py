@@ -36,18 +36,7 @@ _No CPU run recorded yet._
 PLACEHOLDER = {"GPU": "_No GPU run recorded yet._", "CPU": "_No CPU run recorded yet._"}
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def _x(v):
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def _spread(r):
-    if r.get("median_ms") is None:
-        return "-"
-    return f"±{50 * (r['p80_ms'] - r['p20_ms']) / r['median_ms']:.1f}%"
+from dynamixer_ops.bench import _fmt, _spread, _x  # noqa: E402  (the CLI's own cell formats)
 
 
 def device_kind(report: dict) -> str:
@@ -115,14 +104,15 @@ def render(report: dict) -> str:
                 continue
             lines += [f"**{direction}**", "",
                       "| shape (L, C, S, d) | N | backend | median ms | spread | vs eager | vs compile | GB/s | "
-                      "GFLOP/s | % roof | rel err | status |",
-                      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                      "GFLOP/s | % roof | saved MiB | rel err | status |",
+                      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
             for r in rows:
                 shape = f"{r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']})"
                 lines.append(f"| {shape} | {r['sequences']} | {r['backend']} | {_fmt(r.get('median_ms'), '.3f')} | "
                              f"{_spread(r)} | {_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_compile'))} | "
                              f"{_fmt(r.get('GBps'), '.1f')} | {_fmt(r.get('GFLOPs'), '.1f')} | "
-                             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_fmt(r.get('error'), '.1e')} | "
+                             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_fmt(r.get('saved_MiB'), '.2f')} | "
+                             f"{_fmt(r.get('error'), '.1e')} | "
                              f"{_status(r, notes)} |")
             lines.append("")
     if notes:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -212,6 +213,32 @@ def check(run: Callable, direction: str, ref_y, ref_grads) -> float:
     return max(rel_error(y, ref_y), *(rel_error(g, r) for g, r in zip(grads, ref_grads)))
 
 
+def add_speedups(rows: dict[str, dict]) -> None:
+    """``speedup_vs_<baseline>`` = the baseline's median / the row's, for rows measured side by side."""
+    for ref_name in BASELINES:
+        ref_t = rows[ref_name].get("median_ms") if ref_name in rows else None
+        for row in rows.values():
+            t = row.get("median_ms")
+            row[f"speedup_vs_{ref_name}"] = ref_t / t if (t and ref_t) else None
+
+
+def saved_for_backward_bytes(fn: Callable, inputs) -> int:
+    """Bytes the autograd graph of one forward keeps for the backward, counting each storage once. The inputs
+    themselves count too (every backend keeps x): this is the memory a training step holds per layer."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*leaves)
+    del y
+    return sum(storages.values())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # timing
 
@@ -291,6 +318,8 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, threads: int, qui
         copy_s = do_bench(copy, warmup=25, rep=100, return_mode="min") / 1e3
         gemm_s = do_bench(gemm, warmup=25, rep=100, return_mode="min") / 1e3
     else:
+        # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on a machine without a GPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils import benchmark
         budget = 0.2 if quick else 1.0
         copy_s = min(benchmark.Timer("f()", globals={"f": copy}, num_threads=threads).blocked_autorange(
@@ -433,6 +462,8 @@ def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) 
                         row.update(status="WRONG", message=f"relative error {err:.3g} > tolerance {tol:g}"
                                    if math.isfinite(err) else "output has NaN/inf or the wrong shape")
                         continue
+                    if direction != "fwd" and name != "compile":   # compiled graphs save outside the hooks
+                        row["saved_MiB"] = saved_for_backward_bytes(fns[name], inputs) / 2 ** 20
                     per_call = warm_up(run, device, args.warmup)
                     samplers[name] = Sampler(run, device, threads, per_call)
                     if device.type == "cuda":
@@ -456,12 +487,7 @@ def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) 
                                   samples=len(t), GBps=nbytes / med / 1e9, GFLOPs=flops / med / 1e9,
                                   roofline_pct=100 * max(nbytes / (roofline["copy_GBps"] * 1e9),
                                                          flops / (roofline["gemm_GFLOPs"] * 1e9)) / med)
-            for ref_name in BASELINES:
-                ref_row = rows.get(ref_name)
-                ref_t = ref_row.get("median_ms") if ref_row else None
-                for row in rows.values():
-                    t = row.get("median_ms")
-                    row[f"speedup_vs_{ref_name}"] = ref_t / t if (t and ref_t) else None
+            add_speedups(rows)
             results += rows.values()
             log(f"[{shape.label()}, N={N}, {direction}] " + ", ".join(
                 f"{n} {r['median_ms']:.3g} ms" if r.get("median_ms") else f"{n} {r['status']}"
@@ -597,11 +623,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
             med = quantile(t, 0.5)
             rows[bname].update(median_ms=med * 1e3, p20_ms=quantile(t, 0.2) * 1e3, p80_ms=quantile(t, 0.8) * 1e3,
                                samples=len(t), images_per_s=B / med)
-        for ref_name in BASELINES:
-            ref_t = rows[ref_name].get("median_ms") if ref_name in rows else None
-            for r in rows.values():
-                t = r.get("median_ms")
-                r[f"speedup_vs_{ref_name}"] = ref_t / t if (t and ref_t) else None
+        add_speedups(rows)
         out_rows += rows.values()
         log(f"[{name}, {B} images, {mode}] " + ", ".join(
             f"{n} {r['images_per_s']:.3g} img/s" if r.get("images_per_s") else f"{n} {r['status']}"
@@ -629,14 +651,14 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                          * (r.get("speedup_vs_compile") is not None), _status(r, numbers)])
         return head, rows
     head = ["shape", "N", "dir", "backend", "median ms", "spread", "vs eager", "vs compile", "GB/s", "GFLOP/s",
-            "% roof", "max rel err", "status"]
+            "% roof", "saved MiB", "max rel err", "status"]
     rows = []
     for r in report["results"]:
         shape = r["shape"] if r["shape"] != "custom" else f"{r['L']},{r['C']},{r['S']},{r['d']}"
         rows.append([shape, str(r["sequences"]), r["direction"], r["backend"], _fmt(r.get("median_ms"), ".3f"),
                      _spread(r), _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
                      _fmt(r.get("GBps"), ".1f"), _fmt(r.get("GFLOPs"), ".1f"), _fmt(r.get("roofline_pct"), ".1f"),
-                     _fmt(r.get("error"), ".1e"), _status(r, numbers)])
+                     _fmt(r.get("saved_MiB"), ".2f"), _fmt(r.get("error"), ".1e"), _status(r, numbers)])
     return head, rows
 
 
@@ -792,6 +814,8 @@ conventions:
   GB/s    {BYTES_CONVENTION}
   GFLOP/s {FLOP_CONVENTION}
   % roof  {ROOFLINE_CONVENTION}
+  saved   MiB the autograd graph of one forward keeps for the backward (bwd/fwdbwd rows; each storage counted
+          once, inputs included; not measured for compile, whose graph saves outside autograd's hooks).
   check   every backend is first run on the timed inputs and compared with dynamixer_ops.reference.mix_forward
           in float64 (and its autograd gradients for bwd/fwdbwd), as ||out - ref|| / ||ref||; above the
           tolerance (fp64 1e-10, fp32 1e-5 on CPU / 2e-3 on GPU, fp16 1e-2, bf16 2e-2) it is reported WRONG

@@ -75,6 +75,13 @@ def _extensions():
     from torch.utils import cpp_extension
     os.environ.setdefault("MAX_JOBS", "2")
     cxx_flags = ["-O3", "-fvisibility=hidden"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp here its `omp parallel` is compiled out and the
+        # CPU kernels run on one thread whatever torch.set_num_threads says. The libgomp this links is the one
+        # torch has already loaded (same soname), so both share one thread pool.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -86,11 +93,12 @@ def _extensions():
         print(f"dynamixer_ops: building the CPU and CUDA kernels ({why})", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
             "dynamixer_ops._C", sources, include_dirs=include_dirs, py_limited_api=False,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link_flags)
     else:
         print(f"dynamixer_ops: building the CPU kernels only; CUDA kernels skipped: {why}", file=sys.stderr)
         ext = cpp_extension.CppExtension("dynamixer_ops._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx_flags})
+                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 

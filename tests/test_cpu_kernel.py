@@ -113,3 +113,13 @@ def test_native_op_checks_its_contract():
     grads[3] = torch.empty(wg.shape[1], wg.shape[0]).t()
     with pytest.raises(RuntimeError, match="weight gradients must be contiguous"):
         ops.mix_backward(torch.randn_like(x), x, wc, bc, wg, bg, 2, *grads)
+
+
+@pytest.mark.skipif(not torch.__config__.parallel_info().count("OpenMP") or not __import__("sys").platform.startswith(
+    "linux"), reason="torch's ATen parallel backend is not OpenMP here")
+def test_extension_is_built_with_openmp():
+    """at::parallel_for is a header template: an extension compiled without -fopenmp runs it on one thread, with
+    no error and only a 2x slowdown on two cores to show for it. The built module must link libgomp."""
+    import dynamixer_ops._C as native
+    with open(native.__file__, "rb") as f:
+        assert b"libgomp.so" in f.read(), f"{native.__file__} was built without -fopenmp"

@@ -157,14 +157,20 @@ template <class T> void run_backward_block(Isa isa, const MixArgs<T>& a, int64_t
 }
 
 // Sequences per block: enough rows (nb*S) for the register tiles of the generate GEMM, while one block's
-// mixing matrices (nb*S*L*L values) stay around 128 KB, so that a block's working set lives in L2; and at least
-// ~16 blocks when the batch allows, so that the blocks spread over the threads. A function of the shape only.
-int64_t block_size(int64_t N, int64_t S, int64_t L, size_t elem) {
+// mixing matrices (nb*S*L*L values) stay within `matrix_bytes`, so that a block's working set lives in L2; and
+// at least ~16 blocks when the batch allows, so that the blocks spread over the threads. A function of the shape
+// only (and of the direction), never of the thread count.
+int64_t block_size(int64_t N, int64_t S, int64_t L, size_t elem, int64_t matrix_bytes) {
   const int64_t per_seq = S * L * L * static_cast<int64_t>(elem);
-  const int64_t by_cache = std::max<int64_t>(1, (int64_t{128} << 10) / per_seq);
+  const int64_t by_cache = std::max<int64_t>(1, matrix_bytes / per_seq);
   const int64_t by_spread = std::max<int64_t>(1, (N + 15) / 16);
   return std::max<int64_t>(1, std::min({by_cache, by_spread, N}));
 }
+
+// The backward streams its chunk's partial dWg (L*L x L*d) once per block, with the block's nb*S matrices as the
+// GEMM's depth: bigger blocks than the forward's (P and dP together still fit a 2 MB L2) cut that traffic.
+constexpr int64_t kForwardMatrixBytes = int64_t{128} << 10;
+constexpr int64_t kBackwardMatrixBytes = int64_t{512} << 10;
 
 // Upper bound on the number of partial weight-gradient buffers (one per chunk of blocks). It caps the
 // backward's parallelism, not its speed on this many or fewer threads; each buffer is ~(L*L*L*d) values.
@@ -227,7 +233,7 @@ void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, con
     using T = scalar_t;
     const MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT,
                                       generate_bias, y);
-    const int64_t nb = block_size(N, sh.S, sh.L, sizeof(T));
+    const int64_t nb = block_size(N, sh.S, sh.L, sizeof(T), kForwardMatrixBytes);
     const int64_t nblocks = (N + nb - 1) / nb;
     const BufferSizes<T> sizes = buffer_sizes<T>(nb, sh.L, sh.C, sh.S, sh.d, false);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -271,7 +277,7 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT, generate_bias,
                                 grad_x);
     a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
-    const int64_t nb = block_size(N, S, L, sizeof(T));
+    const int64_t nb = block_size(N, S, L, sizeof(T), kBackwardMatrixBytes);
     const int64_t nblocks = (N + nb - 1) / nb;
     const int64_t nchunks = std::min(nblocks, kMaxChunks);
     const int64_t part_size = LL * Ld + LL + Sd * C + Sd;

@@ -423,9 +423,43 @@ def resolve_backends(requested: list[str] | None, device: torch.device, dtype: t
     return list(dict.fromkeys(requested)), skipped
 
 
+class Console:
+    """Messages on stderr, and a one-line progress bar under them while a sweep runs (terminals only: a log
+    file or a pipe gets the messages alone)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = ""
+
+    def __call__(self, msg: str) -> None:
+        self._clear()
+        print(msg, file=self.stream, flush=True)
+        if self.bar:
+            print(self.bar, end="", file=self.stream, flush=True)
+
+    def progress(self, done: int, total: int, label: str, width: int = 24) -> None:
+        if not self.tty:
+            return
+        self._clear()
+        filled = width * done // max(total, 1)
+        self.bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"[:150]
+        print(self.bar, end="", file=self.stream, flush=True)
+
+    def done(self) -> None:
+        self._clear()
+        self.bar = ""
+
+    def _clear(self) -> None:
+        if self.tty and self.bar:
+            print("\r" + " " * len(self.bar) + "\r", end="", file=self.stream, flush=True)
+
+
 def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) -> list[dict]:
     results = []
     threads = torch.get_num_threads()
+    steps, total = 0, len(shapes) * len(args.direction) * (len(backends) + args.rounds)   # checks + rounds
+    progress = getattr(log, "progress", lambda *a: None)
     for si, shape in enumerate(shapes):
         N = args.sequences if args.sequences is not None else args.batch * shape.L
         if "compile" in backends:
@@ -447,6 +481,8 @@ def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) 
                     "direction": direction, "bytes": nbytes, "flops": flops, "tolerance": tol}
             rows, samplers = {}, {}
             for name in backends:
+                progress(steps, total, f"{shape.name} {direction} {name}: check, warm-up")
+                steps += 1
                 row = dict(base, backend=name, status="ok", error=None, message=None)
                 rows[name] = row
                 if name in skipped:
@@ -473,7 +509,9 @@ def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) 
                         row["peak_memory_MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
                 except Exception as exc:
                     row.update(status="ERROR", message=_first_line(exc))
-            for _ in range(args.rounds):     # interleaved: every backend once per round
+            for rnd in range(args.rounds):     # interleaved: every backend once per round
+                progress(steps, total, f"{shape.name} {direction}: timing round {rnd + 1}/{args.rounds}")
+                steps += 1
                 for name, sampler in samplers.items():
                     try:
                         sampler.round(args.repeat / args.rounds)
@@ -991,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"argument --backends: {exc}")
     if args.model and args.backends is None:
         backends = [b for b in backends if b != "reference"]   # the plain-math backend: slow, not a contender
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
+    log = Console()
     for name, why in skipped.items():
         log(f"dynamixer-bench: skipping {name}: {why}")
     threads = torch.get_num_threads()
@@ -1029,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
             report["roofline"] = measure_roofline(device, dtype, threads, args.quick)
             report["shapes"] = [dataclasses.asdict(s) for s in shapes]
             report["results"] = run_op_sweep(args, device, dtype, shapes, backends, skipped, report["roofline"], log)
+            log.done()
     except BenchError as exc:
         print(f"dynamixer-bench: error: {exc}", file=sys.stderr)
         return 1

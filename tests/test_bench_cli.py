@@ -327,3 +327,21 @@ def test_make_results_files_sections_by_device_and_replaces_reruns(quick_run):
     fake_gpu = dict(report, settings=dict(report["settings"], device="cuda:0"))
     with pytest.raises(ValueError, match="records no GPU"):            # GPU tables only from GPU runs
         make_results.update(text, fake_gpu)
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shows_bar in ((Terminal(), True), (io.StringIO(), False)):
+        console = bench.Console(stream)
+        console.progress(3, 12, "s1 fwd cpu")
+        console("a message")          # printed above the bar, which is redrawn
+        console.done()
+        out = stream.getvalue()
+        assert "a message\n" in out
+        assert ("[######" in out and "3/12 s1 fwd cpu" in out) == shows_bar, repr(out)
+        assert out.endswith("\r") == shows_bar     # the bar is erased at the end: the table starts on a clean line

@@ -16,7 +16,7 @@ import dynamixer_ops
 from dynamixer_ops import nn as dnn
 from dynamixer_ops import upstream
 from dynamixer_ops.reference import upstream_mix
-from helpers import assert_close_rel, tolerance
+from helpers import assert_close_rel, relative_error, tolerance
 
 BACKENDS = dynamixer_ops.available_backends("cpu")
 TOL32 = tolerance(torch.float32, "cpu")
@@ -38,20 +38,25 @@ def randomize_(module: nn.Module, logit_scale: float = 2.0) -> nn.Module:
 
 
 def compare_with_upstream(fused: nn.Module, eager: nn.Module, x: torch.Tensor, what: str, tol=TOL32):
-    """Forward and the gradients of the input and of every parameter (by name): fused fp32 vs eager fp64."""
+    """Forward and the gradients of the input and of every parameter (by name): fused fp32 vs eager fp64.
+
+    The bound is ``tol``, or twice the error of the eager module itself in fp32 where that is larger: through a
+    whole network (LayerNorms, residual sums) a small gradient can lose more than 1e-5 to fp32 rounding alone,
+    and the fused layers must be as exact as the layers they replace, not more."""
     truth = copy.deepcopy(eager).double()
-    x32 = x.detach().float().requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    y32, y64 = fused(x32), truth(x64)
-    grad_y = torch.randn_like(y64)
-    assert_close_rel(y32, y64, tol, f"{what}: forward")
-    y32.backward(grad_y.float())
-    y64.backward(grad_y)
-    assert_close_rel(x32.grad, x64.grad, tol, f"{what}: grad of the input")
-    fused_params, truth_params = dict(fused.named_parameters()), dict(truth.named_parameters())
-    assert fused_params.keys() == truth_params.keys()
-    for name, p in fused_params.items():
-        assert_close_rel(p.grad, truth_params[name].grad, tol, f"{what}: grad of {name}")
+    eager32 = copy.deepcopy(eager).float()
+    inputs = [x.detach().to(dtype).requires_grad_() for dtype in (torch.float32, torch.float64, torch.float32)]
+    outs = [net(inp) for net, inp in zip((fused, truth, eager32), inputs)]
+    grad_y = torch.randn_like(outs[1])
+    for out in outs:
+        out.backward(grad_y.to(out.dtype))
+    named = [dict(net.named_parameters()) for net in (fused, truth, eager32)]
+    assert named[0].keys() == named[1].keys()
+    pairs = [("forward", *(o.detach() for o in outs)), ("grad of the input", *(i.grad for i in inputs))]
+    pairs += [(f"grad of {name}", named[0][name].grad, named[1][name].grad, named[2][name].grad) for name in named[0]]
+    for label, got, ref, eager_got in pairs:
+        bound = max(tol, 2 * relative_error(eager_got, ref))
+        assert_close_rel(got, ref, bound, f"{what}: {label}")
 
 
 OP_SHAPES = [  # N, L, C, S, d

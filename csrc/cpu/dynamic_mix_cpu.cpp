@@ -171,6 +171,9 @@ int64_t block_size(int64_t N, int64_t S, int64_t L, size_t elem, int64_t matrix_
 // GEMM's depth: bigger blocks than the forward's (P and dP together still fit a 2 MB L2) cut that traffic.
 constexpr int64_t kForwardMatrixBytes = int64_t{128} << 10;
 constexpr int64_t kBackwardMatrixBytes = int64_t{512} << 10;
+// ... and at most this many sequences: with the spill in mix_backward_cpu, it bounds how many sequences any T
+// (fp32) weight-gradient sum runs over (at 300k sequences a chunk-deep fp32 sum of dbc was 1.2e-5 off).
+constexpr int64_t kMaxSumSequences = 128;
 
 // Upper bound on the number of partial weight-gradient buffers (one per chunk of blocks). It caps the
 // backward's parallelism, not its speed on this many or fewer threads; each buffer is ~(L*L*L*d) values.
@@ -277,12 +280,20 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT, generate_bias,
                                 grad_x);
     a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
-    const int64_t nb = block_size(N, S, L, sizeof(T), kBackwardMatrixBytes);
+    const int64_t nb = std::min(block_size(N, S, L, sizeof(T), kBackwardMatrixBytes), kMaxSumSequences);
     const int64_t nblocks = (N + nb - 1) / nb;
     const int64_t nchunks = std::min(nblocks, kMaxChunks);
     const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
+    // Each chunk sums its blocks' weight gradients in a T partial. A chunk deeper than kMaxSumSequences (large N)
+    // also gets a float64 spill: its T partial is added there and restarted every kMaxSumSequences or more
+    // sequences, so no T accumulator runs deeper than about that many sequences and the weight gradients'
+    // error does not grow with N. Whether chunks spill is fixed by the shape; small batches pay nothing.
+    const int64_t blocks_per_chunk_max = (nblocks + nchunks - 1) / nchunks;
+    const bool spill = blocks_per_chunk_max * nb > kMaxSumSequences;
     at::Tensor partials = at::zeros({nchunks, part_size}, x.options());
+    at::Tensor spills = spill ? at::zeros({nchunks, part_size}, x.options().dtype(at::kDouble)) : at::Tensor();
     T* part_base = partials.data_ptr<T>();
+    double* spill_base = spill ? spills.data_ptr<double>() : nullptr;
     const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       at::Tensor ws = at::empty({sizes.total()}, x.options());
@@ -290,22 +301,37 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         T* pb = part_base + chunk * part_size;
         const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
+        int64_t depth = 0;    // sequences summed into pb since it was last spilled
         // Chunk c owns blocks [c*nblocks/nchunks, (c+1)*nblocks/nchunks): balanced, fixed by the shape.
-        for (int64_t blk = chunk * nblocks / nchunks; blk < (chunk + 1) * nblocks / nchunks; ++blk)
-          run_backward_block<T>(isa, a, blk * nb, std::min(N, (blk + 1) * nb), w, p);
+        const int64_t first = chunk * nblocks / nchunks, last = (chunk + 1) * nblocks / nchunks;
+        for (int64_t blk = first; blk < last; ++blk) {
+          const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
+          run_backward_block<T>(isa, a, n0, n1, w, p);
+          depth += n1 - n0;
+          if (spill && depth >= kMaxSumSequences && blk + 1 < last) {
+            double* sp = spill_base + chunk * part_size;
+            for (int64_t e = 0; e < part_size; ++e) sp[e] += static_cast<double>(pb[e]);
+            std::fill(pb, pb + part_size, T(0));
+            depth = 0;
+          }
+        }
       }
     });
-    // Sum the chunks' partials in chunk order, in float64.
+    // Sum the chunks' partials (and spills) in chunk order, in float64.
     const std::pair<T*, int64_t> dst[] = {
         {grad_generate_weight.data_ptr<T>(), LL * Ld}, {grad_generate_bias.data_ptr<T>(), LL},
         {grad_compress_weight.data_ptr<T>(), Sd * C}, {grad_compress_bias.data_ptr<T>(), Sd}};
     int64_t offset = 0;
     for (const auto& [out, count] : dst) {
       const T* src = part_base + offset;
+      const double* spilled = spill ? spill_base + offset : nullptr;
       at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
           double s = 0;
-          for (int64_t c = 0; c < nchunks; ++c) s += static_cast<double>(src[c * part_size + e]);
+          for (int64_t c = 0; c < nchunks; ++c) {
+            s += static_cast<double>(src[c * part_size + e]);
+            if (spilled) s += spilled[c * part_size + e];
+          }
           out[e] = static_cast<T>(s);
         }
       });

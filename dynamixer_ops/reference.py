@@ -11,7 +11,6 @@ Three things live here and nowhere else:
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

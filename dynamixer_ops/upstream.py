@@ -18,7 +18,6 @@ Differences from the upstream files, none of which changes a parameter or an out
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .reference import upstream_mix

@@ -78,6 +78,26 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
                          f"{nonfinite} non-finite element(s) of {out.numel()}")
 
 
+def assert_all_close(y, grads, ref_y, ref_grads, tol: float, names=None, prefix: str = "") -> None:
+    """``y`` and every gradient within ``tol`` of the reference (:func:`assert_close_rel`), each gradient in
+    ``y``'s dtype. ``names`` label the gradients (default: all five, in the op's argument order)."""
+    names = GRAD_NAMES if names is None else names
+    assert len(grads) == len(ref_grads) == len(names), f"{len(grads)} gradients, {len(ref_grads)} expected"
+    assert_close_rel(y, ref_y, tol, prefix + "y")
+    for name, g, ref in zip(names, grads, ref_grads):
+        assert g.dtype == y.dtype, f"{prefix}{name}: dtype {g.dtype}, expected {y.dtype}"
+        assert_close_rel(g, ref, tol, prefix + name)
+
+
+def assert_matches_reference(y, grads, inputs, num_segments, grad_y, tol: float, prefix: str = "") -> None:
+    """``y`` (in x's dtype) and the gradients of the inputs that are not None against the float64 reference on
+    the same inputs and ``grad_y``."""
+    assert y.dtype == inputs[0].dtype, f"{prefix}y: dtype {y.dtype}, expected x's {inputs[0].dtype}"
+    ref_y, ref_grads = reference_outputs(inputs, num_segments, grad_y)
+    names = [name for name, t in zip(GRAD_NAMES, inputs) if t is not None]
+    assert_all_close(y, grads, ref_y, ref_grads, tol, names, prefix)
+
+
 def reference_outputs(inputs, num_segments, grad_y):
     """Forward and the five gradients, by autograd of the reference math in float64 on the CPU."""
     leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in inputs]

@@ -10,8 +10,8 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from helpers import (assert_close_rel, backend_device_pairs, make_inputs, reference_outputs, supported_dtypes,
-                     tolerance)
+from helpers import (assert_close_rel, assert_matches_reference, backend_device_pairs, make_inputs, reference_outputs,
+                     supported_dtypes, tolerance)
 
 # (batch shape, L, C, S, d): L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence,
 # several hundred sequences (ragged against any block size), C/S = 1.
@@ -55,13 +55,7 @@ def test_forward_and_gradients_match_reference(backend, device, dtype, shape, la
     assert y.shape == inputs[0].shape and y.dtype == dtype and y.device.type == device
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, grad_y)
-    ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
-    tol = tolerance(dtype, device)
-    assert_close_rel(y, ref_y, tol, "y")
-    for name, g, ref in zip(("dx", "d compress_weight", "d compress_bias", "d generate_weight", "d generate_bias"),
-                            grads, ref_grads):
-        assert g.dtype == dtype and g.shape == ref.shape
-        assert_close_rel(g, ref, tol, name)
+    assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, device))
 
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())
@@ -73,11 +67,7 @@ def test_without_biases_and_noncontiguous_grad(backend, device, seed):
     y = dynamic_mix(leaves[0], leaves[1], None, leaves[2], None, 2, backend=backend)
     grad_y = torch.randn(48, 7, 3, dtype=dtype, device=device).permute(2, 1, 0)   # (3, 7, 48), last stride 21
     grads = torch.autograd.grad(y, leaves, grad_y)
-    ref_y, ref_grads = reference_outputs((x, wc, None, wg, None), 2, grad_y)
-    tol = tolerance(dtype, device)
-    assert_close_rel(y, ref_y, tol, "y")
-    for name, g, ref in zip(("dx", "d compress_weight", "d generate_weight"), grads, ref_grads):
-        assert_close_rel(g, ref, tol, name)
+    assert_matches_reference(y, grads, (x, wc, None, wg, None), 2, grad_y, tolerance(dtype, device))
 
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())

@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 from dynamixer_ops import dynamic_mix
 
 from _hypothesis_profiles import scaled_settings
-from helpers import (GRAD_NAMES, assert_close_rel, backend_dtype_triples, is_interpreted, make_inputs,
+from helpers import (assert_close_rel, assert_matches_reference, backend_dtype_triples, is_interpreted, make_inputs,
                      reference_outputs, tolerance, torch_threads, triple_id)
 
 
@@ -107,14 +107,7 @@ def test_forward_and_all_gradients_match_float64_reference(backend, device, dtyp
         grad_y = build_grad_y(case, y.shape, dtype, device)
         wanted = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(y, wanted, grad_y)
-
-        ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
-        tol = tolerance(dtype, device)
-        assert_close_rel(y, ref_y, tol, "y")
-        names = [n for n, t in zip(GRAD_NAMES, inputs) if t is not None]
-        for name, leaf, g, ref in zip(names, wanted, grads, ref_grads):
-            assert g.dtype == dtype and g.shape == leaf.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-            assert_close_rel(g, ref, tol, name)
+        assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, device))
 
     check()
 
@@ -172,8 +165,4 @@ def test_one_channel_with_a_last_stride_other_than_one(backend, device, dtype, s
     leaves = [t.detach().requires_grad_() for t in inputs]
     y = dynamic_mix(*leaves, 1, backend=backend)
     grads = torch.autograd.grad(y, leaves, grad_y)
-    ref_y, ref_grads = reference_outputs(inputs, 1, grad_y)
-    tol = tolerance(dtype, device)
-    assert_close_rel(y, ref_y, tol, "y")
-    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close_rel(g, ref, tol, name)
+    assert_matches_reference(y, grads, inputs, 1, grad_y, tolerance(dtype, device))

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import dynamixer_ops
-from dynamixer_ops import dynamic_mix
 
-from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, op_outputs,
-                     reference_outputs, supported_dtypes, tolerance)
+from helpers import (assert_matches_reference, backend_device_pairs, is_interpreted, make_inputs, op_outputs,
+                     supported_dtypes, tolerance)
 
 
 def _dtype(backend, device):
@@ -19,11 +18,7 @@ def _dtype(backend, device):
 
 def _check(inputs, S, grad_y, backend, dtype, device):
     y, grads = op_outputs(inputs, S, grad_y, backend)
-    ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
-    tol = tolerance(dtype, device)
-    assert_close_rel(y, ref_y, tol, "y")
-    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close_rel(g, ref, tol, name)
+    assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, device))
 
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())

@@ -15,6 +15,15 @@
 #   results       benchmarks/make_results.py on every bench JSON -> $OUT/RESULTS.md (copy it into benchmarks/)
 # A tool that allows at most 10 minutes per command can run the steps one call at a time (torch.compile in
 # max-autotune mode is the slow part of the bench steps: the two bench steps are apart for that reason).
+#
+# Knobs (environment):
+#   STEP_TIMEOUT=S    stop any one step after S seconds (SIGINT first, so pytest still prints its summary) and go
+#                     on with the next; 0 = no limit (default)
+#   COMPILE_MODE=M    torch.compile mode of the 'compile' baseline in the bench steps (default: the CLI's,
+#                     max-autotune on GPU; 'default' compiles in a fraction of the time)
+# On a short lease (15 minutes of device time for every try at an issue, one command at most 10 minutes, the
+# machine's start counted), one call that cannot overrun its timeout_s of 540:
+#   STEP_TIMEOUT=150 bash benchmarks/gpu_session.sh install test bench-fwd bench-fwdbwd results
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -28,8 +37,14 @@ run_step() {   # run_step NAME COMMAND...: log to $OUT/NAME.log, record the exit
   local name=$1; shift
   echo "=== $name: $*" | tee -a "$OUT/session.log"
   local start=$(date +%s)
-  "$@" > "$OUT/$name.log" 2>&1
+  if [ "${STEP_TIMEOUT:-0}" -gt 0 ]; then
+    timeout -s INT -k 20 "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
+  else
+    "$@" > "$OUT/$name.log" 2>&1
+  fi
   local rc=$?
+  [ "${STEP_TIMEOUT:-0}" -gt 0 ] && [ $(( $(date +%s) - start )) -ge "$STEP_TIMEOUT" ] &&
+    echo "=== $name: stopped by STEP_TIMEOUT=$STEP_TIMEOUT s (its log and outputs are partial)" | tee -a "$OUT/session.log"
   echo "=== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/session.log"
   tail -n 25 "$OUT/$name.log"
   [ $rc -eq 0 ] || failed=$((failed + 1))
@@ -49,10 +64,11 @@ step_test() {
 }
 
 bench() {   # bench DIRECTION
-  local plot=()
-  [ "$PLOT_OK" = 1 ] && plot=(--plot "$OUT/bench_cuda_bf16_$1.png")
+  local extra=()
+  [ "$PLOT_OK" = 1 ] && extra+=(--plot "$OUT/bench_cuda_bf16_$1.png")
+  [ -n "${COMPILE_MODE:-}" ] && extra+=(--compile-mode "$COMPILE_MODE")
   run_step "bench-$1" python -m dynamixer_ops.bench --device cuda --dtype bfloat16 --batch 128 --shapes all \
-    --direction "$1" --backends all --json "$OUT/bench_cuda_bf16_$1.json" "${plot[@]}" --plain
+    --direction "$1" --backends all --json "$OUT/bench_cuda_bf16_$1.json" "${extra[@]}" --plain
 }
 
 step_pytest_bench() {

@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -1038,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 1,
         "tool": "dynamixer-bench",
         "mode": "model" if args.model else "op",
-        "command": " ".join(["dynamixer-bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["dynamixer-bench", *(argv if argv is not None else sys.argv[1:])]),  # pastes as is
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine_info(device, threads),
         "versions": versions(),

@@ -9,6 +9,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import _hypothesis_profiles  # noqa: E402,F401  (registers --hypothesis-profile=long / quick before hypothesis reads it)
+
 import dynamixer_ops.ops  # noqa: E402
 
 # Every output buffer a kernel receives starts as NaN, so an element it forgets to write fails the comparison.

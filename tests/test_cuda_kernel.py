@@ -9,8 +9,9 @@ Two halves:
   only their compile); building the emulator takes about a minute on two cores (cached afterwards);
   ``DYNAMIXER_OPS_TEST_CUDA_EMU=0`` skips them. ``DYNAMIXER_OPS_TEST_CUDA_EMU=asan`` builds it with
   AddressSanitizer (every out-of-bounds access to shared memory or a tensor is an error); run it as
-  ``LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 DYNAMIXER_OPS_TEST_CUDA_EMU=asan
-  pytest tests/test_cuda_kernel.py``.
+  ``LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+  ASAN_OPTIONS=detect_leaks=0 DYNAMIXER_OPS_TEST_CUDA_EMU=asan pytest tests/test_cuda_kernel.py`` (libstdc++
+  preloaded too: without it ASan cannot intercept the C++ exception that importing triton throws, and aborts).
 * ``test_gpu_*`` run the real kernels through ``dynamic_mix(..., backend="cuda")`` and need a GPU.
 """
 from __future__ import annotations

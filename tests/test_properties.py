@@ -166,3 +166,16 @@ def test_one_channel_with_a_last_stride_other_than_one(backend, device, dtype, s
     y = dynamic_mix(*leaves, 1, backend=backend)
     grads = torch.autograd.grad(y, leaves, grad_y)
     assert_matches_reference(y, grads, inputs, 1, grad_y, tolerance(dtype, device))
+
+
+def test_hypothesis_profile_option_works():
+    """``pytest --hypothesis-profile=long`` needs the profiles registered before hypothesis reads the option
+    (tests/conftest.py imports them); without that, pytest stops with "Profile 'long' is not registered"."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "--hypothesis-profile=long", "--collect-only", "-q",
+                             "-p", "no:cacheprovider", os.path.join(here, "test_properties.py")],
+                            cwd=os.path.dirname(here), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

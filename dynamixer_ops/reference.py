@@ -4,8 +4,9 @@ Three things live here and nowhere else:
 
 * :func:`mix_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
   (through autograd) as the truth every backend is compared with.
-* :func:`mix_backward` — the closed-form backward from DYNAMIC_MIX.md. The ``reference`` backend uses it,
-  and the tests check it against autograd of :func:`mix_forward`, so the formula itself is verified.
+* :func:`mix_backward` — the closed-form backward from DYNAMIC_MIX.md (its intermediates: :func:`backward_terms`).
+  The ``reference`` backend uses it, and the tests check it against autograd of :func:`mix_forward`, so the
+  formula itself is verified.
 * :func:`upstream_mix` — a faithful restatement of the upstream eager layer's permute chain (without its
   ``out`` projection): the baseline of every benchmark.
 """
@@ -45,26 +46,34 @@ def mix_forward(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     return _unsegment(P.transpose(-1, -2) @ _segments(x, num_segments))
 
 
-def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
-                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
-    """Closed-form gradients ``(dx, d compress_weight, d compress_bias, d generate_weight, d generate_bias)``."""
-    *lead, L, C = x.shape
+def backward_terms(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                   generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
+    """The backward's intermediates: ``z`` (..., S, L*d), ``P`` and ``dG`` (..., S, L, L), ``dr`` (..., L, S*d)
+    and ``dys``, the segmented ``grad_y`` (..., S, L, C/S). Every gradient is one more product or sum of these."""
+    *lead, L, _ = x.shape
     d = compress_weight.shape[0] // num_segments
     z, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
     xs, dys = _segments(x, num_segments), _segments(grad_y, num_segments)      # (..., S, L, e0)
     dP = xs @ dys.transpose(-1, -2)                                            # [i, j] = sum_e x_i dy_j
-    dx_mix = _unsegment(P @ dys)                                               # sum_j P[i, j] dy_j
     dG = P * (dP - (P * dP).sum(dim=-2, keepdim=True))                         # softmax over i
-    dG_rows = dG.reshape(-1, L * L)
-    z_rows = z.reshape(-1, L * d)
+    dz = (dG.reshape(*lead, num_segments, L * L) @ generate_weight).reshape(*lead, num_segments, L, d)
+    dr = dz.transpose(-3, -2).reshape(*lead, L, num_segments * d)              # (..., L, S*d)
+    return z, P, dG, dr, dys
+
+
+def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
+    """Closed-form gradients ``(dx, d compress_weight, d compress_bias, d generate_weight, d generate_bias)``."""
+    L, C = x.shape[-2:]
+    z, P, dG, dr, dys = backward_terms(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                       num_segments)
+    dG_rows, z_rows = dG.reshape(-1, L * L), z.reshape(-1, z.shape[-1])
     d_generate_weight = dG_rows.T @ z_rows
     d_generate_bias = dG_rows.sum(0)
-    dz = (dG_rows @ generate_weight).reshape(*lead, num_segments, L, d)
-    dr = dz.transpose(-3, -2).reshape(*lead, L, num_segments * d)              # (..., L, S*d)
-    dr_rows, x_rows = dr.reshape(-1, num_segments * d), x.reshape(-1, C)
+    dr_rows, x_rows = dr.reshape(-1, dr.shape[-1]), x.reshape(-1, C)
     d_compress_weight = dr_rows.T @ x_rows
     d_compress_bias = dr_rows.sum(0)
-    dx = dx_mix + dr @ compress_weight
+    dx = _unsegment(P @ dys) + dr @ compress_weight                           # dx_mix[i] = sum_j P[i, j] dy_j
     return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
 
 

@@ -42,19 +42,22 @@ channels and sequences are never stored; padded weight rows/columns load as 0 so
 Index math: sequence indices and every offset into x, y, dy, dx and dr are int64 (sequence ``n`` times a
 batch stride overflows int32 long before memory runs out); weight offsets are < (L*L)*(L*d) and stay int32.
 
-GPU status: **compiled and run only under the Triton interpreter (TRITON_INTERPRET=1) on a CPU; never run on
-a GPU.** The ``tl.dot`` paths carry ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load
-has ``other=``; ``tl.exp`` sees fp32. The GPU launch table (:func:`gpu_config`) is a guess from the
-shapes (register and shared-memory arithmetic), not a measurement.
+GPU status: **run only under the Triton interpreter (TRITON_INTERPRET=1) on a CPU; never run on a GPU.**
+``kernels/resource_usage.py`` compiles them for sm_90 at every model shape (Triton's own compiler and ptxas, no
+GPU needed; a test runs it): the GPU launch table (:func:`gpu_config`) fits shared memory there, and its
+registers and spills are printed, but no speed has been measured. The ``tl.dot`` paths carry
+``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
            "INTERPRET"]
@@ -389,11 +392,12 @@ def _largest_tile(block_n, L, C, S, d, block_j, block_jw, block_c):
                block_n * BL * block_jw * BE, _pow2(S * d) * rows * block_c)
 
 
-def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str) -> MixConfig:
+def default_config(N: int, L: int, C: int, S: int, d: int, device_type: str,
+                   dtype: torch.dtype = torch.bfloat16) -> MixConfig:
     """The launch table: one config per shape (autotuning over several configs fails under the interpreter)."""
     if INTERPRET or device_type != "cuda":
         return interpreter_config(N, L, C, S, d)
-    return gpu_config(N, L, C, S, d)
+    return gpu_config(N, L, C, S, d, dtype)
 
 
 def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
@@ -409,25 +413,37 @@ def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
                      partitions=max(1, min(4, triton.cdiv(N, block_n))))
 
 
-def gpu_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
-    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) by register and shared-memory arithmetic;
-    NOT MEASURED on a GPU (only run through the interpreter, where tests/test_triton.py checks it).
+def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torch.bfloat16) -> MixConfig:
+    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90
+    (``kernels/resource_usage.py``: shared memory, registers, spills), NOT MEASURED on a GPU: run only through
+    the interpreter, where tests/test_triton.py checks it.
 
     16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
-    (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). The Wg block
-    (L*d x L*block_j, bf16) must fit in shared memory: L = 32, d = 2 -> 64 x 512 = 64 KB; d = 8 -> 256 x 256
-    = 128 KB with block_j = 8 (then the apply falls back to broadcasting). The dWg accumulator
-    (L*d x L*block_jw fp32, in registers) is kept at 16K elements: block_jw = 16 at L*d <= 32, 8 at 64,
-    2 at 256. Partitions: about two waves of 132 SMs, from the shape only (results repeat across GPUs).
+    (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). At L*d = 256 (DynaMixer-L
+    stage 1) block_j = 4: with 8 the forward and dx kernels compile to 272 KB and 288 KB of shared memory, past
+    the 227 KB a block may have on an H100 (they would not launch); 4 gives 144 KB / 152 KB. The dWg
+    accumulator (L*d x L*block_jw fp32, in registers) covers every target where that is at most 8K elements
+    (L = 16, d = 2: 48 bytes of spill, against 2 KB with half the targets), else is kept at 4K elements: at 16K
+    (L = 32, d = 2, block_jw = 8) that kernel spilled 11 KB per thread, at 4K 116 bytes. Partitions: about two
+    waves of 132 SMs, from the shape only (results repeat across GPUs).
+
+    float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
+    table its forward and dx kernels need up to 570 KB of shared memory at L = 32 and its dWc kernel up to
+    590 KB. block_j = 2 at L = 32 and block_c = 16 (8 where L*d >= 128) fit every model shape (at most 220 KB),
+    with register spills of up to 100 KB per thread at d = 8: it launches, and it will be slow there.
     """
     BL = _pow2(L)
     Ld = BL * _pow2(d)
-    block_j = 8 if Ld > 128 else min(BL, 16)
-    block_jw = max(1, min(BL, 16, 16384 // (Ld * BL)))
+    block_j = 4 if Ld > 128 else min(BL, 16)
+    block_jw = BL if Ld * BL * BL <= 8192 else max(1, min(BL, 16, 4096 // (Ld * BL)))
+    block_c = 32
+    if dtype == torch.float32:
+        block_j = min(block_j, 2) if BL >= 32 else block_j
+        block_c = 16 if Ld < 128 else 8
     tiles = triton.cdiv(N, 16)
     partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
-    return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=32, dot=True, partitions=partitions,
-                     num_warps=8 if BL >= 32 else 4)
+    return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=True,
+                     partitions=partitions, num_warps=8 if BL >= 32 else 4)
 
 
 def _dot_operands(dtype: torch.dtype):
@@ -446,7 +462,7 @@ class _Plan:
         self.N, self.S = A * self.B, num_segments
         self.d = compress_weight.shape[0] // self.S
         self.E = self.C // self.S
-        self.cfg = cfg = config or default_config(self.N, self.L, self.C, self.S, self.d, x.device.type)
+        self.cfg = cfg = config or default_config(self.N, self.L, self.C, self.S, self.d, x.device.type, x.dtype)
         self.BN, self.BC = cfg.block_n, cfg.block_c
         self.BL, self.BD, self.BE = _pow2(self.L), _pow2(self.d), _pow2(self.E)
         self.BJ, self.BJW = min(_pow2(cfg.block_j), self.BL), min(_pow2(cfg.block_jw), self.BL)
@@ -472,6 +488,18 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@contextlib.contextmanager
+def _explain_resource_errors(p: _Plan, dtype: torch.dtype):
+    """A launch whose tiles do not fit the GPU says which shape and config, and what to do instead."""
+    try:
+        yield
+    except OutOfResources as exc:
+        raise RuntimeError(
+            f"dynamixer_ops (triton): the kernels for L={p.L}, C/S={p.E}, d={p.d} in {str(dtype)[6:]} do not fit "
+            f"this GPU with {p.cfg} ({exc}); use backend='cuda', half-precision inputs, or pass a smaller "
+            f"MixConfig (kernels/resource_usage.py prints what each kernel needs)") from exc
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers (the backend contract of dynamixer_ops.backends).
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,12 +510,13 @@ def mix_forward(x, compress_weight, compress_bias, generate_weight, generate_bia
     strides; weights contiguous; one dtype (fp32/fp16/bf16) and device. One program per (tile, segment)."""
     p = _Plan(x, compress_weight, num_segments, config)
     dots = p.dots(REDUCE=(p.BN * p.BL, p.BC, p.BK), GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BJ, p.BL, p.BE))
-    for seq0, seq1, grid in p.chunks():
-        _forward_kernel[grid](
-            x, y, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
-            *_strides(x), *_strides(y), p.L, p.C, p.S, p.d, p.E,
-            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
-            **dots, **p.common)
+    with _explain_resource_errors(p, x.dtype):
+        for seq0, seq1, grid in p.chunks():
+            _forward_kernel[grid](
+                x, y, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
+                *_strides(x), *_strides(y), p.L, p.C, p.S, p.d, p.E,
+                BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
+                **dots, **p.common)
 
 
 def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
@@ -497,46 +526,47 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
     partials (per target block and partition), then dx and the dWc partials (per channel block and partition);
     the partials are reduced with ``torch.sum(dim=0)`` (fixed order, deterministic)."""
     p = _Plan(x, compress_weight, num_segments, config)
-    N, L, C, S, d, SD = p.N, p.L, p.C, p.S, p.d, p.S * p.d
-    f32 = dict(device=x.device, dtype=torch.float32)
-    reduce_dims = (p.BN * p.BL, p.BC, p.BK)
+    with _explain_resource_errors(p, x.dtype):
+        N, L, C, S, d, SD = p.N, p.L, p.C, p.S, p.d, p.S * p.d
+        f32 = dict(device=x.device, dtype=torch.float32)
+        reduce_dims = (p.BN * p.BL, p.BC, p.BK)
 
-    # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place), dr and z (fp32 scratch, each S*d/C
-    #    of x's size).
-    dxm = grad_x if x.dtype == torch.float32 else torch.empty(x.shape, **f32)
-    dr = torch.empty((N, L, SD), **f32)
-    z = torch.empty((N, L, SD), **f32)
-    dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BL, p.BJ, p.BE),
-                  DP=(p.BL, p.BE, p.BJ), BACK=(p.BN, p.BL * p.BJ, p.BL * p.BD))
-    for seq0, seq1, grid in p.chunks():
-        _backward_dx_kernel[grid](
-            x, grad_y, dxm, dr, z, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
-            *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, p.E,
-            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
-            **dots, **p.common)
+        # 1. dxm (into grad_x directly when fp32: step 3 adds dr @ Wc in place), dr and z (fp32 scratch, each S*d/C
+        #    of x's size).
+        dxm = grad_x if x.dtype == torch.float32 else torch.empty(x.shape, **f32)
+        dr = torch.empty((N, L, SD), **f32)
+        z = torch.empty((N, L, SD), **f32)
+        dots = p.dots(REDUCE=reduce_dims, GEN=(p.BN, p.BL * p.BD, p.BL * p.BJ), APPLY=(p.BL, p.BJ, p.BE),
+                      DP=(p.BL, p.BE, p.BJ), BACK=(p.BN, p.BL * p.BJ, p.BL * p.BD))
+        for seq0, seq1, grid in p.chunks():
+            _backward_dx_kernel[grid](
+                x, grad_y, dxm, dr, z, compress_weight, compress_bias, generate_weight, generate_bias, seq0, seq1, p.B,
+                *_strides(x), *_strides(grad_y), *_strides(dxm), L, C, S, d, p.E,
+                BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJ, BLOCK_D=p.BD, BLOCK_K=p.BK, BLOCK_C=p.BC, BLOCK_E=p.BE,
+                **dots, **p.common)
 
-    # 2. dWg, dbg: partitions x target blocks programs, each looping over its share of the tiles.
-    tiles = triton.cdiv(N, p.BN)
-    parts = max(1, min(p.cfg.partitions, tiles))
-    iters = triton.cdiv(tiles, parts)
-    dwg_part = torch.empty((parts, L * L, L * d), **f32)
-    dbg_part = torch.empty((parts, L * L), **f32)
-    dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
-                  WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
-    _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
-        x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
-        N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E,
-        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **p.common)
+        # 2. dWg, dbg: partitions x target blocks programs, each looping over its share of the tiles.
+        tiles = triton.cdiv(N, p.BN)
+        parts = max(1, min(p.cfg.partitions, tiles))
+        iters = triton.cdiv(tiles, parts)
+        dwg_part = torch.empty((parts, L * L, L * d), **f32)
+        dbg_part = torch.empty((parts, L * L), **f32)
+        dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
+                      WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
+        _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
+            x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
+            N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E,
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **p.common)
 
-    # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
-    BSD = _pow2(SD)
-    dwc_part = torch.empty((parts, SD, C), **f32)
-    dbc_part = torch.empty((parts, SD), **f32)
-    dots = p.dots(DWC=(BSD, p.BN * p.BL, p.BC), DX=(p.BN * p.BL, BSD, p.BC))
-    _backward_dwc_kernel[(parts * triton.cdiv(C, p.BC),)](
-        x, dxm, grad_x, dr, compress_weight, dwc_part, dbc_part, N, p.B, iters, parts,
-        *_strides(x), *_strides(dxm), *_strides(grad_x), L, C, SD,
-        BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_SD=BSD, BLOCK_C=p.BC, **dots, **p.common)
+        # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
+        BSD = _pow2(SD)
+        dwc_part = torch.empty((parts, SD, C), **f32)
+        dbc_part = torch.empty((parts, SD), **f32)
+        dots = p.dots(DWC=(BSD, p.BN * p.BL, p.BC), DX=(p.BN * p.BL, BSD, p.BC))
+        _backward_dwc_kernel[(parts * triton.cdiv(C, p.BC),)](
+            x, dxm, grad_x, dr, compress_weight, dwc_part, dbc_part, N, p.B, iters, parts,
+            *_strides(x), *_strides(dxm), *_strides(grad_x), L, C, SD,
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_SD=BSD, BLOCK_C=p.BC, **dots, **p.common)
 
     for out, part in ((grad_generate_weight, dwg_part), (grad_generate_bias, dbg_part),
                       (grad_compress_weight, dwc_part), (grad_compress_bias, dbc_part)):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_close_rel, make_inputs, reference_outputs
+from helpers import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs
 
 kernels = pytest.importorskip("dynamixer_ops.kernels.dynamic_mix", reason="triton is not installed")
 MixConfig = kernels.MixConfig
@@ -19,7 +19,6 @@ MixConfig = kernels.MixConfig
 pytestmark = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_available()),
                                 reason="needs a CUDA device or TRITON_INTERPRET=1")
 DEVICE = "cpu" if kernels.INTERPRET else "cuda"
-NAMES = ("y", "dx", "d compress_weight", "d compress_bias", "d generate_weight", "d generate_bias")
 
 
 def _run(inputs, S, config, dtype):
@@ -38,11 +37,8 @@ def _check(batch, L, E, S, d, config, *, dtype=torch.float32, layout="contiguous
     if x is not None:
         inputs[0] = x
     outs, grad_y = _run(inputs, S, config, dtype)
-    ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
     tol = tol or (1e-5 if dtype == torch.float32 and DEVICE == "cpu" else 2e-3 if dtype == torch.float32 else 1e-2)
-    for name, out, ref in zip(NAMES, outs, (ref_y, *ref_grads)):
-        assert out.dtype == dtype
-        assert_close_rel(out, ref, tol, name)
+    assert_matches_reference(outs[0], outs[1:], inputs, S, grad_y, tol)
 
 
 # Small tiles: every loop runs several times and every mask cuts a tile (block_n does not divide N, the last
@@ -79,12 +75,48 @@ def test_dot_path(L, E, S, d, block_j, seed):
 
 # The GPU launch table for the model shapes (L = 32/16, C/S = 24/32, d = 2/8), run through the interpreter:
 # its static_asserts (tl.dot dims >= 16) hold and the tiles compute the right thing.
+# Each dtype has its own table (float32 tiles are smaller: its bytes per tile are twice a half type's).
+@pytest.mark.parametrize("table", [torch.bfloat16, torch.float32], ids=["half-table", "float32-table"])
 @pytest.mark.parametrize("L, E, d", [(32, 24, 2), (16, 24, 2), (32, 32, 2), (16, 32, 2), (32, 32, 8), (16, 32, 8)])
-def test_gpu_launch_table(L, E, d, seed):
+def test_gpu_launch_table(L, E, d, table, seed):
     S = 2
-    config = kernels.gpu_config(4096, L, E * S, S, d)
+    config = kernels.gpu_config(4096, L, E * S, S, d, table)
     assert config.dot and config.block_n >= 16
     _check((1, 20), L, E, S, d, dataclasses.replace(config, partitions=2))
+
+
+def test_a_launch_that_does_not_fit_the_gpu_is_a_clear_error(monkeypatch):
+    """Triton's OutOfResources (tiles past the GPU's shared memory) names the shape and what to do instead."""
+    def no_room(grid):
+        def launch(*args, **kwargs):
+            raise kernels.OutOfResources(300000, 232448, "shared memory")
+        return launch
+
+    monkeypatch.setattr(kernels, "_forward_kernel", type("Kernel", (), {"__getitem__": staticmethod(no_room)})())
+    inputs = make_inputs((1, 2), 7, 24, 2, 2, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"the kernels for L=7, C/S=12, d=2 in float32 do not fit this GPU .*"
+                                           r"Required: 300000.*use backend='cuda'"):
+        kernels.mix_forward(*inputs, 2, torch.empty_like(inputs[0]))
+
+
+def test_kernels_compile_for_sm90_within_its_shared_memory():
+    """kernels/resource_usage.py: every kernel of the GPU launch table, at every model shape and dtype, compiled
+    for sm_90 by Triton's compiler and ptxas (no GPU needed, nothing run); fails where a kernel does not compile
+    or needs more shared memory than an H100 block may have (as d = 8 did before its table was cut)."""
+    if os.environ.get("DYNAMIXER_OPS_TEST_TRITON_COMPILE", "1") == "0":
+        pytest.skip("DYNAMIXER_OPS_TEST_TRITON_COMPILE=0")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90).path
+    except Exception as exc:  # noqa: BLE001  (no NVIDIA backend or ptxas in this triton)
+        pytest.skip(f"triton cannot compile for NVIDIA GPUs here: {exc}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(root, "kernels", "resource_usage.py"), "--arch", "90",
+                             "--dtype", "bfloat16", "float16", "float32"], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "every kernel compiled within the limits" in result.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

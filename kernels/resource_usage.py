@@ -8,7 +8,7 @@ gets), each kernel replaced by a recorder; every recorded launch is then compile
 interpreter that runs the tests on a CPU accepts and a GPU does not shows up here: a ``tl.dot`` shape, a tile
 that needs more shared memory than a block may have, a register spill. The compiled code is not run: this says
 nothing about results or speed. Needs no GPU, and must run without TRITON_INTERPRET (the interpreter replaces
-the kernels when they are defined).
+the kernels when they are defined), with the package installed (``pip install --no-build-isolation -e .``).
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than one block may have.
 """
@@ -29,9 +29,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynamixer_ops.bench import SHAPES  # noqa: E402
-from kernels import dynamic_mix as dm  # noqa: E402
+from dynamixer_ops.kernels import dynamic_mix as dm  # noqa: E402  (the installed package's, as the backend runs)
 
 KERNELS = ("_forward_kernel", "_backward_dx_kernel", "_backward_dwg_kernel", "_backward_dwc_kernel")
 # Largest opt-in shared memory per block, registers per SM.

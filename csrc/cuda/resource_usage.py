@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of every CUDA kernel (ptxas -v), and the blocks per SM they allow at the
 model shapes. Needs nvcc, not a GPU:  python csrc/cuda/resource_usage.py [--arch 80 --arch 90]
 
-The numbers printed here are the ones recorded in csrc/cuda/NOTES.md.
+The numbers printed here are the ones recorded in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 

@@ -553,10 +553,13 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         dbg_part = torch.empty((parts, L * L), **f32)
         dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
                       WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
+        # tf32 dots in this kernel fail Triton 3.8's compile for sm_90 (its TritonGPUOptimizeDotOperands pass) at
+        # the shapes where block_jw < L; ieee fp32 dots compile (kernels/resource_usage.py --tf32).
+        common = dict(p.common, PRECISION="ieee") if p.common["PRECISION"] == "tf32" else p.common
         _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
             x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
             N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E,
-            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **p.common)
+            BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **common)
 
         # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
         BSD = _pow2(SD)

@@ -116,12 +116,16 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, choices=sorted(SM), help="compute capability x10 (default 90)")
     p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "float16", "bfloat16"],
                    help="input dtypes; each has its own launch table (default: bfloat16)")
+    p.add_argument("--tf32", action="store_true",
+                   help="float32 dots as tf32, as with torch.backends.cuda.matmul.allow_tf32 = True")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE",
                    help=f"model shapes (default: all of {' '.join(SHAPES)})")
     p.add_argument("--images", type=int, default=128, help="images per call: L sequences each (default 128)")
     args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32      # read by the launchers (dm._dot_operands)
     limits = SM[args.arch]
-    print(f"Triton {triton.__version__}, sm_{args.arch} ({limits['name']}), {args.images} images; shared memory "
+    print(f"Triton {triton.__version__}, sm_{args.arch} ({limits['name']}), {args.images} images, float32 dots "
+          f"{'tf32' if args.tf32 else 'ieee'}; shared memory "
           f"per block at most {limits['block_smem']} bytes; blocks/SM: as the registers allow")
     print(f"{'dtype':9} {'shape':6} {'kernel':22} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>8} "
           f"{'blocks/SM':>9}")

@@ -112,11 +112,13 @@ def test_kernels_compile_for_sm90_within_its_shared_memory():
         pytest.skip(f"triton cannot compile for NVIDIA GPUs here: {exc}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(root, "kernels", "resource_usage.py"), "--arch", "90",
-                             "--dtype", "bfloat16", "float16", "float32"], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "every kernel compiled within the limits" in result.stdout
+    script = os.path.join(root, "kernels", "resource_usage.py")
+    # float32 twice: ieee dots (torch's default) and tf32 (allow_tf32 = True), whose dWg dots once failed to compile
+    for args in (["--dtype", "bfloat16", "float16", "float32"], ["--dtype", "float32", "--tf32"]):
+        result = subprocess.run([sys.executable, script, "--arch", "90", *args], capture_output=True, text=True,
+                                env=env, timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert "every kernel compiled within the limits" in result.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -428,8 +428,8 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     waves of 132 SMs, from the shape only (results repeat across GPUs).
 
     float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
-    table its forward and dx kernels need up to 570 KB of shared memory at L = 32 and its dWc kernel up to
-    590 KB. block_j = 2 at L = 32 and block_c = 16 (8 where L*d >= 128) fit every model shape (at most 220 KB),
+    table its forward and dx kernels need up to 568 KB of shared memory at L = 32 and its dWc kernel up to
+    584 KB. block_j = 2 at L = 32 and block_c = 16 (8 where L*d >= 128) fit every model shape (at most 220 KB),
     with register spills of up to 100 KB per thread at d = 8: it launches, and it will be slow there.
     """
     BL = _pow2(L)

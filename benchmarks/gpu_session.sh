@@ -43,7 +43,7 @@ run_step() {   # run_step NAME COMMAND...: log to $OUT/NAME.log, record the exit
     "$@" > "$OUT/$name.log" 2>&1
   fi
   local rc=$?
-  [ "${STEP_TIMEOUT:-0}" -gt 0 ] && [ $(( $(date +%s) - start )) -ge "$STEP_TIMEOUT" ] &&
+  [ "${STEP_TIMEOUT:-0}" -gt 0 ] && [ $rc -eq 124 ] &&     # timeout's status for a command it stopped
     echo "=== $name: stopped by STEP_TIMEOUT=$STEP_TIMEOUT s (its log and outputs are partial)" | tee -a "$OUT/session.log"
   echo "=== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/session.log"
   tail -n 25 "$OUT/$name.log"

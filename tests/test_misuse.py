@@ -13,7 +13,8 @@ import dynamixer_ops.nn
 from dynamixer_ops import BackendUnavailableError, dynamic_mix
 from dynamixer_ops.backends import _REGISTRY, get_backend
 
-from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs, supported_dtypes, tolerance, torch_threads)
+from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
+                     supported_dtypes, tolerance, torch_threads)
 from test_errors import CASES, _good
 
 # Validation runs before a backend is chosen, so every backend name, runnable here or not, gives the same errors.

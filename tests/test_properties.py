@@ -8,6 +8,9 @@ of the example, so the printed example replays exactly.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,9 +174,6 @@ def test_one_channel_with_a_last_stride_other_than_one(backend, device, dtype, s
 def test_hypothesis_profile_option_works():
     """``pytest --hypothesis-profile=long`` needs the profiles registered before hypothesis reads the option
     (tests/conftest.py imports them); without that, pytest stops with "Profile 'long' is not registered"."""
-    import os
-    import subprocess
-    import sys
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-m", "pytest", "--hypothesis-profile=long", "--collect-only", "-q",
                              "-p", "no:cacheprovider", os.path.join(here, "test_properties.py")],

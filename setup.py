@@ -109,8 +109,8 @@ setup(
     version="0.1.0",
     description="Fused kernels for DynaMixer's dynamic token mixing (Triton, CUDA, C++ CPU, reference)",
     python_requires=">=3.10",
-    packages=["dynamixer_ops", "dynamixer_ops.kernels"],
-    package_dir={"dynamixer_ops": "dynamixer_ops", "dynamixer_ops.kernels": "kernels"},
+    packages=["dynamixer_ops", "dynamixer_ops.backends", "dynamixer_ops.bench", "dynamixer_triton"],
+    package_dir={"dynamixer_triton": "kernels/dynamixer_triton"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.6", "ninja"],
@@ -121,5 +121,5 @@ setup(
         "bench": ["rich", "matplotlib", "timm"],
         "models": ["timm"],
     },
-    entry_points={"console_scripts": ["dynamixer-bench = dynamixer_ops.bench:main"]},
+    entry_points={"console_scripts": ["dynamixer-bench = dynamixer_ops.bench.cli:main"]},
 )

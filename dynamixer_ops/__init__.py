@@ -4,9 +4,9 @@
 """
 from .backends import BackendUnavailableError, available_backends, unavailable_backends
 from .ops import dynamic_mix
-from . import _backend_reference  # noqa: F401  (registers "reference")
-from . import _backend_native     # noqa: F401  (registers "cpu" and "cuda")
-from . import _backend_triton     # noqa: F401  (registers "triton")
+from .backends import reference as _reference_backend  # noqa: F401  (registers "reference")
+from .backends import native as _native_backend        # noqa: F401  (registers "cpu" and "cuda")
+from .backends import triton as _triton_backend        # noqa: F401  (registers "triton")
 from . import nn
 from .nn import convert
 

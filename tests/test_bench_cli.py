@@ -179,7 +179,7 @@ def broken_backends():
         yield names
     finally:
         for name in names:
-            registry._REGISTRY.pop(name, None)
+            registry.unregister_backend(name)
 
 
 def test_wrong_backend_is_reported_and_not_timed(broken_backends, tmp_path, capsys):
@@ -223,7 +223,7 @@ def test_raising_backend_is_reported_as_error(tmp_path, capsys):
         code, out, _ = run_main([*TINY, "--backends", "eager", "test_raises", "--json", str(path), "--plain"],
                                 capsys)
     finally:
-        registry._REGISTRY.pop("test_raises", None)
+        registry.unregister_backend("test_raises")
     assert code == 0
     rows = [r for r in json.loads(path.read_text())["results"] if r["backend"] == "test_raises"]
     assert rows and all(r["status"] == "ERROR" and "kernel exploded" in r["message"] for r in rows)
@@ -232,7 +232,7 @@ def test_raising_backend_is_reported_as_error(tmp_path, capsys):
 
 def test_unavailable_backend_is_skipped_with_the_reason(capsys):
     unavailable = {**registry.unavailable_backends()}
-    name = next((n for n in unavailable if n in registry._REGISTRY or n in registry._LOAD_ERRORS), None)
+    name = next((n for n in unavailable if n in registry.registered_backends() or n in registry.load_errors()), None)
     if name is None:
         pytest.skip("every known backend runs here")
     code, out, err = run_main([*TINY, "--backends", "eager", name, "--direction", "fwd", "--plain"], capsys)

@@ -11,14 +11,14 @@ import torch
 import dynamixer_ops
 import dynamixer_ops.nn
 from dynamixer_ops import BackendUnavailableError, dynamic_mix
-from dynamixer_ops.backends import _REGISTRY, get_backend
+from dynamixer_ops.backends import get_backend, registered_backends
 
 from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
                      supported_dtypes, tolerance, torch_threads)
 from test_errors import CASES, _good
 
 # Validation runs before a backend is chosen, so every backend name, runnable here or not, gives the same errors.
-ALL_BACKENDS = ["auto", *sorted(set(_REGISTRY) | {"cpu", "cuda", "triton"})]
+ALL_BACKENDS = ["auto", *sorted(set(registered_backends()) | {"cpu", "cuda", "triton"})]
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import torch
 
 from helpers import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs
 
-kernels = pytest.importorskip("dynamixer_ops.kernels.dynamic_mix", reason="triton is not installed")
+kernels = pytest.importorskip("dynamixer_triton.dynamic_mix", reason="triton is not installed")
 MixConfig = kernels.MixConfig
 
 pytestmark = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_available()),
@@ -100,7 +100,7 @@ def test_a_launch_that_does_not_fit_the_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_kernels_compile_for_sm90_within_its_shared_memory():
-    """kernels/resource_usage.py: every kernel of the GPU launch table, at every model shape and dtype, compiled
+    """tools/triton_resource_usage.py: every kernel of the GPU launch table, at every model shape and dtype, compiled
     for sm_90 by Triton's compiler and ptxas (no GPU needed, nothing run); fails where a kernel does not compile
     or needs more shared memory than an H100 block may have (as d = 8 did before its table was cut)."""
     if os.environ.get("DYNAMIXER_OPS_TEST_TRITON_COMPILE", "1") == "0":
@@ -112,7 +112,7 @@ def test_kernels_compile_for_sm90_within_its_shared_memory():
         pytest.skip(f"triton cannot compile for NVIDIA GPUs here: {exc}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(root, "kernels", "resource_usage.py")
+    script = os.path.join(root, "tools", "triton_resource_usage.py")
     # float32 twice: ieee dots (torch's default) and tf32 (allow_tf32 = True), whose dWg dots once failed to compile
     for args in (["--dtype", "bfloat16", "float16", "float32"], ["--dtype", "float32", "--tf32"]):
         result = subprocess.run([sys.executable, script, "--arch", "90", *args], capture_output=True, text=True,

@@ -1,14 +1,15 @@
 """Compile every Triton kernel for a GPU without one: registers, spills and shared memory at the model shapes.
 
-    python kernels/resource_usage.py [--arch 90] [--dtype bfloat16 float32 ...] [--shapes s1 l1 ...] [--images 128]
+    python tools/triton_resource_usage.py [--arch 90] [--dtype bfloat16 float32 ...] [--shapes s1 l1 ...] [--images 128]
 
-The launchers of ``kernels/dynamic_mix.py`` run on 'meta' tensors with ``gpu_config`` (the launch table a GPU
+The launchers of ``kernels/dynamixer_triton/dynamic_mix.py`` run on 'meta' tensors with ``gpu_config`` (the launch table a GPU
 gets), each kernel replaced by a recorder; every recorded launch is then compiled by ``triton.compile`` for
 ``sm_<arch>`` (ptxas included) with the argument types and 16-byte alignment hints the JIT would give it. What the
 interpreter that runs the tests on a CPU accepts and a GPU does not shows up here: a ``tl.dot`` shape, a tile
 that needs more shared memory than a block may have, a register spill. The compiled code is not run: this says
 nothing about results or speed. Needs no GPU, and must run without TRITON_INTERPRET (the interpreter replaces
-the kernels when they are defined), with the package installed (``pip install --no-build-isolation -e .``).
+the kernels when they are defined). It compiles the kernels of THIS source tree (``kernels/`` is put first on
+``sys.path``), whatever copy is installed; ``dynamixer_ops`` (for the model shapes) must be importable.
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than one block may have.
 """
@@ -22,15 +23,22 @@ import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-    sys.exit("kernels/resource_usage.py: unset TRITON_INTERPRET (the interpreter replaces the kernels at import)")
+    sys.exit("tools/triton_resource_usage.py: unset TRITON_INTERPRET (the interpreter replaces the kernels at import)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+# The source tree's kernels, not an installed copy: first on the path, before dynamixer_ops imports them.
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+sys.path.insert(0, SOURCE)
+from dynamixer_triton import dynamic_mix as dm  # noqa: E402
+
 from dynamixer_ops.bench import SHAPES  # noqa: E402
-from dynamixer_ops.kernels import dynamic_mix as dm  # noqa: E402  (the installed package's, as the backend runs)
+
+if not os.path.abspath(dm.__file__).startswith(SOURCE + os.sep):
+    sys.exit(f"tools/triton_resource_usage.py: imported {dm.__file__}, not the source tree's kernels under {SOURCE}")
 
 KERNELS = ("_forward_kernel", "_backward_dx_kernel", "_backward_dwg_kernel", "_backward_dwc_kernel")
 # Largest opt-in shared memory per block, registers per SM.

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "register_backend", "available_backends", "get_backend", "resolve_backend",
+__all__ = ["Backend", "register_backend", "unregister_backend", "record_load_error", "registered_backends",
+           "load_errors", "available_backends", "unavailable_backends", "get_backend", "resolve_backend",
            "BackendUnavailableError"]
 
 
@@ -69,8 +70,24 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
-def _record_load_error(name: str, reason: str) -> None:
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered with :func:`register_backend` (a no-op for unknown names)."""
+    _REGISTRY.pop(name, None)
+
+
+def record_load_error(name: str, reason: str) -> None:
+    """A backend whose module could not be loaded: requesting it by name raises with ``reason``."""
     _LOAD_ERRORS[name] = reason
+
+
+def registered_backends() -> dict[str, Backend]:
+    """Every registered backend by name, in registration order, whether or not it can run here."""
+    return dict(_REGISTRY)
+
+
+def load_errors() -> dict[str, str]:
+    """Backends whose module failed to load, and why."""
+    return dict(_LOAD_ERRORS)
 
 
 def get_backend(name: str) -> Backend:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, _record_load_error, register_backend
+from . import Backend, record_load_error, register_backend
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.dynamixer_ops_C)
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.dynamixer_ops_C)
     _BUILD_ERROR = None
 except ImportError as exc:  # a source checkout without `pip install -e .`, or a torch ABI mismatch
     _BUILD_ERROR = (f"the native extension dynamixer_ops._C could not be loaded ({exc}); build it with "
@@ -38,8 +38,8 @@ def _cuda_unavailable_reason() -> str | None:
 
 
 if _BUILD_ERROR:
-    _record_load_error("cpu", _BUILD_ERROR)
-    _record_load_error("cuda", _BUILD_ERROR)
+    record_load_error("cpu", _BUILD_ERROR)
+    record_load_error("cuda", _BUILD_ERROR)
 else:
     _ops = torch.ops.dynamixer_ops_C
     register_backend(Backend(

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, register_backend
-from .reference import mix_backward, mix_forward
+from . import Backend, register_backend
+from ..reference import mix_backward, mix_forward
 
 _HALF = (torch.float16, torch.bfloat16)
 

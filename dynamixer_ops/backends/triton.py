@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the Triton kernels of ``dynamixer_ops.kernels.dynamic_mix`` (source: ``kernels/``).
+"""The ``triton`` backend: the Triton kernels of ``dynamixer_triton.dynamic_mix`` (source: ``kernels/dynamixer_triton/``).
 
 Registered as a plain implementation behind the project's one ``torch.library.custom_op``
 (``dynamixer_ops::dynamic_mix`` and its backward, in :mod:`dynamixer_ops.ops`), not through
@@ -7,7 +7,7 @@ once in ``ops.py``, passes ``opcheck`` and ``torch.compile(fullgraph=True)`` (ea
 the launchers called inside it, under the Triton interpreter as on a GPU. ``triton_op`` works in eager only
 under the interpreter: opcheck's fake-tensor / AOT tests and every compile backend fail ("Cannot access data
 pointer of Tensor ... tracing into a custom kernel"), and skipping the launch for fake inputs makes inductor
-return garbage (``shared/KERNEL_NOTES.md``). ``triton_op`` would also be a second op with a second autograd.
+return garbage (``docs/kernel_design.md``). ``triton_op`` would also be a second op with a second autograd.
 What it would buy on a GPU (inductor seeing the kernels and fusing around them) is unmeasured here.
 
 Where it runs: CUDA tensors when a CUDA device is visible; CPU tensors (and CUDA ones) under the Triton
@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, _record_load_error, env_flag, register_backend
+from . import Backend, record_load_error, env_flag, register_backend
 
+# Two imports, two messages: triton itself missing is the user's to install; our kernels package failing to
+# import with triton present is a broken install of this project, and saying "triton" there would mislead.
+_kernels = None
 try:
-    from .kernels import dynamic_mix as _kernels
-    _IMPORT_ERROR = None
-except ImportError as exc:   # triton missing (e.g. a CPU-only wheel on a platform without triton)
-    _kernels = None
+    import triton as _triton  # noqa: F401
+except ImportError as exc:   # e.g. a CPU-only machine on a platform without triton wheels
     _IMPORT_ERROR = f"triton could not be imported ({exc}); install it with `pip install triton`"
+else:
+    try:
+        from dynamixer_triton import dynamic_mix as _kernels
+        _IMPORT_ERROR = None
+    except ImportError as exc:
+        _IMPORT_ERROR = (f"triton imports, but the project's Triton kernels (package dynamixer_triton, source "
+                         f"kernels/dynamixer_triton/) do not ({exc}); reinstall dynamixer_ops")
 
 
 def _unavailable_reason() -> str | None:
@@ -39,7 +47,7 @@ def _unavailable_reason() -> str | None:
 
 
 if _IMPORT_ERROR:
-    _record_load_error("triton", _IMPORT_ERROR)
+    record_load_error("triton", _IMPORT_ERROR)
 else:
     register_backend(Backend(
         name="triton", forward=_kernels.mix_forward, backward=_kernels.mix_backward,

@@ -155,7 +155,7 @@ def make_inputs(N: int, s: Shape, dtype: torch.dtype, device: torch.device, seed
 
 def reference_outputs(inputs, dy, S: int):
     """Float64 forward output and the five gradients of ``dynamixer_ops.reference.mix_forward``."""
-    from .reference import mix_forward
+    from ..reference import mix_forward
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     y = mix_forward(*leaves, S)
     grads = torch.autograd.grad(y, leaves, dy.double())
@@ -170,7 +170,7 @@ def compile_mode(device: torch.device, override: str | None) -> str | None:
 
 def make_mix_fn(backend: str, S: int, device: torch.device, compile_override: str | None = None) -> Callable:
     """``fn(x, compress_weight, compress_bias, generate_weight, generate_bias) -> y`` for one backend name."""
-    from .reference import upstream_mix
+    from ..reference import upstream_mix
     if backend == "eager":
         return lambda x, cw, cb, gw, gb: upstream_mix(x, cw, cb, gw, gb, S)
     if backend == "compile":
@@ -182,7 +182,7 @@ def make_mix_fn(backend: str, S: int, device: torch.device, compile_override: st
                 mark_step()      # max-autotune uses CUDA graphs: each timed call is a new step
             return compiled(x, cw, cb, gw, gb, S)
         return run
-    from .ops import dynamic_mix
+    from ..ops import dynamic_mix
     return lambda x, cw, cb, gw, gb: dynamic_mix(x, cw, cb, gw, gb, S, backend=backend)
 
 
@@ -378,7 +378,7 @@ def machine_info(device: torch.device, threads: int) -> dict:
 
 
 def versions() -> dict:
-    from . import __version__
+    from .. import __version__
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "dynamixer_ops": __version__,
            "git": _git_state()}
     try:
@@ -401,12 +401,12 @@ def _first_line(exc: BaseException) -> str:
 def resolve_backends(requested: list[str] | None, device: torch.device, dtype: torch.dtype, quick: bool
                      ) -> tuple[list[str], dict[str, str]]:
     """(backends to run, {backend: why it is skipped}). Unknown names raise ValueError."""
-    from . import backends as registry
-    known = list(BASELINES) + list(registry._REGISTRY) + [n for n in registry._LOAD_ERRORS
-                                                          if n not in registry._REGISTRY]
+    from .. import backends as registry
+    registered = registry.registered_backends()
+    known = list(BASELINES) + list(registered) + [n for n in registry.load_errors() if n not in registered]
     if requested is None or requested == ["all"]:
         every = requested is not None
-        chosen = [b.name for b in sorted(registry._REGISTRY.values(), key=lambda b: b.priority.get(device.type, 100))
+        chosen = [b.name for b in sorted(registered.values(), key=lambda b: b.priority.get(device.type, 100))
                   if b.why_not(device.type, dtype) is None and (every or b.auto(device.type))]
         baselines = ["eager"] if quick and not every else ["eager", "compile"]
         return baselines + chosen, {}
@@ -539,7 +539,7 @@ def run_op_sweep(args, device, dtype, shapes, backends, skipped, roofline, log) 
 
 def _load_model_modules():
     try:
-        from . import models, upstream
+        from .. import models, upstream
     except ImportError as exc:
         raise BenchError(f"--model needs dynamixer_ops.models and dynamixer_ops.upstream, which failed to import "
                          f"({exc})") from None
@@ -1023,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device, dtype, shapes = _finish_args(p, args)
     requirements = parse_requirements(p, args.require)
-    from . import __version__  # noqa: F401  (imports the package: registers every backend)
+    from .. import __version__  # noqa: F401  (imports the package: registers every backend)
     try:
         backends, skipped = resolve_backends(args.backends, device, dtype, args.quick)
     except ValueError as exc:

@@ -43,7 +43,7 @@ Index math: sequence indices and every offset into x, y, dy, dx and dr are int64
 batch stride overflows int32 long before memory runs out); weight offsets are < (L*L)*(L*d) and stay int32.
 
 GPU status: **run only under the Triton interpreter (TRITON_INTERPRET=1) on a CPU; never run on a GPU.**
-``kernels/resource_usage.py`` compiles them for sm_90 at every model shape (Triton's own compiler and ptxas, no
+``tools/triton_resource_usage.py`` compiles them for sm_90 at every model shape (Triton's own compiler and ptxas, no
 GPU needed; a test runs it): the GPU launch table (:func:`gpu_config`) fits shared memory there, and its
 registers and spills are printed, but no speed has been measured. The ``tl.dot`` paths carry
 ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
@@ -415,7 +415,7 @@ def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
 
 def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torch.bfloat16) -> MixConfig:
     """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90
-    (``kernels/resource_usage.py``: shared memory, registers, spills), NOT MEASURED on a GPU: run only through
+    (``tools/triton_resource_usage.py``: shared memory, registers, spills), NOT MEASURED on a GPU: run only through
     the interpreter, where tests/test_triton.py checks it.
 
     16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
@@ -497,7 +497,7 @@ def _explain_resource_errors(p: _Plan, dtype: torch.dtype):
         raise RuntimeError(
             f"dynamixer_ops (triton): the kernels for L={p.L}, C/S={p.E}, d={p.d} in {str(dtype)[6:]} do not fit "
             f"this GPU with {p.cfg} ({exc}); use backend='cuda', half-precision inputs, or pass a smaller "
-            f"MixConfig (kernels/resource_usage.py prints what each kernel needs)") from exc
+            f"MixConfig (tools/triton_resource_usage.py prints what each kernel needs)") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
                       WG=(p.BL * p.BD, p.BN, p.BL * p.BJW))
         # tf32 dots in this kernel fail Triton 3.8's compile for sm_90 (its TritonGPUOptimizeDotOperands pass) at
-        # the shapes where block_jw < L; ieee fp32 dots compile (kernels/resource_usage.py --tf32).
+        # the shapes where block_jw < L; ieee fp32 dots compile (tools/triton_resource_usage.py --tf32).
         common = dict(p.common, PRECISION="ieee") if p.common["PRECISION"] == "tf32" else p.common
         _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
             x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,

@@ -27,13 +27,13 @@ def _mixing_matrices(x: Tensor, compress_weight: Tensor, compress_bias: Tensor |
     return z, logits.softmax(dim=-2)                                           # softmax over the source i
 
 
-def _segments(t: Tensor, num_segments: int) -> Tensor:
+def segments(t: Tensor, num_segments: int) -> Tensor:
     """(..., L, C) -> (..., S, L, C/S)."""
     *lead, L, C = t.shape
     return t.reshape(*lead, L, num_segments, C // num_segments).transpose(-3, -2)
 
 
-def _unsegment(t: Tensor) -> Tensor:
+def unsegment(t: Tensor) -> Tensor:
     """(..., S, L, C/S) -> (..., L, C)."""
     *lead, S, L, e0 = t.shape
     return t.transpose(-3, -2).reshape(*lead, L, S * e0)
@@ -43,7 +43,7 @@ def mix_forward(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
     """``y[..., j, s*e0+e] = sum_i P[..., s, i, j] x[..., i, s*e0+e]``; differentiable with autograd."""
     _, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
-    return _unsegment(P.transpose(-1, -2) @ _segments(x, num_segments))
+    return unsegment(P.transpose(-1, -2) @ segments(x, num_segments))
 
 
 def backward_terms(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
@@ -53,7 +53,7 @@ def backward_terms(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_
     *lead, L, _ = x.shape
     d = compress_weight.shape[0] // num_segments
     z, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
-    xs, dys = _segments(x, num_segments), _segments(grad_y, num_segments)      # (..., S, L, e0)
+    xs, dys = segments(x, num_segments), segments(grad_y, num_segments)      # (..., S, L, e0)
     dP = xs @ dys.transpose(-1, -2)                                            # [i, j] = sum_e x_i dy_j
     dG = P * (dP - (P * dP).sum(dim=-2, keepdim=True))                         # softmax over i
     dz = (dG.reshape(*lead, num_segments, L * L) @ generate_weight).reshape(*lead, num_segments, L, d)
@@ -73,7 +73,7 @@ def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bi
     dr_rows, x_rows = dr.reshape(-1, dr.shape[-1]), x.reshape(-1, C)
     d_compress_weight = dr_rows.T @ x_rows
     d_compress_bias = dr_rows.sum(0)
-    dx = _unsegment(P @ dys) + dr @ compress_weight                           # dx_mix[i] = sum_j P[i, j] dy_j
+    dx = unsegment(P @ dys) + dr @ compress_weight                           # dx_mix[i] = sum_j P[i, j] dy_j
     return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
 
 

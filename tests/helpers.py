@@ -1,4 +1,6 @@
-"""Shared test helpers: random inputs in every layout the op accepts, and an honest comparison."""
+"""Test-only glue: the grid's axes, comparisons that say where values differ, and small runners. The facts that
+benchmarks share (shapes, inputs, the float64 reference, relative error, tolerances) live in
+:mod:`dynamixer_ops.testing` and are re-exported here for the tests."""
 from __future__ import annotations
 
 import math
@@ -6,8 +8,9 @@ import math
 import torch
 
 import dynamixer_ops
-from dynamixer_ops.reference import _segments, _unsegment, backward_terms, mix_forward
 from dynamixer_ops.backends import get_backend
+from dynamixer_ops.reference import backward_terms, segments, unsegment
+from dynamixer_ops.testing import make_inputs, reference_outputs, relative_error, tolerance  # noqa: F401  (re-exported)
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -20,47 +23,6 @@ def backend_device_pairs():
 
 def supported_dtypes(backend: str, device: str):
     return [t for t in DTYPES if get_backend(backend).why_not(device, t) is None]
-
-
-def tolerance(dtype: torch.dtype, device: str) -> float:
-    """||out - ref|| / ||ref|| bounds from DYNAMIC_MIX.md (bf16 also covers the interpreter's truncating stores)."""
-    if dtype == torch.float64:
-        return 1e-10
-    if dtype == torch.float32:
-        return 1e-5 if device == "cpu" else 2e-3     # GPU dots may run in tf32
-    return 1e-2
-
-
-def make_inputs(num_seq_shape, L, C, S, d, *, dtype, device, layout="contiguous", bias=True, logit_scale=2.0):
-    """Random inputs (never zeros). ``layout``:
-
-    * "contiguous": x is (*num_seq_shape, L, C), contiguous;
-    * "transposed": x is a (B, H=L, W, C) tensor viewed as (B, W, L, C) (mixing along H, no copy);
-    * "sliced": x is a channel- and token-sliced view with a gap between rows.
-    """
-    if layout == "contiguous":
-        x = torch.randn(*num_seq_shape, L, C, dtype=dtype, device=device)
-    elif layout == "transposed":
-        B, W = num_seq_shape
-        x = torch.randn(B, L, W, C, dtype=dtype, device=device).transpose(1, 2)
-    elif layout == "sliced":
-        x = torch.randn(*num_seq_shape, L + 2, C + 5, dtype=dtype, device=device)[..., 1:L + 1, 3:C + 3]
-    else:
-        raise ValueError(layout)
-    # Scales chosen so that the logits are O(logit_scale): a softmax that is neither uniform nor one-hot.
-    compress_weight = torch.randn(S * d, C, dtype=dtype, device=device) / math.sqrt(C)
-    generate_weight = torch.randn(L * L, L * d, dtype=dtype, device=device) * (logit_scale / math.sqrt(L * d))
-    compress_bias = torch.randn(S * d, dtype=dtype, device=device) * 0.5 if bias else None
-    generate_bias = torch.randn(L * L, dtype=dtype, device=device) * 0.5 if bias else None
-    return x, compress_weight, compress_bias, generate_weight, generate_bias
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """``||out - ref|| / max(||ref||, floor)``; infinite where ``out`` has a NaN or Inf."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return math.inf          # NaN (e.g. an unwritten, poisoned element) never passes
-    return ((out64 - ref64).norm() / ref64.norm().clamp_min(max(floor, 1e-300))).item()
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str, floor: float = 0.0) -> None:
@@ -110,8 +72,8 @@ def rounding_scales(inputs, num_segments, grad_y):
     z, P, dG, dr, dys = backward_terms(grad_y.detach().double().cpu(), x, wc, bc, wg, bg, S)
     dG_rows, z_rows = dG.reshape(-1, L * L).abs(), z.reshape(-1, z.shape[-1]).abs()
     dr_rows, x_rows = dr.reshape(-1, dr.shape[-1]).abs(), x.reshape(-1, x.shape[-1]).abs()
-    y_abs = _unsegment(P.transpose(-1, -2) @ _segments(x.abs(), S))               # P >= 0
-    dx_abs = _unsegment(P @ dys.abs()) + dr.abs() @ wc.abs()
+    y_abs = unsegment(P.transpose(-1, -2) @ segments(x.abs(), S))               # P >= 0
+    dx_abs = unsegment(P @ dys.abs()) + dr.abs() @ wc.abs()
     scales = (y_abs, dx_abs, dr_rows.T @ x_rows, dr_rows.sum(0), dG_rows.T @ z_rows, dG_rows.sum(0))
     return [s.norm().item() for s in scales]
 
@@ -127,15 +89,6 @@ def assert_matches_reference(y, grads, inputs, num_segments, grad_y, tol: float,
     floors = [CANCELLATION_FLOOR * f for f, there in zip(rounding_scales(inputs, num_segments, grad_y), present)
               if there]
     assert_all_close(y, grads, ref_y, ref_grads, tol, names, prefix, floors)
-
-
-def reference_outputs(inputs, num_segments, grad_y):
-    """Forward and the five gradients, by autograd of the reference math in float64 on the CPU."""
-    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in inputs]
-    y = mix_forward(*leaves, num_segments)
-    wanted = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(y, wanted, grad_y.double().cpu())
-    return y.detach(), grads
 
 
 # ---- Additions for the reliability tests (properties, extremes, misuse, determinism) ----

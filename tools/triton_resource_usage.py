@@ -35,7 +35,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SOURCE)
 from dynamixer_triton import dynamic_mix as dm  # noqa: E402
 
-from dynamixer_ops.bench import SHAPES  # noqa: E402
+from dynamixer_ops.testing import MODEL_SHAPES as SHAPES  # noqa: E402
 
 if not os.path.abspath(dm.__file__).startswith(SOURCE + os.sep):
     sys.exit(f"tools/triton_resource_usage.py: imported {dm.__file__}, not the source tree's kernels under {SOURCE}")

@@ -12,12 +12,16 @@ import subprocess
 import sys
 import tempfile
 
+from dynamixer_ops.testing import MODEL_SHAPES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS, MAX_TILE, CHUNK = 256, 8, 32          # kThreads, kMaxTile, kChunk in dynamic_mix_cuda.h
 # Per SM: registers, shared memory, most resident threads; the largest opt-in shared memory per block.
 SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, threads=2048),
       "90": dict(name="H100", regs=65536, smem=233472, block_smem=232448, threads=2048)}
-SHAPES = [("S/M stage 1", 32, 2), ("S/M stages 2-4", 16, 2), ("L stage 1", 32, 8), ("L stages 2-4", 16, 8)]
+# Shared memory depends on (L, d) only: each distinct pair of the model shapes, named by the stages that have it.
+SHAPES = [(" ".join(n for n, s in MODEL_SHAPES.items() if (s[0], s[3]) == key), *key)
+          for key in dict.fromkeys((s[0], s[3]) for s in MODEL_SHAPES.values())]
 
 
 def forward_smem(L, d, ts):

@@ -36,7 +36,7 @@ _No CPU run recorded yet._
 PLACEHOLDER = {"GPU": "_No GPU run recorded yet._", "CPU": "_No CPU run recorded yet._"}
 
 
-from dynamixer_ops.bench import _fmt, _spread, _x  # noqa: E402  (the CLI's own cell formats)
+from dynamixer_ops.bench.report import fmt_number, fmt_speedup, fmt_spread  # noqa: E402  (the CLI's own cell formats)
 
 
 def device_kind(report: dict) -> str:
@@ -95,8 +95,9 @@ def render(report: dict) -> str:
                   "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in report["results"]:
             lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['backend']} | "
-                         f"{_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('median_ms'), '.2f')} | {_spread(r)} | "
-                         f"{_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_compile'))} | {_status(r, notes)} |")
+                         f"{fmt_number(r.get('images_per_s'), '.1f')} | {fmt_number(r.get('median_ms'), '.2f')} | "
+                         f"{fmt_spread(r)} | {fmt_speedup(r.get('speedup_vs_eager'))} | "
+                         f"{fmt_speedup(r.get('speedup_vs_compile'))} | {_status(r, notes)} |")
     else:
         for direction in s["directions"]:
             rows = [r for r in report["results"] if r["direction"] == direction]
@@ -108,11 +109,12 @@ def render(report: dict) -> str:
                       "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
             for r in rows:
                 shape = f"{r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']})"
-                lines.append(f"| {shape} | {r['sequences']} | {r['backend']} | {_fmt(r.get('median_ms'), '.3f')} | "
-                             f"{_spread(r)} | {_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_compile'))} | "
-                             f"{_fmt(r.get('GBps'), '.1f')} | {_fmt(r.get('GFLOPs'), '.1f')} | "
-                             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_fmt(r.get('saved_MiB'), '.2f')} | "
-                             f"{_fmt(r.get('error'), '.1e')} | "
+                lines.append(f"| {shape} | {r['sequences']} | {r['backend']} | "
+                             f"{fmt_number(r.get('median_ms'), '.3f')} | {fmt_spread(r)} | "
+                             f"{fmt_speedup(r.get('speedup_vs_eager'))} | {fmt_speedup(r.get('speedup_vs_compile'))} | "
+                             f"{fmt_number(r.get('GBps'), '.1f')} | {fmt_number(r.get('GFLOPs'), '.1f')} | "
+                             f"{fmt_number(r.get('roofline_pct'), '.1f')} | {fmt_number(r.get('saved_MiB'), '.2f')} | "
+                             f"{fmt_number(r.get('error'), '.1e')} | "
                              f"{_status(r, notes)} |")
             lines.append("")
     if notes:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dynamixer_ops import bench
+from dynamixer_ops.testing import reference_outputs, tolerance
 
 
 def _settings(config):
@@ -56,10 +57,10 @@ def test_dynamic_mix(benchmark, case, request):
     images = config.getoption("--bench-images") or (128 if device.type == "cuda" else 8)
     N = sequences or images * shape.L
     inputs, dy = bench.make_inputs(N, shape, dtype, device)
-    ref_y, ref_grads = bench.reference_outputs(inputs, dy, shape.S)
+    ref_y, ref_grads = reference_outputs(inputs, shape.S, dy)
     run = bench.make_closure(bench.make_mix_fn(backend, shape.S, device), inputs, dy, direction)
     err = bench.check(run, direction, ref_y, ref_grads)
-    tol = bench.tolerance(dtype, device)
+    tol = tolerance(dtype, device)
     assert err <= tol, f"WRONG: {backend} relative error {err:.3g} > tolerance {tol:g} against float64"
 
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""dynamixer-bench (dynamixer_ops/bench.py): argument errors, a quick run's JSON/PNG, WRONG backends, conventions."""
+"""dynamixer-bench (dynamixer_ops/bench/): argument errors, a quick run's JSON/PNG, WRONG backends, conventions."""
 from __future__ import annotations
 
 import json
@@ -241,7 +241,7 @@ def test_unavailable_backend_is_skipped_with_the_reason(capsys):
 
 def test_sequences_follow_images_times_L():
     args = bench.build_parser().parse_args(["--device", "cpu", "--batch", "3", "--shapes", "s1", "s2"])
-    _, _, shapes = bench._finish_args(bench.build_parser(), args)
+    _, _, shapes = bench.finish_args(bench.build_parser(), args)
     assert [args.batch * s.L for s in shapes] == [96, 48]
 
 

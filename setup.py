@@ -1,6 +1,6 @@
-"""Builds dynamixer_ops._C: the C++ CPU kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build
-of torch are present. Install with ``pip install --no-build-isolation -e .`` (build isolation would fetch a
-second, unpinned torch to build against).
+"""Builds the native extension dynamixer_ops._C (metadata and packages are in pyproject.toml): the C++ CPU
+kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build of torch are present. Install with
+``pip install --no-build-isolation -e .`` (build isolation would fetch a second, unpinned torch to build against).
 
 Environment knobs:
   DYNAMIXER_OPS_BUILD_CUDA=0|1  force the CUDA kernels off / on (default: on when possible)
@@ -104,22 +104,5 @@ def _extensions():
 
 ext_modules, build_ext = _extensions()
 
-setup(
-    name="dynamixer_ops",
-    version="0.1.0",
-    description="Fused kernels for DynaMixer's dynamic token mixing (Triton, CUDA, C++ CPU, reference)",
-    python_requires=">=3.10",
-    packages=["dynamixer_ops", "dynamixer_ops.backends", "dynamixer_ops.bench", "dynamixer_triton"],
-    package_dir={"dynamixer_triton": "kernels/dynamixer_triton"},
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
-    install_requires=["torch>=2.6", "ninja"],
-    extras_require={
-        # The tests exercise every optional feature: the models (timm), the digits training run
-        # (scikit-learn), the CLI's table and plot (rich, matplotlib), the property tests (hypothesis).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "scikit-learn", "rich", "matplotlib"],
-        "bench": ["rich", "matplotlib", "timm"],
-        "models": ["timm"],
-    },
-    entry_points={"console_scripts": ["dynamixer-bench = dynamixer_ops.bench.cli:main"]},
-)
+# Metadata, packages and the console script are in pyproject.toml; this file only builds the extension.
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -101,6 +101,7 @@ def test_a_launch_that_does_not_fit_the_gpu_is_a_clear_error(monkeypatch):
         kernels.mix_forward(*inputs, 2, torch.empty_like(inputs[0]))
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_within_its_shared_memory():
     """tools/triton_resource_usage.py: every kernel of the GPU launch table, at every model shape and dtype, compiled
     for sm_90 by Triton's compiler and ptxas (no GPU needed, nothing run); fails where a kernel does not compile

@@ -2,14 +2,15 @@
 
     python tools/triton_resource_usage.py [--arch 90] [--dtype bfloat16 float32 ...] [--shapes s1 l1 ...] [--images 128]
 
-The launchers of ``kernels/dynamixer_triton/dynamic_mix.py`` run on 'meta' tensors with ``gpu_config`` (the launch table a GPU
-gets), each kernel replaced by a recorder; every recorded launch is then compiled by ``triton.compile`` for
-``sm_<arch>`` (ptxas included) with the argument types and 16-byte alignment hints the JIT would give it. What the
-interpreter that runs the tests on a CPU accepts and a GPU does not shows up here: a ``tl.dot`` shape, a tile
-that needs more shared memory than a block may have, a register spill. The compiled code is not run: this says
-nothing about results or speed. Needs no GPU, and must run without TRITON_INTERPRET (the interpreter replaces
-the kernels when they are defined). It compiles the kernels of THIS source tree (``kernels/`` is put first on
-``sys.path``), whatever copy is installed; ``dynamixer_ops`` (for the model shapes) must be importable.
+The launchers of ``kernels/dynamixer_triton/dynamic_mix.py`` run on 'meta' tensors with ``gpu_config`` (the
+launch table a GPU gets), each kernel replaced by a recorder; every recorded launch is then compiled by
+``triton.compile`` for ``sm_<arch>`` (ptxas included) with the argument types and 16-byte alignment hints the JIT
+would give it. What the interpreter that runs the tests on a CPU accepts and a GPU does not shows up here: a
+``tl.dot`` shape, a tile that needs more shared memory than a block may have, a register spill. The compiled code
+is not run: this says nothing about results or speed. Needs no GPU, and must run without TRITON_INTERPRET (the
+interpreter replaces the kernels when they are defined). It compiles the kernels of THIS source tree
+(``kernels/`` is put first on ``sys.path``), whatever copy is installed; ``dynamixer_ops`` (for the model
+shapes) must be importable.
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than one block may have.
 """

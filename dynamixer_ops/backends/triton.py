@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the Triton kernels of ``dynamixer_triton.dynamic_mix`` (source: ``kernels/dynamixer_triton/``).
+"""The ``triton`` backend: the Triton kernels of ``dynamixer_triton.dynamic_mix`` (``kernels/dynamixer_triton/``).
 
 Registered as a plain implementation behind the project's one ``torch.library.custom_op``
 (``dynamixer_ops::dynamic_mix`` and its backward, in :mod:`dynamixer_ops.ops`), not through

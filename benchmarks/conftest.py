@@ -5,7 +5,7 @@
 """
 import os
 
-# The Triton interpreter must be chosen before anything that defines a kernel is imported (KERNEL_NOTES.md).
+# The Triton interpreter must be chosen before anything that defines a kernel is imported (docs/kernel_design.md).
 if os.environ.get("DYNAMIXER_BENCH_TRITON_INTERPRET") == "1":
     os.environ["TRITON_INTERPRET"] = "1"
 

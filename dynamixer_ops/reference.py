@@ -1,10 +1,10 @@
-"""Plain-PyTorch statements of the dynamic mixing step (``../shared/DYNAMIC_MIX.md``).
+"""Plain-PyTorch statements of the dynamic mixing step (``docs/dynamic_mix.md``).
 
 Three things live here and nowhere else:
 
 * :func:`mix_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
   (through autograd) as the truth every backend is compared with.
-* :func:`mix_backward` — the closed-form backward from DYNAMIC_MIX.md (its intermediates: :func:`backward_terms`).
+* :func:`mix_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates: :func:`backward_terms`).
   The ``reference`` backend uses it, and the tests check it against autograd of :func:`mix_forward`, so the
   formula itself is verified.
 * :func:`upstream_mix` — a faithful restatement of the upstream eager layer's permute chain (without its

@@ -2,7 +2,7 @@
 
 Restates ``models/dynamixer.py``, ``models/vision_model.py``, ``models/utils.py`` and
 ``models/configs/conf_dynamixer.py`` of https://github.com/ziyuwwang/DynaMixer (MIT License, Copyright (c) 2022
-ziyuwwang; DynaMixer, Wang et al., ICML 2022, arXiv 2201.12083), as described in ``shared/DYNAMIC_MIX.md``:
+ziyuwwang; DynaMixer, Wang et al., ICML 2022, arXiv 2201.12083), as described in ``docs/dynamic_mix.md``:
 same module tree, parameter names, state_dict keys, initialisation and forward arithmetic. It needs no timm.
 
 Differences from the upstream files, none of which changes a parameter or an output:

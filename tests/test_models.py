@@ -15,7 +15,7 @@ from dynamixer_ops import nn as dnn
 from helpers import assert_close_rel, tolerance
 from test_modules import randomize_
 
-# Upstream README / DYNAMIC_MIX.md: 1000 classes, 224x224.
+# Upstream README / docs/dynamic_mix.md: 1000 classes, 224x224.
 PARAMS = {"s": 26_265_960, "m": 57_128_264, "l": 97_818_088}
 
 

@@ -1,7 +1,7 @@
 """The drop-in modules (dynamixer_ops.nn) against the upstream eager layers (dynamixer_ops.upstream), and convert().
 
 Every comparison runs the fused module in float32 against the upstream module in float64 on the same weights
-(||out - ref|| / ||ref|| <= the float32 bound of DYNAMIC_MIX.md), for every backend this machine can run.
+(||out - ref|| / ||ref|| <= the float32 bound of docs/dynamic_mix.md), for every backend this machine can run.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// CUDA kernels of dynamixer_ops_C::mix_forward / mix_backward (the math: shared/DYNAMIC_MIX.md).
+// CUDA kernels of dynamixer_ops_C::mix_forward / mix_backward (the math: docs/dynamic_mix.md).
 //
 //   r[n,l,s,k] = x[n,l,:] . Wc[s*d+k,:] + bc[s*d+k]          z[n,s,l*d+k] = r[n,l,s,k]
 //   G[n,s,i,j] = z[n,s,:] . Wg[i*L+j,:] + bg[i*L+j]          P[n,s,:,j] = softmax_i(G[n,s,:,j])
@@ -29,7 +29,7 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 // __launch_bounds__ minimum blocks per SM: the register budgets (64 forward, 80 backward) at which ptxas 13.0
-// reports no spills for sm_80/sm_90 (csrc/cuda/NOTES.md); shared memory allows that many blocks at L <= 32.
+// reports no spills for sm_80/sm_90 (benchmarks/RESULTS.md); shared memory allows that many blocks at L <= 32.
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }

@@ -23,7 +23,7 @@ struct RowsArg {
   int64_t sA, sB, sL;    // strides of dims 0, 1, 2 (elements)
 };
 
-// Sizes of one call (see DYNAMIC_MIX.md). Ld = L * d, LL = L * L, LP = padded row length of the L x L tiles.
+// Sizes of one call (see docs/dynamic_mix.md). Ld = L * d, LL = L * L, LP = padded row length of the L x L tiles.
 struct MixDims {
   int64_t N, L, C, S, d, e0;
   int64_t Ld, LL, LP;

@@ -1,6 +1,7 @@
-"""Misuse: every validation error for every backend (functional API and modules), a GPU-only backend given CPU
-tensors, gradients for any subset of the inputs, double backward, in-place changes after the forward, and the op
-under torch.no_grad() and torch.inference_mode()."""
+"""Bad input and misuse: every validation error, named before any kernel runs, on every backend (functional API
+and modules); unknown backends and backends that cannot run the inputs; gradients for any subset of the inputs,
+double backward, in-place changes after the forward, and the op under torch.no_grad() and
+torch.inference_mode()."""
 from __future__ import annotations
 
 import itertools
@@ -15,7 +16,6 @@ from dynamixer_ops.backends import get_backend, registered_backends
 
 from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
                      supported_dtypes, tolerance, torch_threads)
-from test_errors import CASES, _good
 
 # Validation runs before a backend is chosen, so every backend name, runnable here or not, gives the same errors.
 ALL_BACKENDS = ["auto", *sorted(set(registered_backends()) | {"cpu", "cuda", "triton"})]
@@ -27,6 +27,10 @@ def _single_thread():
         yield
 
 
+def _good(device="cpu", dtype=torch.float32):
+    return list(make_inputs((2,), 7, 48, 2, 2, dtype=dtype, device=device))   # x, wc, bc, wg, bg; S = 2, d = 2
+
+
 def _dtype(backend, device):
     dtypes = supported_dtypes(backend, device)
     return torch.float32 if torch.float32 in dtypes else dtypes[0]
@@ -34,28 +38,45 @@ def _dtype(backend, device):
 
 # ---- validation: the functional API ----
 
-MORE_CASES = [
+CASES = [
     # (what to break, breaker, num_segments, expected message fragments)
+    ("x rank", lambda a: a.__setitem__(0, torch.randn(7, 48)), 2, ["x must have shape (..., L, C)", "2-D"]),
+    ("x 1-D", lambda a: a.__setitem__(0, torch.randn(48)), 2, ["x must have shape (..., L, C)", "1-D"]),
+    ("empty L", lambda a: a.__setitem__(0, torch.randn(2, 0, 48)), 2, ["L >= 1"]),
+    ("x zero channels", lambda a: a.__setitem__(0, torch.randn(2, 7, 0)), 2, ["C >= 1", "(2, 7, 0)"]),
+    ("integer x", lambda a: a.__setitem__(0, torch.ones(2, 7, 48, dtype=torch.int64)), 2, ["floating-point"]),
+    ("x complex", lambda a: a.__setitem__(0, torch.randn(2, 7, 48, dtype=torch.complex64)), 2, ["floating-point"]),
+    ("x not a tensor", lambda a: a.__setitem__(0, 1.0), 2, ["x must be a torch.Tensor"]),
+    ("C % S", lambda a: None, 5, ["C=48 is not divisible by num_segments=5"]),
+    ("num_segments", lambda a: None, 0, ["num_segments must be a positive int"]),
     ("num_segments float", lambda a: None, 2.0, ["num_segments must be a positive int", "2.0"]),
     ("num_segments bool", lambda a: None, True, ["num_segments must be a positive int", "True"]),
     ("num_segments negative", lambda a: None, -2, ["num_segments must be a positive int", "-2"]),
-    ("x 1-D", lambda a: a.__setitem__(0, torch.randn(48)), 2, ["x must have shape (..., L, C)", "1-D"]),
-    ("x zero channels", lambda a: a.__setitem__(0, torch.randn(2, 7, 0)), 2, ["C >= 1", "(2, 7, 0)"]),
-    ("x complex", lambda a: a.__setitem__(0, torch.randn(2, 7, 48, dtype=torch.complex64)), 2, ["floating-point"]),
+    ("compress rows % S", lambda a: (a.__setitem__(1, torch.randn(5, 48)), a.__setitem__(2, torch.randn(5))), 2,
+     ["compress_weight has 5 rows", "num_segments=2"]),
+    ("compress cols", lambda a: a.__setitem__(1, torch.randn(4, 40)), 2, ["compress_weight must have shape", "(4, 40)"]),
+    ("compress 1-D", lambda a: a.__setitem__(1, torch.randn(48)), 2, ["compress_weight must have shape", "(48)"]),
+    ("not a tensor", lambda a: a.__setitem__(1, [[1.0]]), 2, ["compress_weight must be a torch.Tensor"]),
+    ("generate shape", lambda a: a.__setitem__(3, torch.randn(49, 7)), 2,
+     ["generate_weight must have shape (L*L, L*d) = (49, 14)", "got (49, 7)"]),
     ("generate transposed", lambda a: a.__setitem__(3, a[3].t()), 2,
      ["generate_weight must have shape (L*L, L*d) = (49, 14)", "got (14, 49)"]),
-    ("compress 1-D", lambda a: a.__setitem__(1, torch.randn(48)), 2, ["compress_weight must have shape", "(48)"]),
+    ("generate for another L", lambda a: (a.__setitem__(3, torch.randn(64, 16)), a.__setitem__(4, torch.randn(64))), 2,
+     ["generate_weight must have shape (L*L, L*d) = (49, 14)"]),
+    ("generate weight not a tensor", lambda a: a.__setitem__(3, None), 2, ["generate_weight must be a torch.Tensor"]),
+    ("compress bias", lambda a: a.__setitem__(2, torch.randn(3)), 2, ["compress_bias must have shape (S*d,) = (4,)", "got (3)"]),
+    ("generate bias", lambda a: a.__setitem__(4, torch.randn(48)), 2, ["generate_bias must have shape (L*L,) = (49,)"]),
+    ("dtype mismatch", lambda a: a.__setitem__(3, a[3].double()), 2, ["generate_weight has dtype torch.float64",
+                                                                      "x has dtype torch.float32"]),
     ("compress bias dtype", lambda a: a.__setitem__(2, a[2].half()), 2,
      ["compress_bias has dtype torch.float16", "x has dtype torch.float32"]),
+    ("device mismatch", lambda a: a.__setitem__(3, a[3].to("meta")), 2, ["generate_weight is on meta but x is on cpu"]),
     ("generate bias device", lambda a: a.__setitem__(4, a[4].to("meta")), 2, ["generate_bias is on meta"]),
-    ("generate weight not a tensor", lambda a: a.__setitem__(3, None), 2, ["generate_weight must be a torch.Tensor"]),
-    ("x not a tensor", lambda a: a.__setitem__(0, 1.0), 2, ["x must be a torch.Tensor"]),
 ]
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("what, breaker, num_segments, fragments", CASES + MORE_CASES,
-                         ids=[c[0] for c in CASES + MORE_CASES])
+@pytest.mark.parametrize("what, breaker, num_segments, fragments", CASES, ids=[c[0] for c in CASES])
 def test_every_validation_error_on_every_backend(backend, what, breaker, num_segments, fragments):
     args = _good()
     breaker(args)
@@ -66,9 +87,18 @@ def test_every_validation_error_on_every_backend(backend, what, breaker, num_seg
 
 
 def test_backend_name_must_be_known():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*known backends: auto, reference"):
+        dynamic_mix(*_good(), 2, backend="fast")
     for bad in ("", "CPU", None):
         with pytest.raises(ValueError, match="unknown backend"):
             dynamic_mix(*_good(), 2, backend=bad)
+
+
+def test_available_backends_and_reasons_are_reported():
+    assert "reference" in dynamixer_ops.available_backends()
+    for name, reason in dynamixer_ops.unavailable_backends().items():
+        assert name not in dynamixer_ops.available_backends()
+        assert isinstance(reason, str) and len(reason) > 10
 
 
 # ---- validation: the modules ----
@@ -129,6 +159,19 @@ def test_block_module_rejects_bad_input(backend, shape, fragments):
 
 
 # ---- a backend that cannot run the inputs ----
+
+@pytest.mark.parametrize("backend", ["cuda", "cpu", "triton"])
+def test_explicit_backend_that_cannot_run_says_why(backend):
+    x, *weights = _good(dtype=torch.float16)     # no native CPU kernel takes float16; "cuda" needs a GPU
+    try:
+        can_run = get_backend(backend).why_not("cpu", torch.float16) is None
+    except BackendUnavailableError:
+        can_run = False
+    if can_run:
+        pytest.skip(f"{backend} runs float16 on cpu here")
+    with pytest.raises(BackendUnavailableError, match=f"backend '{backend}'"):
+        dynamic_mix(x, *weights, 2, backend=backend)
+
 
 def test_gpu_only_backend_given_cpu_tensors():
     x, *weights = _good()

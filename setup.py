@@ -1,4 +1,4 @@
-"""Builds dynamixer_ops._C: the C++ CPU kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build
+"""Builds dynamixer_ops/_C*.so, a torch ops library without Python symbols: the C++ CPU kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build
 of torch are present. Install with ``pip install --no-build-isolation -e .`` (build isolation would fetch a
 second, unpinned torch to build against).
 
@@ -77,6 +77,9 @@ def _extensions():
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     link_flags = []
     if sys.platform.startswith("linux"):
+        # The library uses no Python (a C++ AOTInductor runner loads it too): never record libtorch_python, which
+        # cpp_extension adds to every extension, as a dependency (some toolchains do not default to --as-needed).
+        link_flags.append("-Wl,--as-needed")
         # at::parallel_for is a header template: without -fopenmp here its `omp parallel` is compiled out and the
         # CPU kernels run on one thread whatever torch.set_num_threads says. The libgomp this links is the one
         # torch has already loaded (same soname), so both share one thread pool.
@@ -116,8 +119,10 @@ setup(
     install_requires=["torch>=2.6", "ninja"],
     extras_require={
         # The tests exercise every optional feature: the models (timm), the digits training run
-        # (scikit-learn), the CLI's table and plot (rich, matplotlib), the property tests (hypothesis).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "scikit-learn", "rich", "matplotlib"],
+        # (scikit-learn), the CLI's table and plot (rich, matplotlib), the property tests (hypothesis), the ONNX
+        # export run in onnxruntime (onnx, onnxscript, onnxruntime).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "scikit-learn", "rich", "matplotlib",
+                 "onnx", "onnxscript", "onnxruntime"],
         "bench": ["rich", "matplotlib", "timm"],
         "models": ["timm"],
     },

@@ -8,8 +8,9 @@ from . import _backend_reference  # noqa: F401  (registers "reference")
 from . import _backend_native     # noqa: F401  (registers "cpu" and "cuda")
 from . import _backend_triton     # noqa: F401  (registers "triton")
 from . import nn
+from . import deploy              # decompositions() for torch.export, native_library_path() for C++ runners
 from .nn import convert
 
 __version__ = "0.1.0"
 __all__ = ["dynamic_mix", "available_backends", "unavailable_backends", "BackendUnavailableError", "convert",
-           "nn", "__version__"]
+           "nn", "deploy", "__version__"]

@@ -42,8 +42,9 @@ TORCH_LIBRARY(dynamixer_ops_C, m) {
 namespace dynamixer_ops {
 namespace {
 
-// The backends this library can run on x's device. A graph exported with another backend ("reference",
-// "triton") needs the Python package: say so instead of silently running a different implementation.
+// The backends this library can run on x's device ("auto", which Python resolves before calling the op, is
+// accepted for C++ callers). A graph exported with another backend ("reference", "triton") needs the Python
+// package: say so instead of silently running a different implementation.
 void check_native_backend(c10::string_view backend, const at::Tensor& x) {
   const std::string name(backend.data(), backend.size());
   const std::string native = x.is_cuda() ? "cuda" : "cpu";

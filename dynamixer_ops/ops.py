@@ -114,21 +114,25 @@ def _dynamic_mix_backward_kernel(grad_y: Tensor, x: Tensor, compress_weight: Ten
     return tuple(grads)
 
 
-def schema_of(kernel) -> str:
-    """The schema the native library must define for ``kernel``'s op (torch.library's reading of its annotations)."""
-    return torch.library.infer_schema(kernel, mutates_args=())
+_KERNELS = {FORWARD_OP: _dynamic_mix_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel}
 
 
-def _register(qualname: str, kernel) -> torch._ops.OpOverload:
+def inferred_schema(qualname: str) -> str:
+    """The schema torch.library reads from the annotations of op ``qualname``'s Python kernel: the native library
+    must define exactly this one."""
+    return torch.library.infer_schema(_KERNELS[qualname], mutates_args=())
+
+
+def _register(qualname: str) -> torch._ops.OpOverload:
     namespace, name = qualname.split("::")
     if not hasattr(getattr(torch.ops, namespace), name):   # no native library: the same schema, defined here
-        torch.library.define(qualname, schema_of(kernel))
-    torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
+        torch.library.define(qualname, inferred_schema(qualname))
+    torch.library.register_kernel(qualname, ("cpu", "cuda"), _KERNELS[qualname])
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-_dynamic_mix_op = _register(FORWARD_OP, _dynamic_mix_kernel)
-_dynamic_mix_backward_op = _register(BACKWARD_OP, _dynamic_mix_backward_kernel)
+_dynamic_mix_op = _register(FORWARD_OP)
+_dynamic_mix_backward_op = _register(BACKWARD_OP)
 
 
 @torch.library.register_fake(FORWARD_OP)

@@ -1,6 +1,7 @@
-"""Builds the native extension dynamixer_ops._C (metadata and packages are in pyproject.toml): the C++ CPU
-kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build of torch are present. Install with
-``pip install --no-build-isolation -e .`` (build isolation would fetch a second, unpinned torch to build against).
+"""Builds dynamixer_ops/_C*.so, a torch ops library without Python symbols (metadata and packages are in
+pyproject.toml): the C++ CPU kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build of torch are
+present. Install with ``pip install --no-build-isolation -e .`` (build isolation would fetch a second, unpinned
+torch to build against).
 
 Environment knobs:
   DYNAMIXER_OPS_BUILD_CUDA=0|1  force the CUDA kernels off / on (default: on when possible)
@@ -77,6 +78,9 @@ def _extensions():
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     link_flags = []
     if sys.platform.startswith("linux"):
+        # The library uses no Python (a C++ AOTInductor runner loads it too): never record libtorch_python, which
+        # cpp_extension adds to every extension, as a dependency (some toolchains do not default to --as-needed).
+        link_flags.append("-Wl,--as-needed")
         # at::parallel_for is a header template: without -fopenmp here its `omp parallel` is compiled out and the
         # CPU kernels run on one thread whatever torch.set_num_threads says. The libgomp this links is the one
         # torch has already loaded (same soname), so both share one thread pool.

@@ -8,8 +8,9 @@ from .backends import reference as _reference_backend  # noqa: F401  (registers 
 from .backends import native as _native_backend        # noqa: F401  (registers "cpu" and "cuda")
 from .backends import triton as _triton_backend        # noqa: F401  (registers "triton")
 from . import nn
+from . import deploy              # decompositions() for torch.export, native_library_path() for C++ runners
 from .nn import convert
 
 __version__ = "0.1.0"
 __all__ = ["dynamic_mix", "available_backends", "unavailable_backends", "BackendUnavailableError", "convert",
-           "nn", "__version__"]
+           "nn", "deploy", "__version__"]

@@ -3,16 +3,19 @@
 The forward and backward are two custom ops (``dynamixer_ops::dynamic_mix`` and
 ``dynamixer_ops::dynamic_mix_backward``) with one fake kernel each and one autograd formula. The backend is
 a string argument resolved by :mod:`dynamixer_ops.backends` before the op is called, so
-``torch.compile(fullgraph=True)`` sees one opaque op whatever runs inside it.
+``torch.compile(fullgraph=True)``, ``torch.export`` and AOTInductor see one opaque op whatever runs inside it.
+Their schemas live in the native library, which also runs them without Python (see :mod:`dynamixer_ops.deploy`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import _library  # noqa: F401  (loads the native library, which defines the ops' schemas)
 from .backends import env_flag, resolve_backend, get_backend
+from .reference import mix_forward
 
-__all__ = ["dynamic_mix", "check_inputs"]
+__all__ = ["dynamic_mix", "check_inputs", "decomposition"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -81,9 +84,16 @@ def check_inputs(x, compress_weight, compress_bias, generate_weight, generate_bi
     return L, C, S, d
 
 
-@torch.library.custom_op("dynamixer_ops::dynamic_mix", mutates_args=())
-def _dynamic_mix_op(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
-                    generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+# The ops' schemas are defined in the native library (csrc/dynamic_mix.cpp), so that a process without Python
+# (an AOTInductor runner) has them too, with Python-free kernels for the native backends. Everything else is
+# registered here, once: the kernels that run every backend of the registry (for CPU and CUDA tensors, which the
+# dispatcher prefers to the library's device-generic kernels), the fake kernels and the autograd formula.
+FORWARD_OP = "dynamixer_ops::dynamic_mix"
+BACKWARD_OP = "dynamixer_ops::dynamic_mix_backward"
+
+
+def _dynamic_mix_kernel(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
+                        generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
     y = _new_like(x)
     if y.numel():
         get_backend(backend).forward(x, compress_weight, compress_bias, generate_weight, generate_bias,
@@ -91,15 +101,9 @@ def _dynamic_mix_op(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, g
     return y
 
 
-@_dynamic_mix_op.register_fake
-def _(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("dynamixer_ops::dynamic_mix_backward", mutates_args=())
-def _dynamic_mix_backward_op(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor,
-                             generate_weight: Tensor, generate_bias: Tensor, num_segments: int,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _dynamic_mix_backward_kernel(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor,
+                                 generate_weight: Tensor, generate_bias: Tensor, num_segments: int,
+                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = [_new_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias)]
     if x.numel():
         get_backend(backend).backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
@@ -110,9 +114,46 @@ def _dynamic_mix_backward_op(grad_y: Tensor, x: Tensor, compress_weight: Tensor,
     return tuple(grads)
 
 
-@_dynamic_mix_backward_op.register_fake
+_KERNELS = {FORWARD_OP: _dynamic_mix_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel}
+
+
+def inferred_schema(qualname: str) -> str:
+    """The schema torch.library reads from the annotations of op ``qualname``'s Python kernel: the native library
+    must define exactly this one."""
+    return torch.library.infer_schema(_KERNELS[qualname], mutates_args=())
+
+
+def _register(qualname: str) -> torch._ops.OpOverload:
+    namespace, name = qualname.split("::")
+    if not hasattr(getattr(torch.ops, namespace), name):   # no native library: the same schema, defined here
+        torch.library.define(qualname, inferred_schema(qualname))
+    torch.library.register_kernel(qualname, ("cpu", "cuda"), _KERNELS[qualname])
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+_dynamic_mix_op = _register(FORWARD_OP)
+_dynamic_mix_backward_op = _register(BACKWARD_OP)
+
+
+@torch.library.register_fake(FORWARD_OP)
+def _(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(BACKWARD_OP)
 def _(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
     return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+
+
+def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
+                  generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+    """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.mix_forward`, with float16 /
+    bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is the op's
+    entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
+    ``backend`` is ignored: every backend computes this function."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    inputs = (t.to(compute) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+    return mix_forward(*inputs, num_segments).to(x.dtype)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -134,7 +175,7 @@ def _backward(ctx, grad_y):
     return (*grads, None, None)
 
 
-_dynamic_mix_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
 
 
 def _double_backward(ctx, *grads):
@@ -143,7 +184,7 @@ def _double_backward(ctx, *grads):
                        "torch.autograd.grad(..., create_graph=True) followed by another backward) is not supported")
 
 
-_dynamic_mix_backward_op.register_autograd(_double_backward)
+torch.library.register_autograd(BACKWARD_OP, _double_backward)
 
 
 def _to_4d(x: Tensor) -> Tensor:
@@ -192,8 +233,11 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     if generate_bias is None:
         generate_bias = generate_weight.new_zeros(L * L)
     x4 = _to_4d(x)
-    y4 = _dynamic_mix_op(x4, compress_weight.contiguous(), compress_bias.contiguous(),
-                         generate_weight.contiguous(), generate_bias.contiguous(), S, chosen.name)
+    # torch.onnx translates only the ops in its own tables (or in a custom_translation_table the user would have to
+    # pass): while it exports, the op is traced as its decomposition, which becomes standard ONNX ops.
+    mix = decomposition if torch.onnx.is_in_onnx_export() else _dynamic_mix_op
+    y4 = mix(x4, compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
+             generate_bias.contiguous(), S, chosen.name)
     if x.dim() == 3:
         return y4.squeeze(0)
     if x.dim() > 4:

@@ -1,4 +1,4 @@
-"""The ``cpu`` and ``cuda`` backends: the C++ and CUDA kernels of the native extension ``dynamixer_ops._C``.
+"""The ``cpu`` and ``cuda`` backends: the C++ and CUDA kernels of the native library ``dynamixer_ops/_C*.so``.
 
 Both are implementations (CPU and CUDA dispatch keys) of the same two native ops,
 ``dynamixer_ops_C::mix_forward`` and ``dynamixer_ops_C::mix_backward`` (schemas in ``csrc/dynamic_mix.cpp``).
@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .._library import LOAD_ERROR as _BUILD_ERROR
 from . import Backend, record_load_error, register_backend
-
-try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.dynamixer_ops_C)
-    _BUILD_ERROR = None
-except ImportError as exc:  # a source checkout without `pip install -e .`, or a torch ABI mismatch
-    _BUILD_ERROR = (f"the native extension dynamixer_ops._C could not be loaded ({exc}); build it with "
-                    f"`pip install --no-build-isolation -e .` against the torch you run ({torch.__version__})")
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -1,0 +1,50 @@
+"""Deploying a model that uses :func:`dynamixer_ops.dynamic_mix`: ONNX, ``torch.export`` and AOTInductor.
+
+* **ONNX**: ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing from this module. While torch.onnx
+  exports, the op is traced as its reference decomposition (:func:`dynamixer_ops.ops.decomposition`), which
+  becomes standard ONNX ops (MatMul / Gemm, Softmax, Reshape, Transpose).
+* **torch.export**: the exported graph keeps ``torch.ops.dynamixer_ops.dynamic_mix`` (also after
+  ``ExportedProgram.run_decompositions()``: it is an opaque op). ``ep.run_decompositions(decompositions())``
+  replaces it with the reference math, e.g. to hand an ExportedProgram to torch.onnx or to a runtime that
+  knows only ATen ops.
+* **AOTInductor**: a package (``torch._inductor.aoti_compile_and_package``) calls the op through the dispatcher.
+  The native library :func:`native_library_path` defines the op and runs it with the native kernels without
+  Python: a C++ program links libtorch, ``dlopen``\\s this library and loads the package with
+  ``torch::inductor::AOTIModelPackageLoader``. Export with ``backend="auto"`` (or the device's native backend,
+  ``"cpu"`` / ``"cuda"``): the reference and Triton backends need Python.
+
+Why not register the decomposition in ``torch._decomp.decomposition_table``, where torch.onnx would also find
+it: fake tensors with symbolic shapes prefer that table to the op's fake kernel, so ``torch.compile(dynamic=True)``
+would trace the reference math and assume a contiguous output where the kernels keep x's layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._library import LIBRARY_PATH, LOAD_ERROR
+from .ops import FORWARD_OP, decomposition
+
+__all__ = ["decompositions", "native_library_path"]
+
+
+def decompositions() -> dict:
+    """``{torch.ops.dynamixer_ops.dynamic_mix.default: its reference decomposition}``.
+
+    ``ep.run_decompositions(decompositions())`` replaces the op with ATen ops and decomposes nothing else. To
+    lower the rest to core ATen as well::
+
+        table = torch.export.default_decompositions()
+        table.update(dynamixer_ops.deploy.decompositions())
+        ep = ep.run_decompositions(table)
+    """
+    namespace, name = FORWARD_OP.split("::")
+    return {getattr(getattr(torch.ops, namespace), name).default: decomposition}
+
+
+def native_library_path() -> str:
+    """The native library (``.../dynamixer_ops/_C*.so``) a C++ program loads (``dlopen``) to run
+    ``dynamixer_ops::dynamic_mix`` without Python. It needs libtorch (and, for CUDA kernels, libtorch_cuda)
+    of the torch version it was built with, and no libpython."""
+    if LIBRARY_PATH is None:
+        raise RuntimeError(LOAD_ERROR)
+    return LIBRARY_PATH

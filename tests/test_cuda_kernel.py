@@ -2,7 +2,7 @@
 
 Two halves:
 
-* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tests/cuda_emu/emu.h (a std::thread
+* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tools/cuda_emu/emu.h (a std::thread
   per CUDA thread, real barriers, NaN-filled shared memory and workspaces), against the float64 reference.
   They check the index arithmetic, the tiling, the barriers' placement and the math without a GPU, not the
   GPU itself. They run wherever the CUDA headers are found (CI included: the kernels' logic runs there, not
@@ -75,7 +75,7 @@ def emu():
     from torch.utils import cpp_extension
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
     cpp_extension.load(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
-                       sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
+                       sources=[os.path.join(ROOT, "tools", "cuda_emu", "emu_ops.cpp")],
                        extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
                        extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
                        is_python_module=False, verbose=False)

@@ -9,7 +9,7 @@
 // accumulation for every input dtype; no tensor cores. The host code (dynamic_mix_cuda_host.cpp) validates
 // the sizes, chooses ts so that the shared memory fits, and owns every allocation.
 //
-// The same source also compiles as plain C++ against tests/cuda_emu/emu.h (DMX_EMULATE), which runs every
+// The same source also compiles as plain C++ against tools/cuda_emu/emu.h (DMX_EMULATE), which runs every
 // block's threads as CPU threads with real barriers: the only GPU-specific spellings that this needs are the
 // two macros below (dynamic shared memory, launch).
 #include <cuda_fp16.h>

@@ -1,7 +1,7 @@
 // The CUDA implementations of dynamixer_ops_C::mix_forward / mix_backward: argument checks, shared-memory
 // sizing, fp32 workspaces and the deterministic weight-gradient reductions. The kernels are in
 // dynamic_mix_cuda.cu; this file is compiled by the host compiler (nvcc never parses the ATen headers).
-// With DMX_EMULATE (tests/cuda_emu) only the device-independent core is compiled: run_forward / run_backward.
+// With DMX_EMULATE (tools/cuda_emu) only the device-independent core is compiled: run_forward / run_backward.
 #include <algorithm>
 #include <climits>
 

@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of every CUDA kernel (ptxas -v), and the blocks per SM they allow at the
-model shapes. Needs nvcc, not a GPU:  python csrc/cuda/resource_usage.py [--arch 80 --arch 90]
+model shapes. Needs nvcc, not a GPU:  python tools/cuda_resource_usage.py [--arch 80 --arch 90]
 
 The numbers printed here are the ones recorded in benchmarks/RESULTS.md.
 """
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 THREADS, MAX_TILE, CHUNK = 256, 8, 32          # kThreads, kMaxTile, kChunk in dynamic_mix_cuda.h
 # Per SM: registers, shared memory, most resident threads; the largest opt-in shared memory per block.
 SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, threads=2048),
@@ -30,11 +30,11 @@ def backward_smem(L, d, ts):
 
 def ptxas(archs):
     import torch.utils.cpp_extension as ext
-    includes = [f"-I{p}" for p in ext.include_paths()] + [f"-I{os.path.dirname(HERE)}"]
+    includes = [f"-I{p}" for p in ext.include_paths()] + [f"-I{CSRC}"]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(["nvcc", "-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", *gencode, *includes,
-                              "-c", os.path.join(HERE, "dynamic_mix_cuda.cu"), "-o", os.path.join(tmp, "k.o")],
+                              "-c", os.path.join(CSRC, "cuda", "dynamic_mix_cuda.cu"), "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr)

@@ -9,6 +9,7 @@
 
 #include "cuda/dynamic_mix_cuda.cu"
 #include "cuda/dynamic_mix_cuda_host.cpp"
+#include "wmma_selftest.inc"
 
 namespace {
 
@@ -45,4 +46,7 @@ TORCH_LIBRARY(dynamixer_cuda_emu, m) {
         "Tensor generate_bias, int num_segments, Tensor(a!) grad_x, Tensor(b!) grad_compress_weight, "
         "Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, Tensor(e!) grad_generate_bias, "
         "int smem_limit) -> ()", &emu_backward);
+  m.def("wmma_matmul(Tensor a, Tensor b, Tensor(a!) c, str kind, bool a_col_major, bool b_col_major, "
+        "bool round_tf32) -> ()", &wmma_selftest::wmma_matmul);
+  m.def("wmma_misuse(str what, Tensor a, Tensor(a!) out) -> ()", &wmma_selftest::wmma_misuse);
 }

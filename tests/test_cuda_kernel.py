@@ -55,53 +55,86 @@ def emu():
     return load_cuda_emulator()
 
 
-def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN):
-    """y and the five gradients from the emulated kernels; outputs start as NaN."""
+def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN, tf32=False):
+    """y and the five gradients from the emulated kernels; outputs start as NaN. Asserts that the forward took
+    the tensor-core path exactly where the CUDA build takes it (fp16/bf16, and fp32 with tf32 allowed)."""
     x, gy = inputs[0], grad_y
     if x.dim() == 3:
         x, gy = x.unsqueeze(0), gy.unsqueeze(0)
     weights = [t.contiguous() for t in inputs[1:]]
     y = torch.full_like(x, float("nan"))
-    emu.forward(x, *weights, S, y, smem_limit)
+    path = emu.forward(x, *weights, S, y, smem_limit, tf32)
+    tc_bytes = emu.smem_bytes("forward_tc", x.shape[2], x.shape[3], S, inputs[3].shape[1] // x.shape[2],
+                              x.element_size())
+    wants_tc = (x.dtype != torch.float32 or tf32) and tc_bytes <= smem_limit
+    assert path == ("tensor_cores" if wants_tc else "simt")
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
     emu.backward(gy, x, *weights, S, *grads, smem_limit)
     return y.reshape(inputs[0].shape), [grads[0].reshape(inputs[0].shape), *grads[1:]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+# fp32 twice: exact (SIMT) and with tf32 allowed (tensor cores, tf32 tolerance as on a GPU).
+EMU_DTYPES = {"float32": (torch.float32, False), "float32-tf32": (torch.float32, True),
+              "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False)}
+
+
+def _emulated_tolerance(dtype, tf32):
+    return tolerance(dtype, "cuda" if tf32 else "cpu")
+
+
+@pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES.values()), ids=list(KERNEL_SHAPES))
-def test_emulated_kernels_match_reference(emu, shape, dtype, seed):
+def test_emulated_kernels_match_reference(emu, shape, dtype_name, seed):
+    dtype, tf32 = EMU_DTYPES[dtype_name]
     batch, L, C, S, d = shape
     inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    y, grads = _emulate(emu, inputs, S, grad_y)
-    _check_all(y, grads, inputs, S, grad_y, dtype)
+    y, grads = _emulate(emu, inputs, S, grad_y, tf32=tf32)
+    assert y.dtype == dtype
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32))
 
 
+@pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_emulated_strided_x_and_grad_y(emu, layout, seed):
+def test_emulated_strided_x_and_grad_y(emu, layout, dtype_name, seed):
     """x as a transposed / sliced view, grad_y with other strides again, y and grad_x in x's layout."""
+    dtype, tf32 = EMU_DTYPES[dtype_name]
     batch, L, C, S, d = ((2, 3), 7, 48, 2, 2) if layout == "transposed" else ((3, 2), 7, 48, 2, 2)
-    inputs = make_inputs(batch, L, C, S, d, dtype=torch.float32, device="cpu", layout=layout)
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=layout)
     x = inputs[0]
-    grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3)[..., :C].transpose(0, 1)   # its own strides
+    grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3, dtype=dtype)[..., :C].transpose(0, 1)   # its own strides
     y = torch.full_like(x, float("nan"))          # empty_like keeps a dense x's strides, as ops.py does
     weights = [t.contiguous() for t in inputs[1:]]
-    emu.forward(x, *weights, S, y, H100_SMEM_OPTIN)
+    assert emu.forward(x, *weights, S, y, H100_SMEM_OPTIN, tf32) == ("simt" if dtype == torch.float32 and not tf32
+                                                                     else "tensor_cores")
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
     emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN)
-    _check_all(y, grads, inputs, S, grad_y, torch.float32)
+    assert y.dtype == dtype
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32))
 
 
 def test_emulated_small_shared_memory_gives_small_tiles(emu, seed):
     """A device limit that fits only 3 sequences per block in the backward (7 in the forward): ragged tiles
-    of other sizes than the default 8, same results. Sizes as in csrc/cuda/dynamic_mix_cuda.h."""
+    of other sizes than the default 8, same results. Sizes from csrc/cuda/dynamic_mix_cuda.h via the emulator."""
     L, d = 14, 2
-    backward_3 = 4 * (3 * L * d + 2 * 3 * L * (L | 1) + 2 * L * 33)
+    backward_3 = emu.smem_bytes("backward", L, 48, 2, d, 3)
+    assert emu.smem_bytes("backward", L, 48, 2, d, 4) > backward_3
     inputs = make_inputs((13,), L, 48, 2, d, dtype=torch.float32, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     y, grads = _emulate(emu, inputs, 2, grad_y, smem_limit=backward_3)
     _check_all(y, grads, inputs, 2, grad_y, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32-tf32"])
+def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype, seed):
+    """Where the tensor-core forward's tiles exceed the device's shared memory the SIMT forward runs (same
+    results); the limit here is the tensor-core kernel's need minus one byte."""
+    L, C, S, d = 14, 48, 2, 2
+    limit = emu.smem_bytes("forward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) - 1
+    inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = _emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, False))
 
 
 def test_emulated_too_little_shared_memory_is_a_clear_error(emu):
@@ -111,12 +144,14 @@ def test_emulated_too_little_shared_memory_is_a_clear_error(emu):
         _emulate(emu, inputs, 2, torch.randn_like(inputs[0]), smem_limit=1000)
 
 
-def test_emulated_weight_gradients_are_deterministic(emu, seed):
-    inputs = make_inputs((40,), 7, 48, 2, 2, dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_emulated_outputs_are_deterministic(emu, dtype_name, seed):
+    dtype, tf32 = EMU_DTYPES[dtype_name]
+    inputs = make_inputs((40,), 7, 48, 2, 2, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    _, first = _emulate(emu, inputs, 2, grad_y)
-    _, second = _emulate(emu, inputs, 2, grad_y)
-    for a, b in zip(first, second):
+    first = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
+    second = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
         assert torch.equal(a, b)
 
 

@@ -4,9 +4,11 @@
 //   G[n,s,i,j] = z[n,s,:] . Wg[i*L+j,:] + bg[i*L+j]          P[n,s,:,j] = softmax_i(G[n,s,:,j])
 //   y[n,j,s*e0+e] = sum_i P[n,s,i,j] x[n,i,s*e0+e]
 //
-// One block of kThreads threads per (tile of ts sequences, segment s); block b has s = b % S, so the blocks
-// that run together read the same x rows (the reduce needs whole rows) from L2. Everything is SIMT with fp32
-// accumulation for every input dtype; no tensor cores. The host code (dynamic_mix_cuda_host.cpp) validates
+// Two forwards: the tensor-core one (mix_forward_tc_kernel, WMMA; fp16/bf16 inputs, and fp32 inputs as tf32
+// when torch allows tf32 for matmuls) and the exact SIMT one (mix_forward_kernel: fp32 inputs otherwise, and
+// any shape whose tensor-core tiles do not fit the device's shared memory). The backward is SIMT.
+// SIMT kernels: one block of kThreads threads per (tile of ts sequences, segment s); block b has s = b % S, so
+// the blocks that run together read the same x rows (the reduce needs whole rows) from L2; fp32 FMA. The host code (dynamic_mix_cuda_host.cpp) validates
 // the sizes, chooses ts so that the shared memory fits, and owns every allocation.
 //
 // The same source also compiles as plain C++ against tools/cuda_emu/emu.h (DMX_EMULATE), which runs every
@@ -16,6 +18,7 @@
 #include <cuda_bf16.h>
 #ifndef DMX_EMULATE
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <c10/cuda/CUDAException.h>
 #define DMX_DYNAMIC_SMEM(name) extern __shared__ float name[]
 #define DMX_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
@@ -146,7 +149,157 @@ __device__ void stage_chunk(const MixDims& dm, const Rows<const T>& src, int64_t
   }
 }
 
-// ---- forward ------------------------------------------------------------------------------------------
+// ---- forward on tensor cores -------------------------------------------------------------------------------
+
+namespace wmma = nvcuda::wmma;
+
+// The WMMA fragment element and k of a storage type: fp16 / bf16 16x16x16, fp32 as tf32 16x16x8.
+template <typename T> struct Wmma { using elem = T; static constexpr int k = 16; };
+template <> struct Wmma<float> { using elem = wmma::precision::tf32; static constexpr int k = 8; };
+template <typename T, typename Layout>
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, Wmma<T>::k, typename Wmma<T>::elem, Layout>;
+template <typename T, typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, Wmma<T>::k, typename Wmma<T>::elem, Layout>;
+template <typename T>
+using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, Wmma<T>::k, float>;
+
+// acc += A (16 x K) B (K x 16), K = ksteps * k: A at a (a_ld, layout LA), B at b (b_ld, layout LB); a and b
+// advance along K by a_step / b_step elements per k. fp32 operands are rounded to tf32 (round to nearest).
+template <typename T, typename LA, typename LB>
+__device__ __forceinline__ void mma_k(FragAcc<T>& acc, const T* a, int64_t a_ld, int64_t a_step, const T* b,
+                                      int64_t b_ld, int64_t b_step, int64_t ksteps) {
+  for (int64_t kk = 0; kk < ksteps; ++kk) {
+    FragA<T, LA> fa;
+    FragB<T, LB> fb;
+    wmma::load_matrix_sync(fa, a + kk * a_step, static_cast<unsigned>(a_ld));
+    wmma::load_matrix_sync(fb, b + kk * b_step, static_cast<unsigned>(b_ld));
+    if constexpr (Wmma<T>::k == 8) {
+#pragma unroll
+      for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+#pragma unroll
+      for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+    }
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// The tensor-core forward (layout and padding: TcDims in dynamic_mix_cuda.h). Products on tensor cores with
+// fp32 accumulation; the bias adds and the softmax in fp32; z and P rounded to the operand type for the next
+// product (as eager's bf16 chain does). Every loop over tiles is warp-uniform (whole warps take a tile).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
+    MixDims dm, TcDims tc, Rows<const T> x, const T* __restrict__ wc_pad, const T* __restrict__ bc,
+    const T* __restrict__ wgT_pad, const T* __restrict__ bg, Rows<T> y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();                                         // the host picks this kernel only on sm_80 and newer
+#else
+  constexpr int KS = Wmma<T>::k;
+  DMX_DYNAMIC_SMEM(smem);
+  char* base = reinterpret_cast<char*>(smem);
+  T* xs = reinterpret_cast<T*>(base + tc.x_off);             // [ts][Lp][S][e0p]
+  T* zs = reinterpret_cast<T*>(base + tc.z_off);             // [rows][Ldp], row = t * S + s
+  float* gs = reinterpret_cast<float*>(base + tc.g_off);     // [16][LLp] logits; first the reduce's [ts*Lp][SDp]
+  T* pb = reinterpret_cast<T*>(base + tc.p_off);             // [16][Lp (i)][Lp (j)] probabilities
+  float* scratch = reinterpret_cast<float*>(base + tc.scratch_off) + (threadIdx.x / 32) * 256;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * tc.ts;
+  const int64_t tv = min(tc.ts, dm.N - n0);                  // valid sequences of this block, >= 1
+  const int64_t XW = dm.S * tc.e0p;                          // a staged token row
+  const int64_t valid_rows = tv * dm.S;
+
+  // x tile, zero past L, past each segment's e0 channels and past the last sequence.
+  for (int64_t idx = threadIdx.x; idx < tc.ts * tc.Lp * XW; idx += kThreads) {
+    const int64_t c = idx % XW, tl = idx / XW, t = tl / tc.Lp, l = tl % tc.Lp, sg = c / tc.e0p, e = c % tc.e0p;
+    xs[idx] = t < tv && l < dm.L && e < dm.e0 ? x.data[x.seq(n0 + t) + l * x.sL + sg * dm.e0 + e] : from_f<T>(0.f);
+  }
+  __syncthreads();
+
+  // reduce: r[t*Lp + l][m] = sum_c xs[t*Lp + l][c] wc_pad[m][c] (B = wc_pad^T: column-major, ldm XW).
+  {
+    const int64_t tiles_m = tc.ts * tc.Lp / 16, tiles_n = tc.SDp / 16;
+    for (int64_t tile = warp; tile < tiles_m * tiles_n; tile += kWarps) {
+      const int64_t m0 = tile / tiles_n * 16, q0 = tile % tiles_n * 16;
+      FragAcc<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_k<T, wmma::row_major, wmma::col_major>(acc, xs + m0 * XW, XW, KS, wc_pad + q0 * XW, XW, KS, XW / KS);
+      wmma::store_matrix_sync(gs + m0 * tc.SDp + q0, acc, static_cast<unsigned>(tc.SDp), wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  // z[t*S + s][l*d + k] = r[t*Lp + l][s*d + k] + bc[s*d + k], zero in the padding.
+  for (int64_t idx = threadIdx.x; idx < tc.rows * tc.Ldp; idx += kThreads) {
+    const int64_t row = idx / tc.Ldp, m = idx % tc.Ldp;
+    float v = 0.f;
+    if (row < tc.ts * dm.S && m < dm.Ld) {
+      const int64_t t = row / dm.S, sg = row % dm.S, l = m / dm.d, k = m % dm.d;
+      v = gs[(t * tc.Lp + l) * tc.SDp + sg * dm.d + k] + to_f(bc[sg * dm.d + k]);
+    }
+    zs[idx] = from_f<T>(v);
+  }
+  __syncthreads();
+
+  for (int64_t g0 = 0; g0 < valid_rows; g0 += 16) {
+    // generate: gs[r][q] = sum_m z[g0 + r][m] wgT_pad[m][q].
+    for (int64_t qt = warp; qt < tc.LLp / 16; qt += kWarps) {
+      FragAcc<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_k<T, wmma::row_major, wmma::row_major>(acc, zs + g0 * tc.Ldp, tc.Ldp, KS, wgT_pad + qt * 16, tc.LLp,
+                                                  KS * tc.LLp, tc.Ldp / KS);
+      wmma::store_matrix_sync(gs + qt * 16, acc, static_cast<unsigned>(tc.LLp), wmma::mem_row_major);
+    }
+    __syncthreads();
+    // Softmax over the source token i of column (r, j), in fp32: pb[r][i][j] = P, zero for i or j >= L.
+    for (int64_t col = threadIdx.x; col < 16 * tc.Lp; col += kThreads) {
+      const int64_t r = col / tc.Lp, j = col % tc.Lp;
+      T* p = pb + r * tc.Lp * tc.Lp + j;
+      if (j >= dm.L || g0 + r >= valid_rows) {
+        for (int64_t i = 0; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
+        continue;
+      }
+      float* g = gs + r * tc.LLp + j;                          // logit (i, j) at g[i * L], bias bg[i * L + j]
+      float mx = -INFINITY;
+      for (int64_t i = 0; i < dm.L; ++i) {
+        g[i * dm.L] += to_f(bg[i * dm.L + j]);
+        mx = fmaxf(mx, g[i * dm.L]);
+      }
+      float sum = 0.f;
+      for (int64_t i = 0; i < dm.L; ++i) {
+        const float e = expf(g[i * dm.L] - mx);
+        g[i * dm.L] = e;
+        sum += e;                                               // >= 1: the max contributes exp(0)
+      }
+      const float inv = 1.f / sum;
+      for (int64_t i = 0; i < dm.L; ++i) p[i * tc.Lp] = from_f<T>(g[i * dm.L] * inv);
+      for (int64_t i = dm.L; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
+    }
+    __syncthreads();
+    // apply: y[t, j, s*e0 + e] = sum_i P[i][j] x[t, i, s*e0 + e]; A = P^T (pb[r] read column-major), B = x_s.
+    const int64_t tiles_j = tc.Lp / 16, tiles_e = tc.e0p / 16;
+    for (int64_t task = warp; task < 16 * tiles_j * tiles_e; task += kWarps) {
+      const int64_t r = task / (tiles_j * tiles_e), j0 = task / tiles_e % tiles_j * 16, e0b = task % tiles_e * 16;
+      const int64_t row = g0 + r;
+      if (row >= valid_rows) continue;                          // warp-uniform
+      const int64_t t = row / dm.S, sg = row % dm.S;
+      FragAcc<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_k<T, wmma::col_major, wmma::row_major>(acc, pb + r * tc.Lp * tc.Lp + j0, tc.Lp, KS * tc.Lp,
+                                                  xs + t * tc.Lp * XW + sg * tc.e0p + e0b, XW, KS * XW,
+                                                  tc.Lp / KS);
+      wmma::store_matrix_sync(scratch, acc, 16, wmma::mem_row_major);
+      __syncwarp();                                             // the tile is read by other lanes than wrote it
+      T* yb = y.data + y.seq(n0 + t) + sg * dm.e0;
+      for (int idx = lane; idx < 256; idx += 32) {
+        const int64_t j = j0 + idx / 16, e = e0b + idx % 16;
+        if (j < dm.L && e < dm.e0) yb[j * y.sL + e] = from_f<T>(scratch[idx]);
+      }
+      __syncwarp();                                             // scratch is overwritten by the next task
+    }
+    __syncthreads();                                            // gs and pb are overwritten by the next rows
+  }
+#endif
+}
+
+// ---- forward, SIMT (exact fp32) ------------------------------------------------------------------------------------------
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
@@ -368,6 +521,16 @@ void forward_impl(const MixDims& dm, RowsArg x, const void* wc, const void* bc, 
 }
 
 template <typename T>
+void forward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg x, const void* wc_pad, const void* bc,
+                     const void* wgT_pad, const void* bg, RowsArg y, cudaStream_t stream) {
+  set_smem(reinterpret_cast<const void*>(&mix_forward_tc_kernel<T>), tc.bytes);
+  DMX_LAUNCH(mix_forward_tc_kernel<T>, static_cast<unsigned>((dm.N + tc.ts - 1) / tc.ts), tc.bytes, stream,
+      dm, tc, typed<const T>(x), static_cast<const T*>(wc_pad), static_cast<const T*>(bc),
+      static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), typed<T>(y));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
 void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, const void* bc, const void* wgT,
                    const void* bg, const void* wg, float* z, float* dg, float* dr, float* dxm, size_t smem,
                    cudaStream_t stream) {
@@ -404,6 +567,15 @@ void launch_forward(DType dtype, const MixDims& dm, RowsArg x, const void* wc, c
     case DType::Float: return forward_impl<float>(dm, x, wc, bc, wgT, bg, y, smem, stream);
     case DType::Half: return forward_impl<__half>(dm, x, wc, bc, wgT, bg, y, smem, stream);
     case DType::BFloat16: return forward_impl<__nv_bfloat16>(dm, x, wc, bc, wgT, bg, y, smem, stream);
+  }
+}
+
+void launch_forward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsArg x, const void* wc_pad,
+                       const void* bc, const void* wgT_pad, const void* bg, RowsArg y, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float: return forward_tc_impl<float>(dm, tc, x, wc_pad, bc, wgT_pad, bg, y, stream);
+    case DType::Half: return forward_tc_impl<__half>(dm, tc, x, wc_pad, bc, wgT_pad, bg, y, stream);
+    case DType::BFloat16: return forward_tc_impl<__nv_bfloat16>(dm, tc, x, wc_pad, bc, wgT_pad, bg, y, stream);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <climits>
 
 #ifndef DMX_EMULATE
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -91,15 +92,45 @@ void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
               w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
 }
 
+// Which forward runs: the tensor-core kernel for fp16/bf16 inputs, and for fp32 inputs when `tf32` (torch's
+// allow_tf32 for CUDA matmuls); the exact SIMT kernel for fp32 otherwise, on devices older than sm_80, and where
+// the tensor-core tiles do not fit the device's shared memory (e.g. L = 64 with fp32: the SIMT kernel's tiles
+// are smaller).
+enum class ForwardPath { TensorCores, Simt };
+
+ForwardPath forward_path(const MixShape& sh, DType dtype, bool tf32, bool has_tensor_cores, int smem_limit) {
+  if (!has_tensor_cores || (dtype == DType::Float && !tf32)) return ForwardPath::Simt;
+  const size_t elem = dtype == DType::Float ? 4 : 2;
+  const cuda::TcDims tc = cuda::tc_forward_dims(sh.L, sh.C, sh.S, sh.d, elem);
+  const int64_t blocks = (sh.sequences() + tc.ts - 1) / tc.ts;
+  return tc.bytes <= static_cast<size_t>(smem_limit) && blocks <= INT_MAX ? ForwardPath::TensorCores
+                                                                          : ForwardPath::Simt;
+}
+
 // The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.
-void run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
-                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
-                 at::Tensor& y, int smem_limit, cudaStream_t stream) {
+ForwardPath run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
+                        const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                        const at::Tensor& generate_bias, at::Tensor& y, int smem_limit, bool tf32,
+                        bool has_tensor_cores, cudaStream_t stream) {
   size_t smem = 0;
   const MixDims dm = plan(sh, /*backward=*/false, smem_limit, &smem);
+  const DType dtype = dtype_of(x);
+  const ForwardPath path = forward_path(sh, dtype, tf32, has_tensor_cores, smem_limit);
+  if (path == ForwardPath::TensorCores) {
+    const cuda::TcDims tc = cuda::tc_forward_dims(sh.L, sh.C, sh.S, sh.d, x.element_size());
+    // Zero-padded weights in the tiles' layout (tiny: the weights, not the activations).
+    at::Tensor wc_pad = at::zeros({tc.SDp, sh.S, tc.e0p}, compress_weight.options());
+    wc_pad.narrow(0, 0, sh.S * sh.d).narrow(2, 0, sh.e0).copy_(compress_weight.view({sh.S * sh.d, sh.S, sh.e0}));
+    at::Tensor wgT_pad = at::zeros({tc.Ldp, tc.LLp}, generate_weight.options());
+    wgT_pad.narrow(0, 0, dm.Ld).narrow(1, 0, dm.LL).copy_(generate_weight.t());
+    cuda::launch_forward_tc(dtype, dm, tc, rows_of(x), wc_pad.data_ptr(), compress_bias.data_ptr(),
+                            wgT_pad.data_ptr(), generate_bias.data_ptr(), rows_of(y), stream);
+    return path;
+  }
   const at::Tensor wgT = generate_weight.t().contiguous();     // (L*d, L*L): coalesced reads by logit
-  cuda::launch_forward(dtype_of(x), dm, rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
+  cuda::launch_forward(dtype, dm, rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
                        wgT.data_ptr(), generate_bias.data_ptr(), rows_of(y), smem, stream);
+  return path;
 }
 
 void run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
@@ -148,6 +179,12 @@ void check_cuda(const at::Tensor& x) {     // the other tensors' devices: check_
   TORCH_CHECK(x.is_cuda(), "dynamixer_ops (cuda): x must be a CUDA tensor, got one on ", x.device());
 }
 
+bool has_tensor_cores(int device) {          // WMMA in bf16 and tf32: sm_80 and newer
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
 int smem_limit_of(int device) {
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -164,7 +201,9 @@ void mix_forward_cuda(const at::Tensor& x, const at::Tensor& compress_weight, co
   dtype_of(x);                                 // rejects other dtypes before any work
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  // torch.backends.cuda.matmul.allow_tf32 decides whether fp32 inputs may run on tensor cores as tf32.
   run_forward(sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y, smem_limit_of(x.get_device()),
+              at::globalContext().allowTF32CuBLAS(), has_tensor_cores(x.get_device()),
               c10::cuda::getCurrentCUDAStream().stream());
 }
 

@@ -270,6 +270,14 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   return me.out;
 }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) throw std::logic_error("__syncwarp: the emulator supports only a full-warp mask");
+  emu::WarpCall call;
+  call.what = "__syncwarp";
+  call.run = [](void* const*) {};
+  emu::current->block->warp_collective(std::move(call));
+}
+
 template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }
 

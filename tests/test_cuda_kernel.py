@@ -208,3 +208,34 @@ def test_cuda_kernels_are_built_where_a_toolkit_is_present():
         pytest.skip("no CUDA toolkit on this machine")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_backward", "CUDA")
+
+
+def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():
+    """tools/cuda_resource_usage.py (nvcc + cuobjdump, no GPU): every kernel compiles for sm_80 and sm_90 without
+    spills, the tensor-core forward's SASS holds HMMA instructions in every dtype and the SIMT kernels' none, and
+    the fp16/bf16 tensor-core tiles fit a block's shared memory at every model shape on both."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    script = os.path.join(ROOT, "tools", "cuda_resource_usage.py")
+    out = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    kernels = report["kernels"]
+    assert {(k["arch"], k["kernel"], k["dtype"]) for k in kernels} >= {
+        (a, "mix_forward_tc_kernel", t) for a in ("80", "90") for t in ("float", "half", "bfloat16")}
+    for k in kernels:
+        assert k["spills"] == "none", k
+    for p in report["plan"]:
+        if p["kernel"] != "mix_forward_tc_kernel/4":       # fp32-as-tf32 tiles at L = 32 exceed an A100's limit
+            assert p["tile"] is not None and p["blocks"] >= 1, p
+    if report["cuobjdump"] is None:
+        pytest.skip("no cuobjdump (PATH, CUDA_HOME/bin, triton's wheel or nvidia-cuda-cuobjdump): SASS not checked")
+    for k in kernels:
+        if k["kernel"] == "mix_forward_tc_kernel":
+            assert k["hmma"] > 0, k
+        else:
+            assert k["hmma"] == 0, k

@@ -55,21 +55,25 @@ def emu():
     return load_cuda_emulator()
 
 
+def _expected_path(emu, kernel, x, S, d, smem_limit, tf32):
+    tc_bytes = emu.smem_bytes(kernel, x.shape[2], x.shape[3], S, d, x.element_size())
+    return "tensor_cores" if (x.dtype != torch.float32 or tf32) and tc_bytes <= smem_limit else "simt"
+
+
 def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN, tf32=False):
-    """y and the five gradients from the emulated kernels; outputs start as NaN. Asserts that the forward took
-    the tensor-core path exactly where the CUDA build takes it (fp16/bf16, and fp32 with tf32 allowed)."""
+    """y and the five gradients from the emulated kernels; outputs start as NaN. Asserts that forward and backward
+    took the tensor-core path exactly where the CUDA build takes it (fp16/bf16, and fp32 with tf32 allowed, where
+    the tiles fit)."""
     x, gy = inputs[0], grad_y
     if x.dim() == 3:
         x, gy = x.unsqueeze(0), gy.unsqueeze(0)
     weights = [t.contiguous() for t in inputs[1:]]
     y = torch.full_like(x, float("nan"))
     path = emu.forward(x, *weights, S, y, smem_limit, tf32)
-    tc_bytes = emu.smem_bytes("forward_tc", x.shape[2], x.shape[3], S, inputs[3].shape[1] // x.shape[2],
-                              x.element_size())
-    wants_tc = (x.dtype != torch.float32 or tf32) and tc_bytes <= smem_limit
-    assert path == ("tensor_cores" if wants_tc else "simt")
+    assert path == _expected_path(emu, "forward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    emu.backward(gy, x, *weights, S, *grads, smem_limit)
+    path = emu.backward(gy, x, *weights, S, *grads, smem_limit, tf32)
+    assert path == _expected_path(emu, "backward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
     return y.reshape(inputs[0].shape), [grads[0].reshape(inputs[0].shape), *grads[1:]]
 
 
@@ -105,10 +109,10 @@ def test_emulated_strided_x_and_grad_y(emu, layout, dtype_name, seed):
     grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3, dtype=dtype)[..., :C].transpose(0, 1)   # its own strides
     y = torch.full_like(x, float("nan"))          # empty_like keeps a dense x's strides, as ops.py does
     weights = [t.contiguous() for t in inputs[1:]]
-    assert emu.forward(x, *weights, S, y, H100_SMEM_OPTIN, tf32) == ("simt" if dtype == torch.float32 and not tf32
-                                                                     else "tensor_cores")
+    path = "simt" if dtype == torch.float32 and not tf32 else "tensor_cores"
+    assert emu.forward(x, *weights, S, y, H100_SMEM_OPTIN, tf32) == path
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN)
+    assert emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN, tf32) == path
     assert y.dtype == dtype
     assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32))
 
@@ -127,10 +131,11 @@ def test_emulated_small_shared_memory_gives_small_tiles(emu, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32-tf32"])
 def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype, seed):
-    """Where the tensor-core forward's tiles exceed the device's shared memory the SIMT forward runs (same
-    results); the limit here is the tensor-core kernel's need minus one byte."""
+    """Where the tensor-core tiles exceed the device's shared memory the SIMT kernels run (same results); the
+    limit here is the tensor-core forward's need minus one byte (the backward's is larger)."""
     L, C, S, d = 14, 48, 2, 2
     limit = emu.smem_bytes("forward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) - 1
+    assert emu.smem_bytes("backward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) > limit
     inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     y, grads = _emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
@@ -212,8 +217,8 @@ def test_cuda_kernels_are_built_where_a_toolkit_is_present():
 
 def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():
     """tools/cuda_resource_usage.py (nvcc + cuobjdump, no GPU): every kernel compiles for sm_80 and sm_90 without
-    spills, the tensor-core forward's SASS holds HMMA instructions in every dtype and the SIMT kernels' none, and
-    the fp16/bf16 tensor-core tiles fit a block's shared memory at every model shape on both."""
+    spills, the tensor-core kernels' SASS holds HMMA instructions in every dtype and the SIMT kernels' none, and
+    the tiles fit a block's shared memory at every model shape where the host is meant to pick them."""
     import json
     import shutil
     import subprocess
@@ -226,16 +231,21 @@ def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():
     report = json.loads(out.stdout)
     kernels = report["kernels"]
     assert {(k["arch"], k["kernel"], k["dtype"]) for k in kernels} >= {
-        (a, "mix_forward_tc_kernel", t) for a in ("80", "90") for t in ("float", "half", "bfloat16")}
+        (a, k, t) for a in ("80", "90") for k in ("mix_forward_tc_kernel", "mix_backward_tc_kernel")
+        for t in ("float", "half", "bfloat16")}
     for k in kernels:
         assert k["spills"] == "none", k
+    # Where the tensor-core tiles must fit (the SIMT kernels run elsewhere: at L = 32 the fp32-as-tf32 tiles on an
+    # A100 and the tf32 backward's on an H100, and the fp16/bf16 backward's on an A100).
+    must_fit = {("90", "mix_forward_tc_kernel/2"), ("90", "mix_forward_tc_kernel/4"), ("90", "mix_backward_tc_kernel/2"),
+                ("80", "mix_forward_tc_kernel/2")}
     for p in report["plan"]:
-        if p["kernel"] != "mix_forward_tc_kernel/4":       # fp32-as-tf32 tiles at L = 32 exceed an A100's limit
+        if (p["arch"], p["kernel"]) in must_fit or "tc_kernel" not in p["kernel"]:
             assert p["tile"] is not None and p["blocks"] >= 1, p
     if report["cuobjdump"] is None:
         pytest.skip("no cuobjdump (PATH, CUDA_HOME/bin, triton's wheel or nvidia-cuda-cuobjdump): SASS not checked")
     for k in kernels:
-        if k["kernel"] == "mix_forward_tc_kernel":
+        if k["kernel"] in ("mix_forward_tc_kernel", "mix_backward_tc_kernel"):
             assert k["hmma"] > 0, k
         else:
             assert k["hmma"] == 0, k

@@ -28,7 +28,7 @@ SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, thread
 # (name, L, C, S, d) from shared/DYNAMIC_MIX.md.
 SHAPES = [("S stage 1", 32, 192, 8, 2), ("S stages 2-4", 16, 384, 16, 2), ("M stages 1-2", 32, 256, 8, 2),
           ("M stages 3-4", 16, 512, 16, 2), ("L stage 1", 32, 256, 8, 8), ("L stages 2-4", 16, 512, 16, 8)]
-KERNELS = ("mix_forward_tc_kernel", "mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
+KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
 DTYPES = {"f": "float", "6__half": "half", "13__nv_bfloat16": "bfloat16"}
 KERNEL_RE = re.compile(r"(" + "|".join(KERNELS) + r")I(f|6__half|13__nv_bfloat16)E")
 
@@ -43,8 +43,11 @@ int main(int argc, char** argv) {   // argv: L C S d; prints kernel tile bytes, 
     printf("mix_backward_kernel %d %zu\n", ts, backward_smem_bytes(L, d, ts));
   }
   for (int elem : {2, 4}) {
-    TcDims tc = tc_forward_dims(L, C, S, d, elem);
-    printf("mix_forward_tc_kernel/%d %ld %zu\n", elem, (long)tc.ts, tc.bytes);
+    for (bool backward : {false, true}) {
+      TcDims tc = tc_dims(L, C, S, d, elem, backward);
+      printf("%s/%d %ld %zu\n", backward ? "mix_backward_tc_kernel" : "mix_forward_tc_kernel", elem, (long)tc.ts,
+             tc.bytes);
+    }
   }
 }
 """
@@ -160,7 +163,8 @@ def launch_plan(archs, rows, table):
         for name, L, C, S, d in SHAPES:
             entry = table[(L, C, S, d)]
             for kernel, label in (("mix_forward_tc_kernel/2", "fp16/bf16"), ("mix_forward_tc_kernel/4", "fp32 as tf32"),
-                                  ("mix_forward_kernel", "any"), ("mix_backward_kernel", "any")):
+                                  ("mix_forward_kernel", "any"), ("mix_backward_tc_kernel/2", "fp16/bf16"),
+                                  ("mix_backward_tc_kernel/4", "fp32 as tf32"), ("mix_backward_kernel", "any")):
                 fitting = [(tile, b) for tile, b in entry[kernel] if b <= limit]
                 if not fitting:
                     plan.append(dict(arch=arch, shape=name, L=L, C=C, S=S, d=d, kernel=kernel, dtypes=label,
@@ -201,7 +205,7 @@ def main():
         shape = f"{p['shape']} ({p['L']}, {p['C']}, {p['S']}, {p['d']})"
         kernel = p["kernel"].split("/")[0]
         if p["tile"] is None:
-            print(f"| {arch} | {shape} | {kernel} | {p['dtypes']} | does not fit: SIMT forward | {p['smem']} | - | - |")
+            print(f"| {arch} | {shape} | {kernel} | {p['dtypes']} | does not fit: SIMT kernel | {p['smem']} | - | - |")
             continue
         print(f"| {arch} | {shape} | {kernel} | {p['dtypes']} | {p['tile']} | {p['smem']} | "
               f"{p['blocks']} ({p['by_regs']}, {p['by_smem']}) | {p['blocks'] * THREADS // 32} |")

@@ -183,9 +183,132 @@ __device__ __forceinline__ void mma_k(FragAcc<T>& acc, const T* a, int64_t a_ld,
   }
 }
 
-// The tensor-core forward (layout and padding: TcDims in dynamic_mix_cuda.h). Products on tensor cores with
-// fp32 accumulation; the bias adds and the softmax in fp32; z and P rounded to the operand type for the next
-// product (as eager's bf16 chain does). Every loop over tiles is warp-uniform (whole warps take a tile).
+// The tensor-core kernels' shared memory (layout and padding: TcDims in dynamic_mix_cuda.h).
+template <typename T>
+struct TcSmem {
+  T* xs;          // [ts][Lp][S][e0p] x tile
+  T* dys;         // [ts][Lp][S][e0p] grad_y tile (backward)
+  T* zs;          // [rows][Ldp] z, row = t * S + s
+  float* gs;      // [16][LLp] logits, then P in fp32; first the reduce's [ts*Lp][SDp]
+  T* pb;          // [16][Lp (i)][Lp (j)] P as an operand; in the backward then a row's dG ([L*L])
+  float* scratch; // this warp's: [256] an output tile; backward: then [Lp][Lp] dP / dG
+  __device__ TcSmem(const TcDims& tc, float* smem) {
+    char* base = reinterpret_cast<char*>(smem);
+    xs = reinterpret_cast<T*>(base + tc.x_off);
+    dys = reinterpret_cast<T*>(base + tc.dy_off);
+    zs = reinterpret_cast<T*>(base + tc.z_off);
+    gs = reinterpret_cast<float*>(base + tc.g_off);
+    pb = reinterpret_cast<T*>(base + tc.p_off);
+    scratch = reinterpret_cast<float*>(base + tc.scratch_off) + (threadIdx.x / 32) * tc.scratch;
+  }
+};
+
+// dst[t][l][s][e] = src[n0 + t, l, s*e0 + e], zero past L, past each segment's e0 channels and past the tv
+// valid sequences.
+template <typename T>
+__device__ void stage_tc_tile(const MixDims& dm, const TcDims& tc, const Rows<const T>& src, int64_t n0, int64_t tv,
+                              T* dst) {
+  const int64_t XW = dm.S * tc.e0p;
+  for (int64_t idx = threadIdx.x; idx < tc.ts * tc.Lp * XW; idx += kThreads) {
+    const int64_t c = idx % XW, tl = idx / XW, t = tl / tc.Lp, l = tl % tc.Lp, sg = c / tc.e0p, e = c % tc.e0p;
+    dst[idx] = t < tv && l < dm.L && e < dm.e0 ? src.data[src.seq(n0 + t) + l * src.sL + sg * dm.e0 + e]
+                                               : from_f<T>(0.f);
+  }
+}
+
+// reduce: r[t*Lp + l][m] = sum_c xs[t*Lp + l][c] wc_pad[m][c] (B = wc_pad^T: column-major, ldm S*e0p); then
+// zs[t*S + s][l*d + k] = r[t*Lp + l][s*d + k] + bc[s*d + k] (zero in the padding), and z_out (fp32, rows
+// n*S + s) when given. Ends with a barrier.
+template <typename T>
+__device__ void tc_reduce(const MixDims& dm, const TcDims& tc, const TcSmem<T>& sm, const T* __restrict__ wc_pad,
+                          const T* __restrict__ bc, int64_t n0, int64_t tv, float* __restrict__ z_out) {
+  constexpr int KS = Wmma<T>::k;
+  const int warp = threadIdx.x / 32;
+  const int64_t XW = dm.S * tc.e0p;
+  const int64_t tiles_m = tc.ts * tc.Lp / 16, tiles_n = tc.SDp / 16;
+  for (int64_t tile = warp; tile < tiles_m * tiles_n; tile += kWarps) {
+    const int64_t m0 = tile / tiles_n * 16, q0 = tile % tiles_n * 16;
+    FragAcc<T> acc;
+    wmma::fill_fragment(acc, 0.f);
+    mma_k<T, wmma::row_major, wmma::col_major>(acc, sm.xs + m0 * XW, XW, KS, wc_pad + q0 * XW, XW, KS, XW / KS);
+    wmma::store_matrix_sync(sm.gs + m0 * tc.SDp + q0, acc, static_cast<unsigned>(tc.SDp), wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < tc.rows * tc.Ldp; idx += kThreads) {
+    const int64_t row = idx / tc.Ldp, m = idx % tc.Ldp;
+    float v = 0.f;
+    if (row < tc.ts * dm.S && m < dm.Ld) {
+      const int64_t t = row / dm.S, sg = row % dm.S, l = m / dm.d, k = m % dm.d;
+      v = sm.gs[(t * tc.Lp + l) * tc.SDp + sg * dm.d + k] + to_f(bc[sg * dm.d + k]);
+      if (z_out != nullptr && t < tv) z_out[((n0 + t) * dm.S + sg) * dm.Ld + m] = v;
+    }
+    sm.zs[idx] = from_f<T>(v);
+  }
+  __syncthreads();
+}
+
+// Rows g0 .. g0+15 of the block: generate (gs[r][q] = sum_m z[g0 + r][m] wgT_pad[m][q]) and the softmax over the
+// source token i of every column (r, j) in fp32: gs[r][i*L + j] = P in fp32, pb[r][i][j] = P as an operand (zero
+// for i or j >= L and for rows past valid_rows). Ends with a barrier.
+template <typename T>
+__device__ void tc_generate_softmax(const MixDims& dm, const TcDims& tc, const TcSmem<T>& sm,
+                                    const T* __restrict__ wgT_pad, const T* __restrict__ bg, int64_t g0,
+                                    int64_t valid_rows) {
+  constexpr int KS = Wmma<T>::k;
+  const int warp = threadIdx.x / 32;
+  for (int64_t qt = warp; qt < tc.LLp / 16; qt += kWarps) {
+    FragAcc<T> acc;
+    wmma::fill_fragment(acc, 0.f);
+    mma_k<T, wmma::row_major, wmma::row_major>(acc, sm.zs + g0 * tc.Ldp, tc.Ldp, KS, wgT_pad + qt * 16, tc.LLp,
+                                                KS * tc.LLp, tc.Ldp / KS);
+    wmma::store_matrix_sync(sm.gs + qt * 16, acc, static_cast<unsigned>(tc.LLp), wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int64_t col = threadIdx.x; col < 16 * tc.Lp; col += kThreads) {
+    const int64_t r = col / tc.Lp, j = col % tc.Lp;
+    T* p = sm.pb + r * tc.Lp * tc.Lp + j;
+    if (j >= dm.L || g0 + r >= valid_rows) {
+      for (int64_t i = 0; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
+      continue;
+    }
+    float* g = sm.gs + r * tc.LLp + j;                       // logit (i, j) at g[i * L], bias bg[i * L + j]
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < dm.L; ++i) {
+      g[i * dm.L] += to_f(bg[i * dm.L + j]);
+      mx = fmaxf(mx, g[i * dm.L]);
+    }
+    float sum = 0.f;
+    for (int64_t i = 0; i < dm.L; ++i) {
+      const float e = expf(g[i * dm.L] - mx);
+      g[i * dm.L] = e;
+      sum += e;                                               // >= 1: the max contributes exp(0)
+    }
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < dm.L; ++i) {
+      g[i * dm.L] *= inv;
+      p[i * tc.Lp] = from_f<T>(g[i * dm.L]);
+    }
+    for (int64_t i = dm.L; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
+  }
+  __syncthreads();
+}
+
+// A warp's 16 x 16 fp32 tile through its scratch: write(offset, value) for every (r, c) for which
+// index(r, c, &offset) is true.
+template <typename Acc, typename Out, typename Index>
+__device__ __forceinline__ void scatter_tile(const Acc& acc, float* scratch, Index&& index, Out&& write) {
+  wmma::store_matrix_sync(scratch, acc, 16, wmma::mem_row_major);
+  __syncwarp();                                               // the tile is read by other lanes than wrote it
+  for (int idx = threadIdx.x % 32; idx < 256; idx += 32) {
+    int64_t offset;
+    if (index(idx / 16, idx % 16, &offset)) write(offset, scratch[idx]);
+  }
+  __syncwarp();                                               // scratch is overwritten by the next tile
+}
+
+// The tensor-core forward. Products on tensor cores with fp32 accumulation; the bias adds and the softmax in
+// fp32; z and P rounded to the operand type for the next product (as eager's bf16 chain does). Every loop over
+// tiles is warp-uniform (whole warps take a tile).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
     MixDims dm, TcDims tc, Rows<const T> x, const T* __restrict__ wc_pad, const T* __restrict__ bc,
@@ -195,84 +318,18 @@ __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
 #else
   constexpr int KS = Wmma<T>::k;
   DMX_DYNAMIC_SMEM(smem);
-  char* base = reinterpret_cast<char*>(smem);
-  T* xs = reinterpret_cast<T*>(base + tc.x_off);             // [ts][Lp][S][e0p]
-  T* zs = reinterpret_cast<T*>(base + tc.z_off);             // [rows][Ldp], row = t * S + s
-  float* gs = reinterpret_cast<float*>(base + tc.g_off);     // [16][LLp] logits; first the reduce's [ts*Lp][SDp]
-  T* pb = reinterpret_cast<T*>(base + tc.p_off);             // [16][Lp (i)][Lp (j)] probabilities
-  float* scratch = reinterpret_cast<float*>(base + tc.scratch_off) + (threadIdx.x / 32) * 256;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const TcSmem<T> sm(tc, smem);
+  const int warp = threadIdx.x / 32;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * tc.ts;
   const int64_t tv = min(tc.ts, dm.N - n0);                  // valid sequences of this block, >= 1
   const int64_t XW = dm.S * tc.e0p;                          // a staged token row
   const int64_t valid_rows = tv * dm.S;
 
-  // x tile, zero past L, past each segment's e0 channels and past the last sequence.
-  for (int64_t idx = threadIdx.x; idx < tc.ts * tc.Lp * XW; idx += kThreads) {
-    const int64_t c = idx % XW, tl = idx / XW, t = tl / tc.Lp, l = tl % tc.Lp, sg = c / tc.e0p, e = c % tc.e0p;
-    xs[idx] = t < tv && l < dm.L && e < dm.e0 ? x.data[x.seq(n0 + t) + l * x.sL + sg * dm.e0 + e] : from_f<T>(0.f);
-  }
+  stage_tc_tile(dm, tc, x, n0, tv, sm.xs);
   __syncthreads();
-
-  // reduce: r[t*Lp + l][m] = sum_c xs[t*Lp + l][c] wc_pad[m][c] (B = wc_pad^T: column-major, ldm XW).
-  {
-    const int64_t tiles_m = tc.ts * tc.Lp / 16, tiles_n = tc.SDp / 16;
-    for (int64_t tile = warp; tile < tiles_m * tiles_n; tile += kWarps) {
-      const int64_t m0 = tile / tiles_n * 16, q0 = tile % tiles_n * 16;
-      FragAcc<T> acc;
-      wmma::fill_fragment(acc, 0.f);
-      mma_k<T, wmma::row_major, wmma::col_major>(acc, xs + m0 * XW, XW, KS, wc_pad + q0 * XW, XW, KS, XW / KS);
-      wmma::store_matrix_sync(gs + m0 * tc.SDp + q0, acc, static_cast<unsigned>(tc.SDp), wmma::mem_row_major);
-    }
-  }
-  __syncthreads();
-  // z[t*S + s][l*d + k] = r[t*Lp + l][s*d + k] + bc[s*d + k], zero in the padding.
-  for (int64_t idx = threadIdx.x; idx < tc.rows * tc.Ldp; idx += kThreads) {
-    const int64_t row = idx / tc.Ldp, m = idx % tc.Ldp;
-    float v = 0.f;
-    if (row < tc.ts * dm.S && m < dm.Ld) {
-      const int64_t t = row / dm.S, sg = row % dm.S, l = m / dm.d, k = m % dm.d;
-      v = gs[(t * tc.Lp + l) * tc.SDp + sg * dm.d + k] + to_f(bc[sg * dm.d + k]);
-    }
-    zs[idx] = from_f<T>(v);
-  }
-  __syncthreads();
-
+  tc_reduce(dm, tc, sm, wc_pad, bc, n0, tv, nullptr);
   for (int64_t g0 = 0; g0 < valid_rows; g0 += 16) {
-    // generate: gs[r][q] = sum_m z[g0 + r][m] wgT_pad[m][q].
-    for (int64_t qt = warp; qt < tc.LLp / 16; qt += kWarps) {
-      FragAcc<T> acc;
-      wmma::fill_fragment(acc, 0.f);
-      mma_k<T, wmma::row_major, wmma::row_major>(acc, zs + g0 * tc.Ldp, tc.Ldp, KS, wgT_pad + qt * 16, tc.LLp,
-                                                  KS * tc.LLp, tc.Ldp / KS);
-      wmma::store_matrix_sync(gs + qt * 16, acc, static_cast<unsigned>(tc.LLp), wmma::mem_row_major);
-    }
-    __syncthreads();
-    // Softmax over the source token i of column (r, j), in fp32: pb[r][i][j] = P, zero for i or j >= L.
-    for (int64_t col = threadIdx.x; col < 16 * tc.Lp; col += kThreads) {
-      const int64_t r = col / tc.Lp, j = col % tc.Lp;
-      T* p = pb + r * tc.Lp * tc.Lp + j;
-      if (j >= dm.L || g0 + r >= valid_rows) {
-        for (int64_t i = 0; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
-        continue;
-      }
-      float* g = gs + r * tc.LLp + j;                          // logit (i, j) at g[i * L], bias bg[i * L + j]
-      float mx = -INFINITY;
-      for (int64_t i = 0; i < dm.L; ++i) {
-        g[i * dm.L] += to_f(bg[i * dm.L + j]);
-        mx = fmaxf(mx, g[i * dm.L]);
-      }
-      float sum = 0.f;
-      for (int64_t i = 0; i < dm.L; ++i) {
-        const float e = expf(g[i * dm.L] - mx);
-        g[i * dm.L] = e;
-        sum += e;                                               // >= 1: the max contributes exp(0)
-      }
-      const float inv = 1.f / sum;
-      for (int64_t i = 0; i < dm.L; ++i) p[i * tc.Lp] = from_f<T>(g[i * dm.L] * inv);
-      for (int64_t i = dm.L; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
-    }
-    __syncthreads();
+    tc_generate_softmax(dm, tc, sm, wgT_pad, bg, g0, valid_rows);
     // apply: y[t, j, s*e0 + e] = sum_i P[i][j] x[t, i, s*e0 + e]; A = P^T (pb[r] read column-major), B = x_s.
     const int64_t tiles_j = tc.Lp / 16, tiles_e = tc.e0p / 16;
     for (int64_t task = warp; task < 16 * tiles_j * tiles_e; task += kWarps) {
@@ -282,17 +339,116 @@ __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
       const int64_t t = row / dm.S, sg = row % dm.S;
       FragAcc<T> acc;
       wmma::fill_fragment(acc, 0.f);
-      mma_k<T, wmma::col_major, wmma::row_major>(acc, pb + r * tc.Lp * tc.Lp + j0, tc.Lp, KS * tc.Lp,
-                                                  xs + t * tc.Lp * XW + sg * tc.e0p + e0b, XW, KS * XW,
+      mma_k<T, wmma::col_major, wmma::row_major>(acc, sm.pb + r * tc.Lp * tc.Lp + j0, tc.Lp, KS * tc.Lp,
+                                                  sm.xs + t * tc.Lp * XW + sg * tc.e0p + e0b, XW, KS * XW,
                                                   tc.Lp / KS);
-      wmma::store_matrix_sync(scratch, acc, 16, wmma::mem_row_major);
-      __syncwarp();                                             // the tile is read by other lanes than wrote it
       T* yb = y.data + y.seq(n0 + t) + sg * dm.e0;
-      for (int idx = lane; idx < 256; idx += 32) {
-        const int64_t j = j0 + idx / 16, e = e0b + idx % 16;
-        if (j < dm.L && e < dm.e0) yb[j * y.sL + e] = from_f<T>(scratch[idx]);
+      scatter_tile(acc, sm.scratch,
+                   [&](int jj, int ee, int64_t* off) {
+                     *off = (j0 + jj) * y.sL + e0b + ee;
+                     return j0 + jj < dm.L && e0b + ee < dm.e0;
+                   },
+                   [&](int64_t off, float v) { yb[off] = from_f<T>(v); });
+    }
+    __syncthreads();                                            // gs and pb are overwritten by the next rows
+  }
+#endif
+}
+
+// The fused backward on tensor cores: recomputes z and P as the forward does, then per (sequence, segment) row,
+// one warp: dP = x_s dy_s^T (tensor cores), dG = P (dP - sum_i P dP) in fp32 (lanes over target columns j),
+// dx_mix = P dy_s (tensor cores); per 16 rows dz = dG Wg (tensor cores). Writes z, dG, dr and dx_mix in fp32 as
+// mix_backward_kernel does.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
+    MixDims dm, TcDims tc, Rows<const T> dy, Rows<const T> x, const T* __restrict__ wc_pad, const T* __restrict__ bc,
+    const T* __restrict__ wgT_pad, const T* __restrict__ bg, const T* __restrict__ wg_pad, float* __restrict__ z_out,
+    float* __restrict__ dg_out, float* __restrict__ dr_out, float* __restrict__ dxm_out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int KS = Wmma<T>::k;
+  DMX_DYNAMIC_SMEM(smem);
+  const TcSmem<T> sm(tc, smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * tc.ts;
+  const int64_t tv = min(tc.ts, dm.N - n0);
+  const int64_t XW = dm.S * tc.e0p;
+  const int64_t valid_rows = tv * dm.S;
+  float* dps = sm.scratch + 256;                              // [Lp][Lp]: dP, then dG of the warp's row
+
+  stage_tc_tile(dm, tc, x, n0, tv, sm.xs);
+  stage_tc_tile(dm, tc, dy, n0, tv, sm.dys);
+  __syncthreads();
+  tc_reduce(dm, tc, sm, wc_pad, bc, n0, tv, z_out);
+  for (int64_t g0 = 0; g0 < valid_rows; g0 += 16) {
+    tc_generate_softmax(dm, tc, sm, wgT_pad, bg, g0, valid_rows);
+    for (int64_t r = warp; r < 16; r += kWarps) {
+      const int64_t row = g0 + r;
+      if (row >= valid_rows) continue;                          // warp-uniform; pb[r] stays zero
+      const int64_t t = row / dm.S, sg = row % dm.S;
+      const T* xt = sm.xs + t * tc.Lp * XW + sg * tc.e0p;       // x_s: [i][e], ldm XW
+      const T* dyt = sm.dys + t * tc.Lp * XW + sg * tc.e0p;     // dy_s: [j][e], ldm XW
+      T* pr = sm.pb + r * tc.Lp * tc.Lp;
+      // dP[i][j] = sum_e x[i][e] dy[j][e]: B = dy_s^T, column-major.
+      for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
+        for (int64_t j0 = 0; j0 < tc.Lp; j0 += 16) {
+          FragAcc<T> acc;
+          wmma::fill_fragment(acc, 0.f);
+          mma_k<T, wmma::row_major, wmma::col_major>(acc, xt + i0 * XW, XW, KS, dyt + j0 * XW, XW, KS, tc.e0p / KS);
+          wmma::store_matrix_sync(dps + i0 * tc.Lp + j0, acc, static_cast<unsigned>(tc.Lp), wmma::mem_row_major);
+        }
       }
-      __syncwarp();                                             // scratch is overwritten by the next task
+      __syncwarp();
+      // dG in fp32, a lane per target column j; to dg_out and in place of dP.
+      const float* p = sm.gs + r * tc.LLp;                      // P[i][j] at p[i * L + j]
+      float* dg_row = dg_out + ((n0 + t) * dm.S + sg) * dm.LL;
+      for (int64_t j = lane; j < dm.L; j += 32) {
+        float dot = 0.f;
+        for (int64_t i = 0; i < dm.L; ++i) dot += p[i * dm.L + j] * dps[i * tc.Lp + j];
+        for (int64_t i = 0; i < dm.L; ++i) {
+          const float v = p[i * dm.L + j] * (dps[i * tc.Lp + j] - dot);
+          dps[i * tc.Lp + j] = v;
+          dg_row[i * dm.L + j] = v;
+        }
+      }
+      // dx_mix[t, i, s*e0 + e] = sum_j P[i][j] dy[j][e]: A = pb[r] ([i][j], row-major), B = dy_s.
+      float* dxm = dxm_out + (n0 + t) * dm.L * dm.C + sg * dm.e0;
+      for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
+        for (int64_t eb = 0; eb < tc.e0p; eb += 16) {
+          FragAcc<T> acc;
+          wmma::fill_fragment(acc, 0.f);
+          mma_k<T, wmma::row_major, wmma::row_major>(acc, pr + i0 * tc.Lp, tc.Lp, KS, dyt + eb, XW, KS * XW,
+                                                      tc.Lp / KS);
+          scatter_tile(acc, sm.scratch,
+                       [&](int ii, int ee, int64_t* off) {
+                         *off = (i0 + ii) * dm.C + eb + ee;
+                         return i0 + ii < dm.L && eb + ee < dm.e0;
+                       },
+                       [&](int64_t off, float v) { dxm[off] = v; });
+        }
+      }
+      // pb[r] = dG as the dz product's operand, [i*L + j] (zero up to LLp), now that dx_mix has read P.
+      for (int64_t q = lane; q < tc.LLp; q += 32)
+        pr[q] = from_f<T>(q < dm.LL ? dps[(q / dm.L) * tc.Lp + q % dm.L] : 0.f);
+      __syncwarp();                                             // dps is overwritten by the warp's next row
+    }
+    __syncthreads();
+    // dz[g0 + r][m] = sum_q dG[r][q] Wg[q][m]; dr[n, l, s*d + k] = dz[l*d + k].
+    for (int64_t mt = warp; mt < tc.Ldp / 16; mt += kWarps) {
+      FragAcc<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_k<T, wmma::row_major, wmma::row_major>(acc, sm.pb, tc.Lp * tc.Lp, KS, wg_pad + mt * 16, tc.Ldp,
+                                                  KS * tc.Ldp, tc.LLp / KS);
+      scatter_tile(acc, sm.scratch,
+                   [&](int rr, int mm, int64_t* off) {
+                     const int64_t row = g0 + rr, m = mt * 16 + mm;
+                     if (row >= valid_rows || m >= dm.Ld) return false;
+                     const int64_t t = row / dm.S, sg = row % dm.S;
+                     *off = ((n0 + t) * dm.L + m / dm.d) * (dm.S * dm.d) + sg * dm.d + m % dm.d;
+                     return true;
+                   },
+                   [&](int64_t off, float v) { dr_out[off] = v; });
     }
     __syncthreads();                                            // gs and pb are overwritten by the next rows
   }
@@ -531,6 +687,17 @@ void forward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg x, const void*
 }
 
 template <typename T>
+void backward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg dy, RowsArg x, const void* wc_pad, const void* bc,
+                      const void* wgT_pad, const void* bg, const void* wg_pad, float* z, float* dg, float* dr,
+                      float* dxm, cudaStream_t stream) {
+  set_smem(reinterpret_cast<const void*>(&mix_backward_tc_kernel<T>), tc.bytes);
+  DMX_LAUNCH(mix_backward_tc_kernel<T>, static_cast<unsigned>((dm.N + tc.ts - 1) / tc.ts), tc.bytes, stream,
+      dm, tc, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc_pad), static_cast<const T*>(bc),
+      static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), static_cast<const T*>(wg_pad), z, dg, dr, dxm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
 void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, const void* bc, const void* wgT,
                    const void* bg, const void* wg, float* z, float* dg, float* dr, float* dxm, size_t smem,
                    cudaStream_t stream) {
@@ -587,6 +754,19 @@ void launch_backward(DType dtype, const MixDims& dm, RowsArg dy, RowsArg x, cons
     case DType::Half: return backward_impl<__half>(dm, dy, x, wc, bc, wgT, bg, wg, z, dg, dr, dxm, smem, stream);
     case DType::BFloat16:
       return backward_impl<__nv_bfloat16>(dm, dy, x, wc, bc, wgT, bg, wg, z, dg, dr, dxm, smem, stream);
+  }
+}
+
+void launch_backward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsArg dy, RowsArg x, const void* wc_pad,
+                        const void* bc, const void* wgT_pad, const void* bg, const void* wg_pad, float* z, float* dg,
+                        float* dr, float* dxm, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float:
+      return backward_tc_impl<float>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
+    case DType::Half:
+      return backward_tc_impl<__half>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
+    case DType::BFloat16:
+      return backward_tc_impl<__nv_bfloat16>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
   }
 }
 

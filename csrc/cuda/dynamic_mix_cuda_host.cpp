@@ -92,39 +92,52 @@ void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
               w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
 }
 
-// Which forward runs: the tensor-core kernel for fp16/bf16 inputs, and for fp32 inputs when `tf32` (torch's
-// allow_tf32 for CUDA matmuls); the exact SIMT kernel for fp32 otherwise, on devices older than sm_80, and where
-// the tensor-core tiles do not fit the device's shared memory (e.g. L = 64 with fp32: the SIMT kernel's tiles
-// are smaller).
-enum class ForwardPath { TensorCores, Simt };
+// Which kernels run: the tensor-core ones for fp16/bf16 inputs, and for fp32 inputs when `tf32` (torch's
+// allow_tf32 for CUDA matmuls); the exact SIMT ones for fp32 otherwise, on devices older than sm_80, and where
+// the tensor-core tiles do not fit the device's shared memory (e.g. L = 64, or L = 32 with fp32 on an A100: the
+// SIMT kernels' tiles are smaller). Forward and backward decide alone (the backward's tiles are larger).
+enum class Path { TensorCores, Simt };
 
-ForwardPath forward_path(const MixShape& sh, DType dtype, bool tf32, bool has_tensor_cores, int smem_limit) {
-  if (!has_tensor_cores || (dtype == DType::Float && !tf32)) return ForwardPath::Simt;
+Path choose_path(const MixShape& sh, DType dtype, bool backward, bool tf32, bool has_tensor_cores, int smem_limit) {
+  if (!has_tensor_cores || (dtype == DType::Float && !tf32)) return Path::Simt;
   const size_t elem = dtype == DType::Float ? 4 : 2;
-  const cuda::TcDims tc = cuda::tc_forward_dims(sh.L, sh.C, sh.S, sh.d, elem);
+  const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, elem, backward);
   const int64_t blocks = (sh.sequences() + tc.ts - 1) / tc.ts;
-  return tc.bytes <= static_cast<size_t>(smem_limit) && blocks <= INT_MAX ? ForwardPath::TensorCores
-                                                                          : ForwardPath::Simt;
+  return tc.bytes <= static_cast<size_t>(smem_limit) && blocks <= INT_MAX ? Path::TensorCores : Path::Simt;
+}
+
+// Zero-padded weights in the tensor-core tiles' layout (tiny: the weights, not the activations).
+struct PaddedWeights {
+  at::Tensor wc_pad, wgT_pad, wg_pad;   // (SDp, S, e0p), (Ldp, LLp), (LLp, Ldp); wg_pad only for the backward
+};
+
+PaddedWeights pad_weights(const MixShape& sh, const cuda::TcDims& tc, const at::Tensor& compress_weight,
+                          const at::Tensor& generate_weight, bool backward) {
+  PaddedWeights w;
+  w.wc_pad = at::zeros({tc.SDp, sh.S, tc.e0p}, compress_weight.options());
+  w.wc_pad.narrow(0, 0, sh.S * sh.d).narrow(2, 0, sh.e0).copy_(compress_weight.view({sh.S * sh.d, sh.S, sh.e0}));
+  w.wgT_pad = at::zeros({tc.Ldp, tc.LLp}, generate_weight.options());
+  w.wgT_pad.narrow(0, 0, sh.L * sh.d).narrow(1, 0, sh.L * sh.L).copy_(generate_weight.t());
+  if (backward) {
+    w.wg_pad = at::zeros({tc.LLp, tc.Ldp}, generate_weight.options());
+    w.wg_pad.narrow(0, 0, sh.L * sh.L).narrow(1, 0, sh.L * sh.d).copy_(generate_weight);
+  }
+  return w;
 }
 
 // The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.
-ForwardPath run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
-                        const at::Tensor& compress_bias, const at::Tensor& generate_weight,
-                        const at::Tensor& generate_bias, at::Tensor& y, int smem_limit, bool tf32,
-                        bool has_tensor_cores, cudaStream_t stream) {
+Path run_forward(const MixShape& sh, const at::Tensor& x, const at::Tensor& compress_weight,
+                 const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                 at::Tensor& y, int smem_limit, bool tf32, bool has_tensor_cores, cudaStream_t stream) {
   size_t smem = 0;
   const MixDims dm = plan(sh, /*backward=*/false, smem_limit, &smem);
   const DType dtype = dtype_of(x);
-  const ForwardPath path = forward_path(sh, dtype, tf32, has_tensor_cores, smem_limit);
-  if (path == ForwardPath::TensorCores) {
-    const cuda::TcDims tc = cuda::tc_forward_dims(sh.L, sh.C, sh.S, sh.d, x.element_size());
-    // Zero-padded weights in the tiles' layout (tiny: the weights, not the activations).
-    at::Tensor wc_pad = at::zeros({tc.SDp, sh.S, tc.e0p}, compress_weight.options());
-    wc_pad.narrow(0, 0, sh.S * sh.d).narrow(2, 0, sh.e0).copy_(compress_weight.view({sh.S * sh.d, sh.S, sh.e0}));
-    at::Tensor wgT_pad = at::zeros({tc.Ldp, tc.LLp}, generate_weight.options());
-    wgT_pad.narrow(0, 0, dm.Ld).narrow(1, 0, dm.LL).copy_(generate_weight.t());
-    cuda::launch_forward_tc(dtype, dm, tc, rows_of(x), wc_pad.data_ptr(), compress_bias.data_ptr(),
-                            wgT_pad.data_ptr(), generate_bias.data_ptr(), rows_of(y), stream);
+  const Path path = choose_path(sh, dtype, /*backward=*/false, tf32, has_tensor_cores, smem_limit);
+  if (path == Path::TensorCores) {
+    const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, x.element_size(), /*backward=*/false);
+    const PaddedWeights w = pad_weights(sh, tc, compress_weight, generate_weight, /*backward=*/false);
+    cuda::launch_forward_tc(dtype, dm, tc, rows_of(x), w.wc_pad.data_ptr(), compress_bias.data_ptr(),
+                            w.wgT_pad.data_ptr(), generate_bias.data_ptr(), rows_of(y), stream);
     return path;
   }
   const at::Tensor wgT = generate_weight.t().contiguous();     // (L*d, L*L): coalesced reads by logit
@@ -133,15 +146,16 @@ ForwardPath run_forward(const MixShape& sh, const at::Tensor& x, const at::Tenso
   return path;
 }
 
-void run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
+Path run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
                   const at::Tensor& compress_weight, const at::Tensor& compress_bias,
                   const at::Tensor& generate_weight, const at::Tensor& generate_bias, at::Tensor& grad_x,
                   at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight,
-                  at::Tensor& grad_generate_bias, int smem_limit, cudaStream_t stream) {
+                  at::Tensor& grad_generate_bias, int smem_limit, bool tf32, bool has_tensor_cores,
+                  cudaStream_t stream) {
   size_t smem = 0;
   const MixDims dm = plan(sh, /*backward=*/true, smem_limit, &smem);
   const DType dtype = dtype_of(x);
-  const at::Tensor wgT = generate_weight.t().contiguous();
+  const Path path = choose_path(sh, dtype, /*backward=*/true, tf32, has_tensor_cores, smem_limit);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor z = at::empty({dm.N * dm.S, dm.Ld}, f32);
   at::Tensor dg = at::empty({dm.N * dm.S, dm.LL}, f32);
@@ -150,15 +164,27 @@ void run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor
 #ifdef DMX_EMULATE
   for (at::Tensor* t : {&z, &dg, &dr, &dx_mix}) t->fill_(NAN);   // an element the kernels do not write shows
 #endif
-  cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(), compress_bias.data_ptr(),
-                        wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(), z.data_ptr<float>(),
-                        dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(), smem, stream);
+  if (path == Path::TensorCores) {
+    const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, x.element_size(), /*backward=*/true);
+    const PaddedWeights w = pad_weights(sh, tc, compress_weight, generate_weight, /*backward=*/true);
+    cuda::launch_backward_tc(dtype, dm, tc, rows_of(grad_y), rows_of(x), w.wc_pad.data_ptr(),
+                             compress_bias.data_ptr(), w.wgT_pad.data_ptr(), generate_bias.data_ptr(),
+                             w.wg_pad.data_ptr(), z.data_ptr<float>(), dg.data_ptr<float>(), dr.data_ptr<float>(),
+                             dx_mix.data_ptr<float>(), stream);
+  } else {
+    const at::Tensor wgT = generate_weight.t().contiguous();
+    cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(),
+                          compress_bias.data_ptr(), wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(),
+                          z.data_ptr<float>(), dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(),
+                          smem, stream);
+  }
   cuda::launch_grad_x(dtype, dm, dx_mix.data_ptr<float>(), dr.data_ptr<float>(), compress_weight.data_ptr(),
                       rows_of(grad_x), stream);
   reduce_atb(dg, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, stream);   // sum dG^T z
   reduce_atb(dr, rows_of(x), dtype, dm.C, grad_compress_weight, stream);                 // sum dr^T x
   grad_generate_bias.copy_(dg.sum(0));
   grad_compress_bias.copy_(dr.sum(0));
+  return path;
 }
 
 void check_grads(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
@@ -226,7 +252,8 @@ void mix_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::
   }
   run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
                grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
-               smem_limit_of(x.get_device()), c10::cuda::getCurrentCUDAStream().stream());
+               smem_limit_of(x.get_device()), at::globalContext().allowTF32CuBLAS(), has_tensor_cores(x.get_device()),
+               c10::cuda::getCurrentCUDAStream().stream());
 }
 #endif  // DMX_EMULATE
 

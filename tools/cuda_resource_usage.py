@@ -28,9 +28,11 @@ SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, thread
 # (name, L, C, S, d) from shared/DYNAMIC_MIX.md.
 SHAPES = [("S stage 1", 32, 192, 8, 2), ("S stages 2-4", 16, 384, 16, 2), ("M stages 1-2", 32, 256, 8, 2),
           ("M stages 3-4", 16, 512, 16, 2), ("L stage 1", 32, 256, 8, 8), ("L stages 2-4", 16, 512, 16, 8)]
-KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
+KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "splitk_atb_tc_kernel", "mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
 DTYPES = {"f": "float", "6__half": "half", "13__nv_bfloat16": "bfloat16"}
-KERNEL_RE = re.compile(r"(" + "|".join(KERNELS) + r")I(f|6__half|13__nv_bfloat16)E")
+_T = r"(f|6__half|13__nv_bfloat16)"
+# One template argument, or two (splitk_atb_tc_kernel<b's type, operand type>; S<n>_ repeats the first).
+KERNEL_RE = re.compile(r"(" + "|".join(KERNELS) + r")I" + _T + r"(f|6__half|13__nv_bfloat16|S\d*_)?E")
 
 SMEM_PROGRAM = r"""
 #include <cstdio>
@@ -47,6 +49,9 @@ int main(int argc, char** argv) {   // argv: L C S d; prints kernel tile bytes, 
       TcDims tc = tc_dims(L, C, S, d, elem, backward);
       printf("%s/%d %ld %zu\n", backward ? "mix_backward_tc_kernel" : "mix_forward_tc_kernel", elem, (long)tc.ts,
              tc.bytes);
+      if (!backward && elem == 2)
+        printf("padded %ld %ld %ld %ld %ld %ld\n", (long)tc.Lp, (long)tc.e0p, (long)tc.SDp, (long)tc.Ldp,
+               (long)tc.LLp, (long)tc.ts);
     }
   }
 }
@@ -73,7 +78,12 @@ def find_cuobjdump():
 
 def _kernel_of(symbol):
     k = KERNEL_RE.search(symbol)
-    return (k.group(1), DTYPES[k.group(2)]) if k else None
+    if not k:
+        return None
+    if k.group(3) is None:
+        return k.group(1), DTYPES[k.group(2)]
+    operand = DTYPES[k.group(2)] if k.group(3).startswith("S") else DTYPES[k.group(3)]
+    return k.group(1), f"{DTYPES[k.group(2)]} -> {operand}"
 
 
 def compile_kernels(archs, tmp):
@@ -137,6 +147,9 @@ def smem_table(tmp):
         out = subprocess.run([exe, str(L), str(C), str(S), str(d)], capture_output=True, text=True, check=True).stdout
         entry = table.setdefault((L, C, S, d), {})
         for line in out.splitlines():
+            if line.startswith("padded"):
+                entry["padded"] = dict(zip(("Lp", "e0p", "SDp", "Ldp", "LLp", "ts"), map(int, line.split()[1:])))
+                continue
             kernel, tile, nbytes = line.split()
             entry.setdefault(kernel, []).append((int(tile), int(nbytes)))
     return table
@@ -177,12 +190,85 @@ def launch_plan(archs, rows, table):
     return plan
 
 
+# The H200 figures the prediction uses (shared/KERNEL_NOTES.md, measured on a lent machine 2026-10/11), and an
+# assumed rate for WMMA: it issues HMMA (mma.sync), not Hopper's wgmma, from 16-row tiles with 8-16 warps per SM.
+COPY_BYTES_PER_S = 4.3e12
+HMMA_FLOP_PER_S = 330e12          # assumption: a third of the 990 TFLOP/s bf16 datasheet rate
+FMA_FLOP_PER_S = 60e12            # SIMT fp32 (grad_x), KERNEL_NOTES.md: 60-67 peak
+EXP_PER_S = 16 * 132 * 1.755e9    # MUFU ex2: 16 per clock per SM on sm_90, 132 SMs, 1.755 GHz boost
+IMAGES = 128
+
+
+def _ceil(a, b):
+    return (a + b - 1) // b * b
+
+
+def predict(table, elem=2):
+    """Bytes and FLOPs the tensor-core kernels issue per call (one direction of one layer, 128 images, bf16) and
+    the times they imply. Padded FLOPs are what the tensor cores execute; DRAM bytes count each tensor once per
+    kernel that reads or writes it (L2 hits not subtracted except for the weights)."""
+    rows = []
+    for name, L, C, S, d in SHAPES:
+        pd = table[(L, C, S, d)]["padded"]
+        Lp, e0p, SDp, Ldp, LLp, ts = (pd[k] for k in ("Lp", "e0p", "SDp", "Ldp", "LLp", "ts"))
+        N = IMAGES * L                           # sequences: batch x rows
+        blocks = -(-N // ts)
+        groups = blocks * -(-(ts * S) // 16)     # 16-row tiles of the generate
+        e0 = C // S
+        useful_fwd = 2 * N * L * C * S * d + 2 * N * S * L * d * L * L + 2 * N * S * L * L * e0
+        reduce = blocks * 2 * ts * Lp * S * e0p * SDp
+        generate = groups * 2 * 16 * Ldp * LLp
+        apply = N * S * 2 * Lp * Lp * e0p
+        fwd_flops = reduce + generate + apply
+        x_bytes = N * L * C * elem
+        wg_l2 = groups * Ldp * LLp * elem + blocks * SDp * S * e0p * elem
+        fwd_bytes = 2 * x_bytes
+        exps = N * S * L * L
+        fwd_t = max(fwd_bytes / COPY_BYTES_PER_S, fwd_flops / HMMA_FLOP_PER_S, exps / EXP_PER_S)
+        # Backward: the fused kernel (x, dy in; z, dG, dr, dx_mix out in fp32), grad_x (dx_mix, dr in; dx out),
+        # the two split-K reductions (dG, z; dr, x in) and the two bias sums (dG, dr in).
+        z_b, dg_b, dr_b, dxm_b = N * S * L * d * 4, N * S * L * L * 4, N * L * S * d * 4, N * L * C * 4
+        bwd_bytes = (2 * x_bytes + z_b + dg_b + dr_b + dxm_b) + (dxm_b + dr_b + x_bytes) + (dg_b + z_b + dr_b + x_bytes) \
+            + (dg_b + dr_b)
+        dp = dxm = N * S * 2 * Lp * Lp * e0p
+        dz = groups * 2 * 16 * LLp * Ldp
+        dwg = 2 * N * S * _ceil(L * L, 64) * _ceil(L * d, 32)
+        dwc = 2 * N * L * _ceil(S * d, 64) * _ceil(C, 32)
+        bwd_tc = reduce + generate + dp + dxm + dz + dwg + dwc
+        grad_x = 2 * N * L * S * d * C
+        bwd_t = max(bwd_bytes / COPY_BYTES_PER_S, bwd_tc / HMMA_FLOP_PER_S + grad_x / FMA_FLOP_PER_S, 2 * exps / EXP_PER_S)
+        rows.append(dict(shape=name, L=L, C=C, S=S, d=d, N=N, blocks=blocks, fwd_bytes=fwd_bytes, wg_l2=wg_l2,
+                         useful_fwd=useful_fwd, fwd_flops=fwd_flops, exps=exps, fwd_us=fwd_t * 1e6,
+                         fwd_mem_us=fwd_bytes / COPY_BYTES_PER_S * 1e6, fwd_tc_us=fwd_flops / HMMA_FLOP_PER_S * 1e6,
+                         fwd_exp_us=exps / EXP_PER_S * 1e6, bwd_bytes=bwd_bytes, bwd_tc=bwd_tc, grad_x=grad_x,
+                         bwd_us=bwd_t * 1e6, dg_bytes=dg_b))
+    return rows
+
+
+def print_prediction(rows):
+    print(f"| shape (L, C, S, d) | sequences | fwd DRAM MB (x + y) | fwd Wg+Wc L2 MB | fwd GFLOP useful / issued "
+          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (dG fp32) | bwd GFLOP tensor + SIMT | **bwd us** |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']}) | {r['N']} | {r['fwd_bytes'] / 1e6:.1f} | "
+              f"{r['wg_l2'] / 1e6:.0f} | {r['useful_fwd'] / 1e9:.2f} / {r['fwd_flops'] / 1e9:.2f} | "
+              f"{r['fwd_mem_us']:.1f} / {r['fwd_tc_us']:.1f} / {r['fwd_exp_us']:.1f} | **{r['fwd_us']:.0f}** | "
+              f"{r['bwd_bytes'] / 1e6:.0f} ({r['dg_bytes'] / 1e6:.0f}) | {r['bwd_tc'] / 1e9:.1f} + "
+              f"{r['grad_x'] / 1e9:.2f} | **{r['bwd_us']:.0f}** |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", help="compute capability without the dot (default 80, 90)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (kernels, plan) instead")
+    parser.add_argument("--predict", action="store_true",
+                        help="only the H200 time prediction per model shape (bf16, 128 images; no ptxas)")
     args = parser.parse_args()
     archs = args.arch or ["80", "90"]
+    if args.predict:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_prediction(predict(smem_table(tmp)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows, obj = compile_kernels(archs, tmp)
         tool = count_hmma(obj, rows)

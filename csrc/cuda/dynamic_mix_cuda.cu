@@ -658,6 +658,63 @@ __global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
   }
 }
 
+// The same product on tensor cores: a block owns a 64 (q) x 32 (c) tile of the output, a warp one 16 x 16 tile
+// of it; each step stages 32 rows of k of a and b as operands T (fp32 a rounded), then A = a^T (column-major
+// view of the staged [k][q]) and B = b ([k][c]). Deterministic like splitk_atb_kernel.
+constexpr int kAtbQ = 64, kAtbC = 32, kAtbK = 32;
+
+template <typename TB, typename T>
+__global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
+    const float* __restrict__ a, int64_t K, int64_t Q, Rows<const TB> b, int64_t cols, int64_t rows_per_split,
+    float* __restrict__ partial) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int KS = Wmma<T>::k, AP = kAtbQ + 8, BP = kAtbC + 8;   // row strides: 16-byte multiples, 32-byte tiles
+  struct alignas(128) Staged {                        // WMMA pointers must be 32-byte aligned
+    T a[kAtbK * AP];
+    T b[kAtbK * BP];
+    float scratch[kWarps * 256];
+    int64_t boff[kAtbK];
+  };
+  __shared__ Staged st;
+  T* as = st.a;
+  T* bs = st.b;
+  int64_t* boff = st.boff;
+  const int64_t tiles_c = (cols + kAtbC - 1) / kAtbC;
+  const int64_t q0 = (blockIdx.x / tiles_c) * kAtbQ, c0 = (blockIdx.x % tiles_c) * kAtbC;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t k_end = min(K, k_begin + rows_per_split);
+  const int warp = threadIdx.x / 32;
+  const int64_t wq = (warp / 2) * 16, wc = (warp % 2) * 16;      // this warp's tile inside the block's
+  FragAcc<T> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kAtbK) {
+    if (threadIdx.x < kAtbK) boff[threadIdx.x] = k0 + threadIdx.x < k_end ? b.row(k0 + threadIdx.x) : 0;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kAtbK * kAtbQ; idx += kThreads) {
+      const int kk = idx / kAtbQ, jj = idx % kAtbQ;
+      as[kk * AP + jj] = from_f<T>(k0 + kk < k_end && q0 + jj < Q ? a[(k0 + kk) * Q + q0 + jj] : 0.f);
+    }
+    for (int idx = threadIdx.x; idx < kAtbK * kAtbC; idx += kThreads) {
+      const int kk = idx / kAtbC, jj = idx % kAtbC;
+      bs[kk * BP + jj] = from_f<T>(k0 + kk < k_end && c0 + jj < cols ? to_f(b.data[boff[kk] + c0 + jj]) : 0.f);
+    }
+    __syncthreads();
+    mma_k<T, wmma::col_major, wmma::row_major>(acc, as + wq, AP, KS * AP, bs + wc, BP, KS * BP, kAtbK / KS);
+    __syncthreads();                                  // as, bs and boff are overwritten next step
+  }
+  float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
+  scatter_tile(acc, st.scratch + warp * 256,
+               [&](int r, int c, int64_t* off) {
+                 const int64_t q = q0 + wq + r, cc = c0 + wc + c;
+                 *off = q * cols + cc;
+                 return q < Q && cc < cols;
+               },
+               [&](int64_t off, float v) { out[off] = v; });
+#endif
+}
+
 // ---- launchers ----------------------------------------------------------------------------------------
 
 void set_smem(const void* kernel, size_t smem) {
@@ -726,7 +783,37 @@ void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename TB, typename T>
+void splitk_tc_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, int64_t splits,
+                    int64_t rows_per_split, float* partial, cudaStream_t stream) {
+  const int64_t tiles = (Q + kAtbQ - 1) / kAtbQ * ((cols + kAtbC - 1) / kAtbC);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  DMX_LAUNCH((splitk_atb_tc_kernel<TB, T>), grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split,
+             partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void launch_splitk_atb_tc(DType operand, DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b,
+                          int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
+  // b is fp32 (z) or already of the operand type (x): five instantiations, not nine.
+  if (b_dtype == DType::Float) {
+    switch (operand) {
+      case DType::Float: return splitk_tc_impl<float, float>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+      case DType::Half: return splitk_tc_impl<float, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+      case DType::BFloat16:
+        return splitk_tc_impl<float, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    }
+  }
+  TORCH_CHECK(b_dtype == operand, "dynamixer_ops (cuda): split-K operand dtype differs from b's");
+  switch (operand) {
+    case DType::Half: return splitk_tc_impl<__half, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::BFloat16:
+      return splitk_tc_impl<__nv_bfloat16, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::Float: break;    // handled above
+  }
+}
 
 void launch_forward(DType dtype, const MixDims& dm, RowsArg x, const void* wc, const void* bc, const void* wgT,
                     const void* bg, RowsArg y, size_t smem, cudaStream_t stream) {

@@ -121,5 +121,10 @@ void launch_grad_x(DType dtype, const MixDims& dm, const float* dx_mix, const fl
 void launch_splitk_atb(DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols,
                        int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream);
 
+// The same product on tensor cores: a and b rounded to `operand` (fp16 / bf16, or tf32 for Float), fp32
+// accumulation; 64 x 32 output tiles, 32 rows of k per step. rows_per_split must be a multiple of 32.
+void launch_splitk_atb_tc(DType operand, DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b,
+                          int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dynamixer_ops

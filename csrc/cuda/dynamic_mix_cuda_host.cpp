@@ -68,24 +68,6 @@ MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
   return dm;
 }
 
-// out (Q, cols) = (a^T b).to(out's dtype), a: fp32 contiguous (K, Q), b: K flat rows. Per-block fp32
-// partial sums over fixed slices of K, then at::sum over the slices: the same bits on every run.
-void reduce_atb(const at::Tensor& a, RowsArg b, DType b_dtype, int64_t cols, at::Tensor& out, cudaStream_t stream) {
-  const int64_t K = a.size(0), Q = a.size(1);
-  const int64_t tiles = (Q + 31) / 32 * ((cols + 31) / 32);
-  const int64_t k_steps = (K + 31) / 32;
-  // About 1024 blocks in all, every split at least 8 steps of 32 rows, at most 65535 splits (grid.y).
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(1024 / std::max<int64_t>(tiles, 1), k_steps / 8));
-  int64_t rows_per_split = (k_steps + splits - 1) / splits * 32;
-  while ((K + rows_per_split - 1) / rows_per_split > 65535) rows_per_split *= 2;
-  splits = (K + rows_per_split - 1) / rows_per_split;
-  TORCH_CHECK(tiles <= INT_MAX, "dynamixer_ops (cuda): weight gradient of ", Q, " x ", cols, " is too large");
-  at::Tensor partial = at::empty({splits, Q, cols}, a.options());
-  cuda::launch_splitk_atb(b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
-                          partial.data_ptr<float>(), stream);
-  out.copy_(partial.sum(0));
-}
-
 void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
   TORCH_CHECK(g.sizes() == w.sizes() && g.scalar_type() == w.scalar_type() && g.device() == w.device(),
               "dynamixer_ops (cuda): ", name, " must match its weight (", w.sizes(), ", ", w.scalar_type(), ", ",
@@ -95,11 +77,16 @@ void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
 // Which kernels run: the tensor-core ones for fp16/bf16 inputs, and for fp32 inputs when `tf32` (torch's
 // allow_tf32 for CUDA matmuls); the exact SIMT ones for fp32 otherwise, on devices older than sm_80, and where
 // the tensor-core tiles do not fit the device's shared memory (e.g. L = 64, or L = 32 with fp32 on an A100: the
-// SIMT kernels' tiles are smaller). Forward and backward decide alone (the backward's tiles are larger).
+// SIMT kernels' tiles are smaller). Forward and backward decide alone (the backward's tiles are larger); the
+// weight-gradient reductions need no large tiles and run on tensor cores wherever the dtype and device allow.
 enum class Path { TensorCores, Simt };
 
+bool tensor_cores_allowed(DType dtype, bool tf32, bool has_tensor_cores) {
+  return has_tensor_cores && (dtype != DType::Float || tf32);
+}
+
 Path choose_path(const MixShape& sh, DType dtype, bool backward, bool tf32, bool has_tensor_cores, int smem_limit) {
-  if (!has_tensor_cores || (dtype == DType::Float && !tf32)) return Path::Simt;
+  if (!tensor_cores_allowed(dtype, tf32, has_tensor_cores)) return Path::Simt;
   const size_t elem = dtype == DType::Float ? 4 : 2;
   const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, elem, backward);
   const int64_t blocks = (sh.sequences() + tc.ts - 1) / tc.ts;
@@ -123,6 +110,31 @@ PaddedWeights pad_weights(const MixShape& sh, const cuda::TcDims& tc, const at::
     w.wg_pad.narrow(0, 0, sh.L * sh.L).narrow(1, 0, sh.L * sh.d).copy_(generate_weight);
   }
   return w;
+}
+
+// out (Q, cols) = (a^T b).to(out's dtype), a: fp32 contiguous (K, Q), b: K flat rows. Per-block fp32
+// partial sums over fixed slices of K, then at::sum over the slices: the same bits on every run. On tensor cores
+// (operands rounded to `operand`) where `path` says so, else SIMT in fp32.
+void reduce_atb(const at::Tensor& a, RowsArg b, DType b_dtype, int64_t cols, at::Tensor& out, Path path,
+                DType operand, cudaStream_t stream) {
+  const int64_t K = a.size(0), Q = a.size(1);
+  const int64_t tiles = (Q + 31) / 32 * ((cols + 31) / 32);
+  const int64_t k_steps = (K + 31) / 32;
+  // About 1024 blocks in all, every split at least 8 steps of 32 rows, at most 65535 splits (grid.y).
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(1024 / std::max<int64_t>(tiles, 1), k_steps / 8));
+  int64_t rows_per_split = (k_steps + splits - 1) / splits * 32;
+  while ((K + rows_per_split - 1) / rows_per_split > 65535) rows_per_split *= 2;
+  splits = (K + rows_per_split - 1) / rows_per_split;
+  TORCH_CHECK(tiles <= INT_MAX, "dynamixer_ops (cuda): weight gradient of ", Q, " x ", cols, " is too large");
+  at::Tensor partial = at::empty({splits, Q, cols}, a.options());
+  if (path == Path::TensorCores) {
+    cuda::launch_splitk_atb_tc(operand, b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
+                               partial.data_ptr<float>(), stream);
+  } else {
+    cuda::launch_splitk_atb(b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
+                            partial.data_ptr<float>(), stream);
+  }
+  out.copy_(partial.sum(0));
 }
 
 // The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.
@@ -180,8 +192,9 @@ Path run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor
   }
   cuda::launch_grad_x(dtype, dm, dx_mix.data_ptr<float>(), dr.data_ptr<float>(), compress_weight.data_ptr(),
                       rows_of(grad_x), stream);
-  reduce_atb(dg, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, stream);   // sum dG^T z
-  reduce_atb(dr, rows_of(x), dtype, dm.C, grad_compress_weight, stream);                 // sum dr^T x
+  const Path reduce_path = tensor_cores_allowed(dtype, tf32, has_tensor_cores) ? Path::TensorCores : Path::Simt;
+  reduce_atb(dg, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, reduce_path, dtype, stream);  // dG^T z
+  reduce_atb(dr, rows_of(x), dtype, dm.C, grad_compress_weight, reduce_path, dtype, stream);                // dr^T x
   grad_generate_bias.copy_(dg.sum(0));
   grad_compress_bias.copy_(dr.sum(0));
   return path;

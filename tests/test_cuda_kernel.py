@@ -139,8 +139,7 @@ def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype
     inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     y, grads = _emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
-    # The weight-gradient reductions stay on tensor cores (tf32 for fp32): they need no large tiles.
-    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, True))
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, False))
 
 
 def test_emulated_too_little_shared_memory_is_a_clear_error(emu):

@@ -4,7 +4,7 @@ allow at the model shapes. Needs nvcc (and cuobjdump for the SASS column), not a
     python tools/cuda_resource_usage.py [--arch 80 --arch 90] [--json]
 
 ptxas -v gives registers and spills; `cuobjdump --dump-sass` counts HMMA instructions per kernel (found on PATH,
-in CUDA_HOME/bin, in triton's wheel at triton/backends/nvidia/bin, or in the nvidia-cuda-cuobjdump wheel).
+in CUDA_HOME/bin, in triton's wheel at triton/backends/nvidia/bin, or in the nvidia-cuda-cuobjdump wheel); c++filt names kernels.
 Shared-memory sizes are not restated here: a tiny host program compiled against csrc/cuda/dynamic_mix_cuda.h
 prints what the header defines. The numbers printed are the ones recorded in benchmarks/RESULTS.md.
 """
@@ -28,11 +28,11 @@ SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, thread
 # (name, L, C, S, d) from shared/DYNAMIC_MIX.md.
 SHAPES = [("S stage 1", 32, 192, 8, 2), ("S stages 2-4", 16, 384, 16, 2), ("M stages 1-2", 32, 256, 8, 2),
           ("M stages 3-4", 16, 512, 16, 2), ("L stage 1", 32, 256, 8, 8), ("L stages 2-4", 16, 512, 16, 8)]
-KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "splitk_atb_tc_kernel", "mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
-DTYPES = {"f": "float", "6__half": "half", "13__nv_bfloat16": "bfloat16"}
-_T = r"(f|6__half|13__nv_bfloat16)"
-# One template argument, or two (splitk_atb_tc_kernel<b's type, operand type>; S<n>_ repeats the first).
-KERNEL_RE = re.compile(r"(" + "|".join(KERNELS) + r")I" + _T + r"(f|6__half|13__nv_bfloat16|S\d*_)?E")
+KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "splitk_atb_tc_kernel", "mix_forward_kernel",
+           "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
+NAMES = {"float": "float", "__half": "half", "__nv_bfloat16": "bfloat16"}
+KERNEL_RE = re.compile(r"\b(" + "|".join(KERNELS) + r")<([^<>]*)>")
+
 
 SMEM_PROGRAM = r"""
 #include <cstdio>
@@ -76,14 +76,17 @@ def find_cuobjdump():
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def _kernel_of(symbol):
-    k = KERNEL_RE.search(symbol)
-    if not k:
-        return None
-    if k.group(3) is None:
-        return k.group(1), DTYPES[k.group(2)]
-    operand = DTYPES[k.group(2)] if k.group(3).startswith("S") else DTYPES[k.group(3)]
-    return k.group(1), f"{DTYPES[k.group(2)]} -> {operand}"
+def _demangle(symbols):
+    """C++ names of mangled symbols (c++filt, binutils), in order."""
+    out = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def _kernel_of(name):
+    """(kernel, dtype) of a demangled kernel name; dtype lists every template argument ("float", or
+    "float, bfloat16, bfloat16" for splitk_atb_tc_kernel<a's, b's, operand type>)."""
+    k = KERNEL_RE.search(name)
+    return k.group(1), ", ".join(NAMES[t.strip()] for t in k.group(2).split(","))
 
 
 def compile_kernels(archs, tmp):
@@ -97,10 +100,12 @@ def compile_kernels(archs, tmp):
     if out.returncode:
         sys.exit(out.stderr)
     rows, current = [], None
-    for line in out.stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
+    lines = out.stderr.splitlines()
+    entries = [re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line) for line in lines]
+    names = iter(_demangle([m.group(1) for m in entries if m]))
+    for line, m in zip(lines, entries):
         if m:
-            kernel, dtype = _kernel_of(m.group(1))
+            kernel, dtype = _kernel_of(next(names))
             current = dict(arch=m.group(2), kernel=kernel, dtype=dtype)
         elif current and "spill stores" in line:
             stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line).groups()
@@ -121,13 +126,15 @@ def count_hmma(obj, rows):
     if tool:
         sass = subprocess.run([tool, "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
         arch = kernel = None
-        for line in sass.splitlines():
+        lines = sass.splitlines()
+        functions = [re.search(r"Function : (\S+)", line) for line in lines]
+        names = iter(_demangle([f.group(1) for f in functions if f]))
+        for line, f in zip(lines, functions):
             a = re.search(r"arch = sm_(\d+)", line)
             if a:
                 arch = a.group(1)
-            f = re.search(r"Function : (\S+)", line)
             if f:
-                kernel = _kernel_of(f.group(1))
+                kernel = _kernel_of(next(names))
                 counts.setdefault((arch, kernel), 0)
             elif kernel and re.search(r"\bHMMA\b", line):
                 counts[(arch, kernel)] += 1
@@ -225,11 +232,13 @@ def predict(table, elem=2):
         fwd_bytes = 2 * x_bytes
         exps = N * S * L * L
         fwd_t = max(fwd_bytes / COPY_BYTES_PER_S, fwd_flops / HMMA_FLOP_PER_S, exps / EXP_PER_S)
-        # Backward: the fused kernel (x, dy in; z, dG, dr, dx_mix out in fp32), grad_x (dx_mix, dr in; dx out),
-        # the two split-K reductions (dG, z; dr, x in) and the two bias sums (dG, dr in).
-        z_b, dg_b, dr_b, dxm_b = N * S * L * d * 4, N * S * L * L * 4, N * L * S * d * 4, N * L * C * 4
-        bwd_bytes = (2 * x_bytes + z_b + dg_b + dr_b + dxm_b) + (dxm_b + dr_b + x_bytes) + (dg_b + z_b + dr_b + x_bytes) \
-            + (dg_b + dr_b)
+        # Backward: the fused kernel (x, dy in; z, dr in fp32, dG, dx_mix in bf16 and per-block dbg sums out),
+        # grad_x (dx_mix, dr in; dx out), the two split-K reductions (dG, z; dr, x in) and the bias sums (dbg
+        # partials, dr in).
+        z_b, dr_b = N * S * L * d * 4, N * L * S * d * 4
+        dg_b, dxm_b, dbg_b = N * S * L * L * elem, N * L * C * elem, blocks * L * L * 4
+        bwd_bytes = (2 * x_bytes + z_b + dg_b + dr_b + dxm_b + dbg_b) + (dxm_b + dr_b + x_bytes) \
+            + (dg_b + z_b + dr_b + x_bytes) + (dbg_b + dr_b)
         dp = dxm = N * S * 2 * Lp * Lp * e0p
         dz = groups * 2 * 16 * LLp * Ldp
         dwg = 2 * N * S * _ceil(L * L, 64) * _ceil(L * d, 32)
@@ -247,7 +256,7 @@ def predict(table, elem=2):
 
 def print_prediction(rows):
     print(f"| shape (L, C, S, d) | sequences | fwd DRAM MB (x + y) | fwd Wg+Wc L2 MB | fwd GFLOP useful / issued "
-          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (dG fp32) | bwd GFLOP tensor + SIMT | **bwd us** |")
+          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (of it dG) | bwd GFLOP tensor + SIMT | **bwd us** |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']}) | {r['N']} | {r['fwd_bytes'] / 1e6:.1f} | "

@@ -357,13 +357,13 @@ __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
 
 // The fused backward on tensor cores: recomputes z and P as the forward does, then per (sequence, segment) row,
 // one warp: dP = x_s dy_s^T (tensor cores), dG = P (dP - sum_i P dP) in fp32 (lanes over target columns j),
-// dx_mix = P dy_s (tensor cores); per 16 rows dz = dG Wg (tensor cores). Writes z, dG, dr and dx_mix in fp32 as
-// mix_backward_kernel does.
+// dx_mix = P dy_s (tensor cores); per 16 rows dz = dG Wg (tensor cores). Writes z and dr in fp32, dG and dx_mix
+// in T, and this block's fp32 sum of dG over its rows (the generate bias's gradient, summed in a fixed order).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
     MixDims dm, TcDims tc, Rows<const T> dy, Rows<const T> x, const T* __restrict__ wc_pad, const T* __restrict__ bc,
     const T* __restrict__ wgT_pad, const T* __restrict__ bg, const T* __restrict__ wg_pad, float* __restrict__ z_out,
-    float* __restrict__ dg_out, float* __restrict__ dr_out, float* __restrict__ dxm_out) {
+    T* __restrict__ dg_out, float* __restrict__ dr_out, T* __restrict__ dxm_out, float* __restrict__ dbg_partial) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
@@ -376,64 +376,77 @@ __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
   const int64_t XW = dm.S * tc.e0p;
   const int64_t valid_rows = tv * dm.S;
   float* dps = sm.scratch + 256;                              // [Lp][Lp]: dP, then dG of the warp's row
+  const float* scratch0 = sm.scratch - warp * tc.scratch;     // warp 0's scratch
+  float* dbg_sum = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + tc.dbg_off);   // [LL]
 
   stage_tc_tile(dm, tc, x, n0, tv, sm.xs);
   stage_tc_tile(dm, tc, dy, n0, tv, sm.dys);
+  for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) dbg_sum[q] = 0.f;
   __syncthreads();
   tc_reduce(dm, tc, sm, wc_pad, bc, n0, tv, z_out);
   for (int64_t g0 = 0; g0 < valid_rows; g0 += 16) {
     tc_generate_softmax(dm, tc, sm, wgT_pad, bg, g0, valid_rows);
-    for (int64_t r = warp; r < 16; r += kWarps) {
-      const int64_t row = g0 + r;
-      if (row >= valid_rows) continue;                          // warp-uniform; pb[r] stays zero
-      const int64_t t = row / dm.S, sg = row % dm.S;
-      const T* xt = sm.xs + t * tc.Lp * XW + sg * tc.e0p;       // x_s: [i][e], ldm XW
-      const T* dyt = sm.dys + t * tc.Lp * XW + sg * tc.e0p;     // dy_s: [j][e], ldm XW
-      T* pr = sm.pb + r * tc.Lp * tc.Lp;
-      // dP[i][j] = sum_e x[i][e] dy[j][e]: B = dy_s^T, column-major.
-      for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
-        for (int64_t j0 = 0; j0 < tc.Lp; j0 += 16) {
-          FragAcc<T> acc;
-          wmma::fill_fragment(acc, 0.f);
-          mma_k<T, wmma::row_major, wmma::col_major>(acc, xt + i0 * XW, XW, KS, dyt + j0 * XW, XW, KS, tc.e0p / KS);
-          wmma::store_matrix_sync(dps + i0 * tc.Lp + j0, acc, static_cast<unsigned>(tc.Lp), wmma::mem_row_major);
+    // Rounds of kWarps rows, a warp per row; after each round the block adds the round's dG to dbg_sum in
+    // warp order (deterministic), before the warps' scratch is reused.
+    for (int64_t r0 = 0; r0 < 16; r0 += kWarps) {
+      const int64_t r = r0 + warp, row = g0 + r;
+      if (row < valid_rows) {                                   // warp-uniform; else pb[r] stays zero
+        const int64_t t = row / dm.S, sg = row % dm.S;
+        const T* xt = sm.xs + t * tc.Lp * XW + sg * tc.e0p;       // x_s: [i][e], ldm XW
+        const T* dyt = sm.dys + t * tc.Lp * XW + sg * tc.e0p;     // dy_s: [j][e], ldm XW
+        T* pr = sm.pb + r * tc.Lp * tc.Lp;
+        // dP[i][j] = sum_e x[i][e] dy[j][e]: B = dy_s^T, column-major.
+        for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
+          for (int64_t j0 = 0; j0 < tc.Lp; j0 += 16) {
+            FragAcc<T> acc;
+            wmma::fill_fragment(acc, 0.f);
+            mma_k<T, wmma::row_major, wmma::col_major>(acc, xt + i0 * XW, XW, KS, dyt + j0 * XW, XW, KS, tc.e0p / KS);
+            wmma::store_matrix_sync(dps + i0 * tc.Lp + j0, acc, static_cast<unsigned>(tc.Lp), wmma::mem_row_major);
+          }
         }
-      }
-      __syncwarp();
-      // dG in fp32, a lane per target column j; to dg_out and in place of dP.
-      const float* p = sm.gs + r * tc.LLp;                      // P[i][j] at p[i * L + j]
-      float* dg_row = dg_out + ((n0 + t) * dm.S + sg) * dm.LL;
-      for (int64_t j = lane; j < dm.L; j += 32) {
-        float dot = 0.f;
-        for (int64_t i = 0; i < dm.L; ++i) dot += p[i * dm.L + j] * dps[i * tc.Lp + j];
-        for (int64_t i = 0; i < dm.L; ++i) {
-          const float v = p[i * dm.L + j] * (dps[i * tc.Lp + j] - dot);
-          dps[i * tc.Lp + j] = v;
-          dg_row[i * dm.L + j] = v;
+        __syncwarp();
+        // dG in fp32, a lane per target column j; to dg_out and in place of dP.
+        const float* p = sm.gs + r * tc.LLp;                      // P[i][j] at p[i * L + j]
+        T* dg_row = dg_out + ((n0 + t) * dm.S + sg) * dm.LL;
+        for (int64_t j = lane; j < dm.L; j += 32) {
+          float dot = 0.f;
+          for (int64_t i = 0; i < dm.L; ++i) dot += p[i * dm.L + j] * dps[i * tc.Lp + j];
+          for (int64_t i = 0; i < dm.L; ++i) {
+            const float v = p[i * dm.L + j] * (dps[i * tc.Lp + j] - dot);
+            dps[i * tc.Lp + j] = v;
+            dg_row[i * dm.L + j] = from_f<T>(v);
+          }
         }
-      }
-      // dx_mix[t, i, s*e0 + e] = sum_j P[i][j] dy[j][e]: A = pb[r] ([i][j], row-major), B = dy_s.
-      float* dxm = dxm_out + (n0 + t) * dm.L * dm.C + sg * dm.e0;
-      for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
-        for (int64_t eb = 0; eb < tc.e0p; eb += 16) {
-          FragAcc<T> acc;
-          wmma::fill_fragment(acc, 0.f);
-          mma_k<T, wmma::row_major, wmma::row_major>(acc, pr + i0 * tc.Lp, tc.Lp, KS, dyt + eb, XW, KS * XW,
-                                                      tc.Lp / KS);
-          scatter_tile(acc, sm.scratch,
-                       [&](int ii, int ee, int64_t* off) {
-                         *off = (i0 + ii) * dm.C + eb + ee;
-                         return i0 + ii < dm.L && eb + ee < dm.e0;
-                       },
-                       [&](int64_t off, float v) { dxm[off] = v; });
+        // dx_mix[t, i, s*e0 + e] = sum_j P[i][j] dy[j][e]: A = pb[r] ([i][j], row-major), B = dy_s.
+        T* dxm = dxm_out + (n0 + t) * dm.L * dm.C + sg * dm.e0;
+        for (int64_t i0 = 0; i0 < tc.Lp; i0 += 16) {
+          for (int64_t eb = 0; eb < tc.e0p; eb += 16) {
+            FragAcc<T> acc;
+            wmma::fill_fragment(acc, 0.f);
+            mma_k<T, wmma::row_major, wmma::row_major>(acc, pr + i0 * tc.Lp, tc.Lp, KS, dyt + eb, XW, KS * XW,
+                                                        tc.Lp / KS);
+            scatter_tile(acc, sm.scratch,
+                         [&](int ii, int ee, int64_t* off) {
+                           *off = (i0 + ii) * dm.C + eb + ee;
+                           return i0 + ii < dm.L && eb + ee < dm.e0;
+                         },
+                         [&](int64_t off, float v) { dxm[off] = from_f<T>(v); });
+          }
         }
+        // pb[r] = dG as the dz product's operand, [i*L + j] (zero up to LLp), now that dx_mix has read P.
+        for (int64_t q = lane; q < tc.LLp; q += 32)
+          pr[q] = from_f<T>(q < dm.LL ? dps[(q / dm.L) * tc.Lp + q % dm.L] : 0.f);
       }
-      // pb[r] = dG as the dz product's operand, [i*L + j] (zero up to LLp), now that dx_mix has read P.
-      for (int64_t q = lane; q < tc.LLp; q += 32)
-        pr[q] = from_f<T>(q < dm.LL ? dps[(q / dm.L) * tc.Lp + q % dm.L] : 0.f);
-      __syncwarp();                                             // dps is overwritten by the warp's next row
+      __syncthreads();                                          // the round's dG are in the warps' scratch
+      const int64_t round_rows = min(static_cast<int64_t>(kWarps), valid_rows - (g0 + r0));
+      for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) {
+        float acc = dbg_sum[q];
+        for (int64_t w = 0; w < round_rows; ++w)
+          acc += scratch0[w * tc.scratch + 256 + (q / dm.L) * tc.Lp + q % dm.L];   // warp w's dps
+        dbg_sum[q] = acc;
+      }
+      __syncthreads();                                          // dps is overwritten by the warps' next rows
     }
-    __syncthreads();
     // dz[g0 + r][m] = sum_q dG[r][q] Wg[q][m]; dr[n, l, s*d + k] = dz[l*d + k].
     for (int64_t mt = warp; mt < tc.Ldp / 16; mt += kWarps) {
       FragAcc<T> acc;
@@ -452,6 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
     }
     __syncthreads();                                            // gs and pb are overwritten by the next rows
   }
+  for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) dbg_partial[blockIdx.x * dm.LL + q] = dbg_sum[q];
 #endif
 }
 
@@ -601,15 +615,15 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
 
 // grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c]; kGradXRows flat rows per block, threads along c.
 
-template <typename T>
+template <typename T, typename TM>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(
-    int64_t rows, int64_t C, int64_t Sd, const float* __restrict__ dxm, const float* __restrict__ dr,
+    int64_t rows, int64_t C, int64_t Sd, const TM* __restrict__ dxm, const float* __restrict__ dr,
     const T* __restrict__ wc, Rows<T> gx) {
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGradXRows;
   const int64_t nr = min(static_cast<int64_t>(kGradXRows), rows - r0);
   for (int64_t idx = threadIdx.x; idx < nr * C; idx += kThreads) {
     const int64_t r = r0 + idx / C, c = idx % C;
-    float acc = dxm[r * C + c];
+    float acc = to_f(dxm[r * C + c]);
     for (int64_t m = 0; m < Sd; ++m) acc += dr[r * Sd + m] * to_f(wc[m * C + c]);
     gx.data[gx.row(r) + c] = from_f<T>(acc);
   }
@@ -663,9 +677,9 @@ __global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
 // view of the staged [k][q]) and B = b ([k][c]). Deterministic like splitk_atb_kernel.
 constexpr int kAtbQ = 64, kAtbC = 32, kAtbK = 32;
 
-template <typename TB, typename T>
+template <typename TA, typename TB, typename T>
 __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
-    const float* __restrict__ a, int64_t K, int64_t Q, Rows<const TB> b, int64_t cols, int64_t rows_per_split,
+    const TA* __restrict__ a, int64_t K, int64_t Q, Rows<const TB> b, int64_t cols, int64_t rows_per_split,
     float* __restrict__ partial) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
@@ -694,7 +708,7 @@ __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
     __syncthreads();
     for (int idx = threadIdx.x; idx < kAtbK * kAtbQ; idx += kThreads) {
       const int kk = idx / kAtbQ, jj = idx % kAtbQ;
-      as[kk * AP + jj] = from_f<T>(k0 + kk < k_end && q0 + jj < Q ? a[(k0 + kk) * Q + q0 + jj] : 0.f);
+      as[kk * AP + jj] = from_f<T>(k0 + kk < k_end && q0 + jj < Q ? to_f(a[(k0 + kk) * Q + q0 + jj]) : 0.f);
     }
     for (int idx = threadIdx.x; idx < kAtbK * kAtbC; idx += kThreads) {
       const int kk = idx / kAtbC, jj = idx % kAtbC;
@@ -745,12 +759,13 @@ void forward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg x, const void*
 
 template <typename T>
 void backward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg dy, RowsArg x, const void* wc_pad, const void* bc,
-                      const void* wgT_pad, const void* bg, const void* wg_pad, float* z, float* dg, float* dr,
-                      float* dxm, cudaStream_t stream) {
+                      const void* wgT_pad, const void* bg, const void* wg_pad, float* z, void* dg, float* dr,
+                      void* dxm, float* dbg_partial, cudaStream_t stream) {
   set_smem(reinterpret_cast<const void*>(&mix_backward_tc_kernel<T>), tc.bytes);
   DMX_LAUNCH(mix_backward_tc_kernel<T>, static_cast<unsigned>((dm.N + tc.ts - 1) / tc.ts), tc.bytes, stream,
       dm, tc, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc_pad), static_cast<const T*>(bc),
-      static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), static_cast<const T*>(wg_pad), z, dg, dr, dxm);
+      static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), static_cast<const T*>(wg_pad), z,
+      static_cast<T*>(dg), dr, static_cast<T*>(dxm), dbg_partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -765,12 +780,12 @@ void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
+template <typename T, typename TM>
+void grad_x_impl(const MixDims& dm, const void* dxm, const float* dr, const void* wc, RowsArg gx,
                  cudaStream_t stream) {
   const int64_t rows = dm.N * dm.L;
-  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
-      rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
+  DMX_LAUNCH((grad_x_kernel<T, TM>), static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
+      rows, dm.C, dm.S * dm.d, static_cast<const TM*>(dxm), dr, static_cast<const T*>(wc), typed<T>(gx));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -783,35 +798,35 @@ void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename TB, typename T>
-void splitk_tc_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, int64_t splits,
+template <typename TA, typename TB, typename T>
+void splitk_tc_impl(const void* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, int64_t splits,
                     int64_t rows_per_split, float* partial, cudaStream_t stream) {
   const int64_t tiles = (Q + kAtbQ - 1) / kAtbQ * ((cols + kAtbC - 1) / kAtbC);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  DMX_LAUNCH((splitk_atb_tc_kernel<TB, T>), grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split,
-             partial);
+  DMX_LAUNCH((splitk_atb_tc_kernel<TA, TB, T>), grid, 0, stream, static_cast<const TA*>(a), K, Q, typed<const TB>(b),
+             cols, rows_per_split, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void launch_splitk_atb_tc(DType operand, DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b,
+void launch_splitk_atb_tc(DType operand, DType a_dtype, DType b_dtype, const void* a, int64_t K, int64_t Q, RowsArg b,
                           int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
-  // b is fp32 (z) or already of the operand type (x): five instantiations, not nine.
-  if (b_dtype == DType::Float) {
-    switch (operand) {
-      case DType::Float: return splitk_tc_impl<float, float>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
-      case DType::Half: return splitk_tc_impl<float, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
-      case DType::BFloat16:
-        return splitk_tc_impl<float, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
-    }
-  }
-  TORCH_CHECK(b_dtype == operand, "dynamixer_ops (cuda): split-K operand dtype differs from b's");
+  // dWg: a = dG (operand type), b = z (fp32); dWc: a = dr (fp32), b = x (operand type); tf32: all fp32.
+  TORCH_CHECK((a_dtype == DType::Float || a_dtype == operand) && (b_dtype == DType::Float || b_dtype == operand),
+              "dynamixer_ops (cuda): split-K operands must be fp32 or of the operand dtype");
+  const bool a32 = a_dtype == DType::Float;
   switch (operand) {
-    case DType::Half: return splitk_tc_impl<__half, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::Float:
+      return splitk_tc_impl<float, float, float>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
+    case DType::Half:
+      return a32 ? splitk_tc_impl<float, __half, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream)
+                 : splitk_tc_impl<__half, float, __half>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
     case DType::BFloat16:
-      return splitk_tc_impl<__nv_bfloat16, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split, partial, stream);
-    case DType::Float: break;    // handled above
+      return a32 ? splitk_tc_impl<float, __nv_bfloat16, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split,
+                                                                         partial, stream)
+                 : splitk_tc_impl<__nv_bfloat16, float, __nv_bfloat16>(a, K, Q, b, cols, splits, rows_per_split,
+                                                                         partial, stream);
   }
 }
 
@@ -845,24 +860,33 @@ void launch_backward(DType dtype, const MixDims& dm, RowsArg dy, RowsArg x, cons
 }
 
 void launch_backward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsArg dy, RowsArg x, const void* wc_pad,
-                        const void* bc, const void* wgT_pad, const void* bg, const void* wg_pad, float* z, float* dg,
-                        float* dr, float* dxm, cudaStream_t stream) {
+                        const void* bc, const void* wgT_pad, const void* bg, const void* wg_pad, float* z, void* dg,
+                        float* dr, void* dxm, float* dbg_partial, cudaStream_t stream) {
   switch (dtype) {
     case DType::Float:
-      return backward_tc_impl<float>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
+      return backward_tc_impl<float>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, dbg_partial,
+                                     stream);
     case DType::Half:
-      return backward_tc_impl<__half>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
+      return backward_tc_impl<__half>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, dbg_partial,
+                                      stream);
     case DType::BFloat16:
-      return backward_tc_impl<__nv_bfloat16>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm, stream);
+      return backward_tc_impl<__nv_bfloat16>(dm, tc, dy, x, wc_pad, bc, wgT_pad, bg, wg_pad, z, dg, dr, dxm,
+                                             dbg_partial, stream);
   }
 }
 
-void launch_grad_x(DType dtype, const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
-                   cudaStream_t stream) {
+void launch_grad_x(DType dtype, DType dxm_dtype, const MixDims& dm, const void* dxm, const float* dr, const void* wc,
+                   RowsArg gx, cudaStream_t stream) {
+  // dx_mix is fp32 (SIMT backward) or of x's dtype (tensor-core backward).
+  const bool f32 = dxm_dtype == DType::Float;
   switch (dtype) {
-    case DType::Float: return grad_x_impl<float>(dm, dxm, dr, wc, gx, stream);
-    case DType::Half: return grad_x_impl<__half>(dm, dxm, dr, wc, gx, stream);
-    case DType::BFloat16: return grad_x_impl<__nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
+    case DType::Float: return grad_x_impl<float, float>(dm, dxm, dr, wc, gx, stream);
+    case DType::Half:
+      return f32 ? grad_x_impl<__half, float>(dm, dxm, dr, wc, gx, stream)
+                 : grad_x_impl<__half, __half>(dm, dxm, dr, wc, gx, stream);
+    case DType::BFloat16:
+      return f32 ? grad_x_impl<__nv_bfloat16, float>(dm, dxm, dr, wc, gx, stream)
+                 : grad_x_impl<__nv_bfloat16, __nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
   }
 }
 

@@ -57,8 +57,9 @@ struct TcDims {
   int64_t ts;                       // sequences per block: ceil(16 / S), so a block's rows fill one 16-row tile
   int64_t rows;                     // ts * S rounded up to 16: rows of z
   int64_t scratch;                  // floats of scratch per warp
-  // Byte offsets of the shared-memory regions (each 128-byte aligned; dy only in the backward) and the total.
-  size_t x_off, dy_off, z_off, g_off, p_off, scratch_off, bytes;
+  // Byte offsets of the shared-memory regions (each 128-byte aligned; dy and the generate-bias gradient's
+  // fp32 sums only in the backward) and the total.
+  size_t x_off, dy_off, z_off, g_off, p_off, scratch_off, dbg_off, bytes;
 };
 
 inline size_t align128(size_t v) { return (v + 127) / 128 * 128; }
@@ -87,7 +88,8 @@ inline TcDims tc_dims(int64_t L, int64_t C, int64_t S, int64_t d, size_t elem, b
   tc.g_off = align128(tc.z_off + z_bytes);
   tc.p_off = align128(tc.g_off + g_bytes);
   tc.scratch_off = align128(tc.p_off + p_bytes);
-  tc.bytes = tc.scratch_off + scratch_bytes;
+  tc.dbg_off = align128(tc.scratch_off + scratch_bytes);
+  tc.bytes = tc.dbg_off + (backward ? sizeof(float) * static_cast<size_t>(tc.LLp) : 0);
   return tc;
 }
 
@@ -96,11 +98,12 @@ inline TcDims tc_dims(int64_t L, int64_t C, int64_t S, int64_t d, size_t elem, b
 void launch_forward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsArg x, const void* wc_pad,
                        const void* bc, const void* wgT_pad, const void* bg, RowsArg y, cudaStream_t stream);
 
-// The fused part of the backward on tensor cores: the same outputs as launch_backward. wg_pad: (LLp, Ldp), Wg
-// zero-padded, in x's dtype.
+// The fused part of the backward on tensor cores: launch_backward's outputs, but dG and dx_mix in x's dtype (the
+// operands of the products that read them next: half the bytes of fp32 for fp16/bf16), and the generate bias's
+// gradient summed in fp32 per block: dbg_partial (blocks, L*L). wg_pad: (LLp, Ldp), Wg zero-padded, x's dtype.
 void launch_backward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsArg grad_y, RowsArg x,
                         const void* wc_pad, const void* bc, const void* wgT_pad, const void* bg, const void* wg_pad,
-                        float* z, float* dg, float* dr, float* dx_mix, cudaStream_t stream);
+                        float* z, void* dg, float* dr, void* dx_mix, float* dbg_partial, cudaStream_t stream);
 
 // y = mix(x). wgT is generate_weight transposed, contiguous (L*d, L*L). y is written through `y.data`.
 void launch_forward(DType dtype, const MixDims& dm, RowsArg x, const void* wc, const void* bc, const void* wgT,
@@ -113,7 +116,7 @@ void launch_backward(DType dtype, const MixDims& dm, RowsArg grad_y, RowsArg x, 
                      size_t smem, cudaStream_t stream);
 
 // grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c], for the N*L flat rows k of grad_x.
-void launch_grad_x(DType dtype, const MixDims& dm, const float* dx_mix, const float* dr, const void* wc,
+void launch_grad_x(DType dtype, DType dx_mix_dtype, const MixDims& dm, const void* dx_mix, const float* dr, const void* wc,
                    RowsArg grad_x, cudaStream_t stream);
 
 // partial[p, q, c] = sum over rows k of split p of a[k, q] * b[k, c]; a is fp32 contiguous (K, Q), b has
@@ -122,8 +125,9 @@ void launch_splitk_atb(DType b_dtype, const float* a, int64_t K, int64_t Q, Rows
                        int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream);
 
 // The same product on tensor cores: a and b rounded to `operand` (fp16 / bf16, or tf32 for Float), fp32
-// accumulation; 64 x 32 output tiles, 32 rows of k per step. rows_per_split must be a multiple of 32.
-void launch_splitk_atb_tc(DType operand, DType b_dtype, const float* a, int64_t K, int64_t Q, RowsArg b,
+// accumulation; 64 x 32 output tiles, 32 rows of k per step. rows_per_split must be a multiple of 32. a has
+// a_dtype (fp32, or the operand type); one of a and b is fp32 and the other has the operand type.
+void launch_splitk_atb_tc(DType operand, DType a_dtype, DType b_dtype, const void* a, int64_t K, int64_t Q, RowsArg b,
                           int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream);
 
 }  // namespace cuda

@@ -78,15 +78,11 @@ void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
 // allow_tf32 for CUDA matmuls); the exact SIMT ones for fp32 otherwise, on devices older than sm_80, and where
 // the tensor-core tiles do not fit the device's shared memory (e.g. L = 64, or L = 32 with fp32 on an A100: the
 // SIMT kernels' tiles are smaller). Forward and backward decide alone (the backward's tiles are larger); the
-// weight-gradient reductions need no large tiles and run on tensor cores wherever the dtype and device allow.
+// backward's weight-gradient reductions follow its fused kernel.
 enum class Path { TensorCores, Simt };
 
-bool tensor_cores_allowed(DType dtype, bool tf32, bool has_tensor_cores) {
-  return has_tensor_cores && (dtype != DType::Float || tf32);
-}
-
 Path choose_path(const MixShape& sh, DType dtype, bool backward, bool tf32, bool has_tensor_cores, int smem_limit) {
-  if (!tensor_cores_allowed(dtype, tf32, has_tensor_cores)) return Path::Simt;
+  if (!has_tensor_cores || (dtype == DType::Float && !tf32)) return Path::Simt;
   const size_t elem = dtype == DType::Float ? 4 : 2;
   const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, elem, backward);
   const int64_t blocks = (sh.sequences() + tc.ts - 1) / tc.ts;
@@ -114,9 +110,10 @@ PaddedWeights pad_weights(const MixShape& sh, const cuda::TcDims& tc, const at::
 
 // out (Q, cols) = (a^T b).to(out's dtype), a: fp32 contiguous (K, Q), b: K flat rows. Per-block fp32
 // partial sums over fixed slices of K, then at::sum over the slices: the same bits on every run. On tensor cores
-// (operands rounded to `operand`) where `path` says so, else SIMT in fp32.
-void reduce_atb(const at::Tensor& a, RowsArg b, DType b_dtype, int64_t cols, at::Tensor& out, Path path,
-                DType operand, cudaStream_t stream) {
+// (operands rounded to `operand`) where `path` says so (the fused backward's path: its intermediates' dtypes
+// match), else SIMT in fp32.
+void reduce_atb(const at::Tensor& a, DType a_dtype, RowsArg b, DType b_dtype, int64_t cols, at::Tensor& out,
+                Path path, DType operand, cudaStream_t stream) {
   const int64_t K = a.size(0), Q = a.size(1);
   const int64_t tiles = (Q + 31) / 32 * ((cols + 31) / 32);
   const int64_t k_steps = (K + 31) / 32;
@@ -126,9 +123,9 @@ void reduce_atb(const at::Tensor& a, RowsArg b, DType b_dtype, int64_t cols, at:
   while ((K + rows_per_split - 1) / rows_per_split > 65535) rows_per_split *= 2;
   splits = (K + rows_per_split - 1) / rows_per_split;
   TORCH_CHECK(tiles <= INT_MAX, "dynamixer_ops (cuda): weight gradient of ", Q, " x ", cols, " is too large");
-  at::Tensor partial = at::empty({splits, Q, cols}, a.options());
+  at::Tensor partial = at::empty({splits, Q, cols}, a.options().dtype(at::kFloat));
   if (path == Path::TensorCores) {
-    cuda::launch_splitk_atb_tc(operand, b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
+    cuda::launch_splitk_atb_tc(operand, a_dtype, b_dtype, a.data_ptr(), K, Q, b, cols, splits, rows_per_split,
                                partial.data_ptr<float>(), stream);
   } else {
     cuda::launch_splitk_atb(b_dtype, a.data_ptr<float>(), K, Q, b, cols, splits, rows_per_split,
@@ -168,34 +165,40 @@ Path run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor
   const MixDims dm = plan(sh, /*backward=*/true, smem_limit, &smem);
   const DType dtype = dtype_of(x);
   const Path path = choose_path(sh, dtype, /*backward=*/true, tf32, has_tensor_cores, smem_limit);
+  const bool tc_path = path == Path::TensorCores;
   const auto f32 = x.options().dtype(at::kFloat);
+  // The tensor-core path keeps dG and dx_mix in x's dtype: the operands of the products that read them next.
+  const auto inter = tc_path ? x.options() : f32;
+  const DType inter_dtype = tc_path ? dtype : DType::Float;
   at::Tensor z = at::empty({dm.N * dm.S, dm.Ld}, f32);
-  at::Tensor dg = at::empty({dm.N * dm.S, dm.LL}, f32);
+  at::Tensor dg = at::empty({dm.N * dm.S, dm.LL}, inter);
   at::Tensor dr = at::empty({dm.N * dm.L, dm.S * dm.d}, f32);
-  at::Tensor dx_mix = at::empty({dm.N * dm.L, dm.C}, f32);
+  at::Tensor dx_mix = at::empty({dm.N * dm.L, dm.C}, inter);
 #ifdef DMX_EMULATE
   for (at::Tensor* t : {&z, &dg, &dr, &dx_mix}) t->fill_(NAN);   // an element the kernels do not write shows
 #endif
-  if (path == Path::TensorCores) {
+  if (tc_path) {
     const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, x.element_size(), /*backward=*/true);
     const PaddedWeights w = pad_weights(sh, tc, compress_weight, generate_weight, /*backward=*/true);
+    at::Tensor dbg_partial = at::empty({(dm.N + tc.ts - 1) / tc.ts, dm.LL}, f32);
     cuda::launch_backward_tc(dtype, dm, tc, rows_of(grad_y), rows_of(x), w.wc_pad.data_ptr(),
                              compress_bias.data_ptr(), w.wgT_pad.data_ptr(), generate_bias.data_ptr(),
-                             w.wg_pad.data_ptr(), z.data_ptr<float>(), dg.data_ptr<float>(), dr.data_ptr<float>(),
-                             dx_mix.data_ptr<float>(), stream);
+                             w.wg_pad.data_ptr(), z.data_ptr<float>(), dg.data_ptr(), dr.data_ptr<float>(),
+                             dx_mix.data_ptr(), dbg_partial.data_ptr<float>(), stream);
+    grad_generate_bias.copy_(dbg_partial.sum(0));           // fp32 sums of fp32 dG, not of the rounded copy
   } else {
     const at::Tensor wgT = generate_weight.t().contiguous();
     cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(),
                           compress_bias.data_ptr(), wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(),
                           z.data_ptr<float>(), dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(),
                           smem, stream);
+    grad_generate_bias.copy_(dg.sum(0));
   }
-  cuda::launch_grad_x(dtype, dm, dx_mix.data_ptr<float>(), dr.data_ptr<float>(), compress_weight.data_ptr(),
+  cuda::launch_grad_x(dtype, inter_dtype, dm, dx_mix.data_ptr(), dr.data_ptr<float>(), compress_weight.data_ptr(),
                       rows_of(grad_x), stream);
-  const Path reduce_path = tensor_cores_allowed(dtype, tf32, has_tensor_cores) ? Path::TensorCores : Path::Simt;
-  reduce_atb(dg, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, reduce_path, dtype, stream);  // dG^T z
-  reduce_atb(dr, rows_of(x), dtype, dm.C, grad_compress_weight, reduce_path, dtype, stream);                // dr^T x
-  grad_generate_bias.copy_(dg.sum(0));
+  reduce_atb(dg, inter_dtype, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, path, dtype,
+             stream);                                                                   // sum dG^T z
+  reduce_atb(dr, DType::Float, rows_of(x), dtype, dm.C, grad_compress_weight, path, dtype, stream);   // sum dr^T x
   grad_compress_bias.copy_(dr.sum(0));
   return path;
 }

@@ -58,7 +58,8 @@ def test_wmma_tf32_operands_are_rounded_not_full_fp32(emu, seed):
 
 
 @pytest.mark.parametrize("what,message", [
-    ("divergent_load", r"deadlock.*Warp 0: lanes 0-15 wait in wmma::load_matrix_sync.*lanes 16-31 wait in __syncthreads"),
+    ("divergent_load",
+     r"deadlock.*Warp 0: lanes 0-15 wait in wmma::load_matrix_sync.*lanes 16-31 wait in __syncthreads"),
     ("divergent_then_sync", r"deadlock.*Warp 0: lanes 0-15 wait in wmma::fill_fragment"),
     ("different_pointers", r"lanes of one warp-collective call differ"),
     ("misaligned", r"not 32-byte \(256-bit\) aligned"),

@@ -4,7 +4,8 @@ allow at the model shapes. Needs nvcc (and cuobjdump for the SASS column), not a
     python tools/cuda_resource_usage.py [--arch 80 --arch 90] [--json]
 
 ptxas -v gives registers and spills; `cuobjdump --dump-sass` counts HMMA instructions per kernel (found on PATH,
-in CUDA_HOME/bin, in triton's wheel at triton/backends/nvidia/bin, or in the nvidia-cuda-cuobjdump wheel); c++filt names kernels.
+in CUDA_HOME/bin, in triton's wheel at triton/backends/nvidia/bin, or in the nvidia-cuda-cuobjdump wheel);
+c++filt names the kernels.
 Shared-memory sizes are not restated here: a tiny host program compiled against csrc/cuda/dynamic_mix_cuda.h
 prints what the header defines. The numbers printed are the ones recorded in benchmarks/RESULTS.md.
 """
@@ -28,8 +29,8 @@ SM = {"80": dict(name="A100", regs=65536, smem=167936, block_smem=166912, thread
 # (name, L, C, S, d) from shared/DYNAMIC_MIX.md.
 SHAPES = [("S stage 1", 32, 192, 8, 2), ("S stages 2-4", 16, 384, 16, 2), ("M stages 1-2", 32, 256, 8, 2),
           ("M stages 3-4", 16, 512, 16, 2), ("L stage 1", 32, 256, 8, 8), ("L stages 2-4", 16, 512, 16, 8)]
-KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "splitk_atb_tc_kernel", "mix_forward_kernel",
-           "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
+TC_KERNELS = ("mix_forward_tc_kernel", "mix_backward_tc_kernel", "grad_x_tc_kernel", "splitk_atb_tc_kernel")
+KERNELS = TC_KERNELS + ("mix_forward_kernel", "mix_backward_kernel", "grad_x_kernel", "splitk_atb_kernel")
 NAMES = {"float": "float", "__half": "half", "__nv_bfloat16": "bfloat16"}
 KERNEL_RE = re.compile(r"\b(" + "|".join(KERNELS) + r")<([^<>]*)>")
 
@@ -86,6 +87,8 @@ def _kernel_of(name):
     """(kernel, dtype) of a demangled kernel name; dtype lists every template argument ("float", or
     "float, bfloat16, bfloat16" for splitk_atb_tc_kernel<a's, b's, operand type>)."""
     k = KERNEL_RE.search(name)
+    if k is None:
+        sys.exit(f"tools/cuda_resource_usage.py: unknown kernel {name}: add it to KERNELS")
     return k.group(1), ", ".join(NAMES[t.strip()] for t in k.group(2).split(","))
 
 
@@ -201,7 +204,6 @@ def launch_plan(archs, rows, table):
 # assumed rate for WMMA: it issues HMMA (mma.sync), not Hopper's wgmma, from 16-row tiles with 8-16 warps per SM.
 COPY_BYTES_PER_S = 4.3e12
 HMMA_FLOP_PER_S = 330e12          # assumption: a third of the 990 TFLOP/s bf16 datasheet rate
-FMA_FLOP_PER_S = 60e12            # SIMT fp32 (grad_x), KERNEL_NOTES.md: 60-67 peak
 EXP_PER_S = 16 * 132 * 1.755e9    # MUFU ex2: 16 per clock per SM on sm_90, 132 SMs, 1.755 GHz boost
 IMAGES = 128
 
@@ -243,27 +245,29 @@ def predict(table, elem=2):
         dz = groups * 2 * 16 * LLp * Ldp
         dwg = 2 * N * S * _ceil(L * L, 64) * _ceil(L * d, 32)
         dwc = 2 * N * L * _ceil(S * d, 64) * _ceil(C, 32)
-        bwd_tc = reduce + generate + dp + dxm + dz + dwg + dwc
-        grad_x = 2 * N * L * S * d * C
-        bwd_t = max(bwd_bytes / COPY_BYTES_PER_S, bwd_tc / HMMA_FLOP_PER_S + grad_x / FMA_FLOP_PER_S, 2 * exps / EXP_PER_S)
+        grad_x = 2 * _ceil(N * L, 64) * _ceil(S * d, 32) * _ceil(C, 32)
+        bwd_tc = reduce + generate + dp + dxm + dz + dwg + dwc + grad_x
+        bwd_t = max(bwd_bytes / COPY_BYTES_PER_S, bwd_tc / HMMA_FLOP_PER_S, exps / EXP_PER_S)
         rows.append(dict(shape=name, L=L, C=C, S=S, d=d, N=N, blocks=blocks, fwd_bytes=fwd_bytes, wg_l2=wg_l2,
                          useful_fwd=useful_fwd, fwd_flops=fwd_flops, exps=exps, fwd_us=fwd_t * 1e6,
                          fwd_mem_us=fwd_bytes / COPY_BYTES_PER_S * 1e6, fwd_tc_us=fwd_flops / HMMA_FLOP_PER_S * 1e6,
                          fwd_exp_us=exps / EXP_PER_S * 1e6, bwd_bytes=bwd_bytes, bwd_tc=bwd_tc, grad_x=grad_x,
+                         bwd_mem_us=bwd_bytes / COPY_BYTES_PER_S * 1e6, bwd_tc_us=bwd_tc / HMMA_FLOP_PER_S * 1e6,
                          bwd_us=bwd_t * 1e6, dg_bytes=dg_b))
     return rows
 
 
 def print_prediction(rows):
     print(f"| shape (L, C, S, d) | sequences | fwd DRAM MB (x + y) | fwd Wg+Wc L2 MB | fwd GFLOP useful / issued "
-          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (of it dG) | bwd GFLOP tensor + SIMT | **bwd us** |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (of it dG) | bwd GFLOP issued "
+          f"| bwd us: memory / tensor | **bwd us** |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']}) | {r['N']} | {r['fwd_bytes'] / 1e6:.1f} | "
               f"{r['wg_l2'] / 1e6:.0f} | {r['useful_fwd'] / 1e9:.2f} / {r['fwd_flops'] / 1e9:.2f} | "
               f"{r['fwd_mem_us']:.1f} / {r['fwd_tc_us']:.1f} / {r['fwd_exp_us']:.1f} | **{r['fwd_us']:.0f}** | "
-              f"{r['bwd_bytes'] / 1e6:.0f} ({r['dg_bytes'] / 1e6:.0f}) | {r['bwd_tc'] / 1e9:.1f} + "
-              f"{r['grad_x'] / 1e9:.2f} | **{r['bwd_us']:.0f}** |")
+              f"{r['bwd_bytes'] / 1e6:.0f} ({r['dg_bytes'] / 1e6:.0f}) | {r['bwd_tc'] / 1e9:.1f} | "
+              f"{r['bwd_mem_us']:.0f} / {r['bwd_tc_us']:.0f} | **{r['bwd_us']:.0f}** |")
 
 
 def main():

@@ -4,16 +4,19 @@
 //   G[n,s,i,j] = z[n,s,:] . Wg[i*L+j,:] + bg[i*L+j]          P[n,s,:,j] = softmax_i(G[n,s,:,j])
 //   y[n,j,s*e0+e] = sum_i P[n,s,i,j] x[n,i,s*e0+e]
 //
-// Two forwards: the tensor-core one (mix_forward_tc_kernel, WMMA; fp16/bf16 inputs, and fp32 inputs as tf32
-// when torch allows tf32 for matmuls) and the exact SIMT one (mix_forward_kernel: fp32 inputs otherwise, and
-// any shape whose tensor-core tiles do not fit the device's shared memory). The backward is SIMT.
-// SIMT kernels: one block of kThreads threads per (tile of ts sequences, segment s); block b has s = b % S, so
-// the blocks that run together read the same x rows (the reduce needs whole rows) from L2; fp32 FMA. The host code (dynamic_mix_cuda_host.cpp) validates
-// the sizes, chooses ts so that the shared memory fits, and owns every allocation.
+// Two sets of kernels. The tensor-core ones (WMMA, 16x16x16 fp16/bf16 or 16x16x8 tf32 fragments, fp32
+// accumulation) run for fp16/bf16 inputs, and for fp32 inputs when torch allows tf32 for matmuls:
+// mix_forward_tc_kernel and mix_backward_tc_kernel (a block per ceil(16 / S) sequences x all segments: every
+// product of the step on tensor cores, the softmax and dG in fp32), grad_x_tc_kernel and splitk_atb_tc_kernel
+// (the weight gradients). The exact SIMT ones (fp32 FMA) run for fp32 inputs otherwise, before sm_80, and where
+// the tensor-core tiles do not fit the device's shared memory: one block of kThreads threads per (tile of ts
+// sequences, segment s); block b has s = b % S, so the blocks that run together read the same x rows (the reduce
+// needs whole rows) from L2. The host code (dynamic_mix_cuda_host.cpp) validates the sizes, picks the kernels
+// and tiles so that the shared memory fits, and owns every allocation.
 //
 // The same source also compiles as plain C++ against tools/cuda_emu/emu.h (DMX_EMULATE), which runs every
-// block's threads as CPU threads with real barriers: the only GPU-specific spellings that this needs are the
-// two macros below (dynamic shared memory, launch).
+// block's threads as CPU threads with real barriers and emulates nvcuda::wmma: the only GPU-specific spellings
+// that this needs are the two macros below (dynamic shared memory, launch).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #ifndef DMX_EMULATE
@@ -469,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
 #endif
 }
 
-// ---- forward, SIMT (exact fp32) ------------------------------------------------------------------------------------------
+// ---- forward, SIMT (exact fp32) ---------------------------------------------------------------------------
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
@@ -615,15 +618,15 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
 
 // grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c]; kGradXRows flat rows per block, threads along c.
 
-template <typename T, typename TM>
+template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(
-    int64_t rows, int64_t C, int64_t Sd, const TM* __restrict__ dxm, const float* __restrict__ dr,
+    int64_t rows, int64_t C, int64_t Sd, const float* __restrict__ dxm, const float* __restrict__ dr,
     const T* __restrict__ wc, Rows<T> gx) {
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGradXRows;
   const int64_t nr = min(static_cast<int64_t>(kGradXRows), rows - r0);
   for (int64_t idx = threadIdx.x; idx < nr * C; idx += kThreads) {
     const int64_t r = r0 + idx / C, c = idx % C;
-    float acc = to_f(dxm[r * C + c]);
+    float acc = dxm[r * C + c];
     for (int64_t m = 0; m < Sd; ++m) acc += dr[r * Sd + m] * to_f(wc[m * C + c]);
     gx.data[gx.row(r) + c] = from_f<T>(acc);
   }
@@ -729,6 +732,54 @@ __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
 #endif
 }
 
+// grad_x on tensor cores: a block owns 64 flat rows x 32 channels of grad_x, a warp a 16 x 16 tile; each step
+// stages 32 reduced values of dr (rounded to T) and of Wc. grad_x = dx_mix + dr Wc, added in fp32.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_x_tc_kernel(
+    int64_t rows, int64_t C, int64_t Sd, const T* __restrict__ dxm, const float* __restrict__ dr,
+    const T* __restrict__ wc, Rows<T> gx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int KS = Wmma<T>::k, AP = kAtbK + 8, BP = kAtbC + 8;
+  struct alignas(128) Staged {                        // WMMA pointers must be 32-byte aligned
+    T a[kAtbQ * AP];                                  // [row][m]
+    T b[kAtbK * BP];                                  // [m][c]
+    float scratch[kWarps * 256];
+  };
+  __shared__ Staged st;
+  const int64_t tiles_c = (C + kAtbC - 1) / kAtbC;
+  const int64_t r0 = (blockIdx.x / tiles_c) * kAtbQ, c0 = (blockIdx.x % tiles_c) * kAtbC;
+  const int warp = threadIdx.x / 32;
+  const int64_t wr = (warp / 2) * 16, wc0 = (warp % 2) * 16;
+  FragAcc<T> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int64_t m0 = 0; m0 < Sd; m0 += kAtbK) {
+    for (int idx = threadIdx.x; idx < kAtbQ * kAtbK; idx += kThreads) {
+      const int rr = idx / kAtbK, mm = idx % kAtbK;
+      st.a[rr * AP + mm] = from_f<T>(r0 + rr < rows && m0 + mm < Sd ? dr[(r0 + rr) * Sd + m0 + mm] : 0.f);
+    }
+    for (int idx = threadIdx.x; idx < kAtbK * kAtbC; idx += kThreads) {
+      const int mm = idx / kAtbC, cc = idx % kAtbC;
+      st.b[mm * BP + cc] = m0 + mm < Sd && c0 + cc < C ? wc[(m0 + mm) * C + c0 + cc] : from_f<T>(0.f);
+    }
+    __syncthreads();
+    mma_k<T, wmma::row_major, wmma::row_major>(acc, st.a + wr * AP, AP, KS, st.b + wc0, BP, KS * BP, kAtbK / KS);
+    __syncthreads();                                  // the staged tiles are overwritten next step
+  }
+  scatter_tile(acc, st.scratch + warp * 256,
+               [&](int r, int c, int64_t* off) {
+                 const int64_t row = r0 + wr + r, cc = c0 + wc0 + c;
+                 *off = row * C + cc;
+                 return row < rows && cc < C;
+               },
+               [&](int64_t off, float v) {
+                 const int64_t row = off / C, cc = off % C;
+                 gx.data[gx.row(row) + cc] = from_f<T>(v + to_f(dxm[off]));
+               });
+#endif
+}
+
 // ---- launchers ----------------------------------------------------------------------------------------
 
 void set_smem(const void* kernel, size_t smem) {
@@ -780,12 +831,12 @@ void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename TM>
-void grad_x_impl(const MixDims& dm, const void* dxm, const float* dr, const void* wc, RowsArg gx,
+template <typename T>
+void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
                  cudaStream_t stream) {
   const int64_t rows = dm.N * dm.L;
-  DMX_LAUNCH((grad_x_kernel<T, TM>), static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
-      rows, dm.C, dm.S * dm.d, static_cast<const TM*>(dxm), dr, static_cast<const T*>(wc), typed<T>(gx));
+  DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
+      rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -795,6 +846,16 @@ void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, 
   const int64_t tiles = (Q + kTile - 1) / kTile * ((cols + kTile - 1) / kTile);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   DMX_LAUNCH(splitk_atb_kernel<TB>, grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void grad_x_tc_impl(const MixDims& dm, const void* dxm, const float* dr, const void* wc, RowsArg gx,
+                    cudaStream_t stream) {
+  const int64_t rows = dm.N * dm.L;
+  const int64_t tiles = (rows + kAtbQ - 1) / kAtbQ * ((dm.C + kAtbC - 1) / kAtbC);
+  DMX_LAUNCH(grad_x_tc_kernel<T>, static_cast<unsigned>(tiles), 0, stream, rows, dm.C, dm.S * dm.d,
+             static_cast<const T*>(dxm), dr, static_cast<const T*>(wc), typed<T>(gx));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -809,6 +870,15 @@ void splitk_tc_impl(const void* a, int64_t K, int64_t Q, RowsArg b, int64_t cols
 }
 
 }  // namespace
+
+void launch_grad_x_tc(DType dtype, const MixDims& dm, const void* dxm, const float* dr, const void* wc, RowsArg gx,
+                      cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float: return grad_x_tc_impl<float>(dm, dxm, dr, wc, gx, stream);
+    case DType::Half: return grad_x_tc_impl<__half>(dm, dxm, dr, wc, gx, stream);
+    case DType::BFloat16: return grad_x_tc_impl<__nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
+  }
+}
 
 void launch_splitk_atb_tc(DType operand, DType a_dtype, DType b_dtype, const void* a, int64_t K, int64_t Q, RowsArg b,
                           int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
@@ -875,18 +945,12 @@ void launch_backward_tc(DType dtype, const MixDims& dm, const TcDims& tc, RowsAr
   }
 }
 
-void launch_grad_x(DType dtype, DType dxm_dtype, const MixDims& dm, const void* dxm, const float* dr, const void* wc,
-                   RowsArg gx, cudaStream_t stream) {
-  // dx_mix is fp32 (SIMT backward) or of x's dtype (tensor-core backward).
-  const bool f32 = dxm_dtype == DType::Float;
+void launch_grad_x(DType dtype, const MixDims& dm, const float* dxm, const float* dr, const void* wc, RowsArg gx,
+                   cudaStream_t stream) {
   switch (dtype) {
-    case DType::Float: return grad_x_impl<float, float>(dm, dxm, dr, wc, gx, stream);
-    case DType::Half:
-      return f32 ? grad_x_impl<__half, float>(dm, dxm, dr, wc, gx, stream)
-                 : grad_x_impl<__half, __half>(dm, dxm, dr, wc, gx, stream);
-    case DType::BFloat16:
-      return f32 ? grad_x_impl<__nv_bfloat16, float>(dm, dxm, dr, wc, gx, stream)
-                 : grad_x_impl<__nv_bfloat16, __nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
+    case DType::Float: return grad_x_impl<float>(dm, dxm, dr, wc, gx, stream);
+    case DType::Half: return grad_x_impl<__half>(dm, dxm, dr, wc, gx, stream);
+    case DType::BFloat16: return grad_x_impl<__nv_bfloat16>(dm, dxm, dr, wc, gx, stream);
   }
 }
 

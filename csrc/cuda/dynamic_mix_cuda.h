@@ -116,8 +116,13 @@ void launch_backward(DType dtype, const MixDims& dm, RowsArg grad_y, RowsArg x, 
                      size_t smem, cudaStream_t stream);
 
 // grad_x[k, c] = dx_mix[k, c] + sum_m dr[k, m] wc[m, c], for the N*L flat rows k of grad_x.
-void launch_grad_x(DType dtype, DType dx_mix_dtype, const MixDims& dm, const void* dx_mix, const float* dr, const void* wc,
+void launch_grad_x(DType dtype, const MixDims& dm, const float* dx_mix, const float* dr, const void* wc,
                    RowsArg grad_x, cudaStream_t stream);
+
+// The same on tensor cores, for the tensor-core backward: dx_mix of x's dtype, dr and wc rounded to it (tf32 for
+// fp32), fp32 accumulation; 64 x 32 tiles of grad_x per block.
+void launch_grad_x_tc(DType dtype, const MixDims& dm, const void* dx_mix, const float* dr, const void* wc,
+                      RowsArg grad_x, cudaStream_t stream);
 
 // partial[p, q, c] = sum over rows k of split p of a[k, q] * b[k, c]; a is fp32 contiguous (K, Q), b has
 // b_dtype and K flat rows of `cols` columns. Splits cover [p * rows_per_split, (p + 1) * rows_per_split).

@@ -189,13 +189,19 @@ Path run_backward(const MixShape& sh, const at::Tensor& grad_y, const at::Tensor
   } else {
     const at::Tensor wgT = generate_weight.t().contiguous();
     cuda::launch_backward(dtype, dm, rows_of(grad_y), rows_of(x), compress_weight.data_ptr(),
-                          compress_bias.data_ptr(), wgT.data_ptr(), generate_bias.data_ptr(), generate_weight.data_ptr(),
+                          compress_bias.data_ptr(), wgT.data_ptr(), generate_bias.data_ptr(),
+                          generate_weight.data_ptr(),
                           z.data_ptr<float>(), dg.data_ptr<float>(), dr.data_ptr<float>(), dx_mix.data_ptr<float>(),
                           smem, stream);
     grad_generate_bias.copy_(dg.sum(0));
   }
-  cuda::launch_grad_x(dtype, inter_dtype, dm, dx_mix.data_ptr(), dr.data_ptr<float>(), compress_weight.data_ptr(),
-                      rows_of(grad_x), stream);
+  if (tc_path) {
+    cuda::launch_grad_x_tc(dtype, dm, dx_mix.data_ptr(), dr.data_ptr<float>(), compress_weight.data_ptr(),
+                           rows_of(grad_x), stream);
+  } else {
+    cuda::launch_grad_x(dtype, dm, dx_mix.data_ptr<float>(), dr.data_ptr<float>(), compress_weight.data_ptr(),
+                        rows_of(grad_x), stream);
+  }
   reduce_atb(dg, inter_dtype, rows_of_matrix(z), DType::Float, dm.Ld, grad_generate_weight, path, dtype,
              stream);                                                                   // sum dG^T z
   reduce_atb(dr, DType::Float, rows_of(x), dtype, dm.C, grad_compress_weight, path, dtype, stream);   // sum dr^T x

@@ -35,7 +35,8 @@ std::string emu_backward(const at::Tensor& grad_y, const at::Tensor& x, const at
                                                     generate_bias, num_segments);
   dynamixer_ops::check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
                              grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias);
-  const auto path = dynamixer_ops::run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+  const auto path = dynamixer_ops::run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight,
+                                                generate_bias, grad_x,
                               grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
                               static_cast<int>(smem_limit), tf32, /*has_tensor_cores=*/true, nullptr);
   return path == dynamixer_ops::Path::TensorCores ? "tensor_cores" : "simt";
@@ -47,7 +48,8 @@ int64_t emu_smem_bytes(const std::string& kernel, int64_t L, int64_t C, int64_t 
   namespace cu = dynamixer_ops::cuda;
   if (kernel == "forward") return static_cast<int64_t>(cu::forward_smem_bytes(L, d, tile));
   if (kernel == "backward") return static_cast<int64_t>(cu::backward_smem_bytes(L, d, tile));
-  TORCH_CHECK(kernel == "forward_tc" || kernel == "backward_tc", "kernel must be forward, backward, forward_tc or backward_tc, got ", kernel);
+  TORCH_CHECK(kernel == "forward_tc" || kernel == "backward_tc",
+              "kernel must be forward, backward, forward_tc or backward_tc, got ", kernel);
   return static_cast<int64_t>(cu::tc_dims(L, C, S, d, static_cast<size_t>(tile), kernel == "backward_tc").bytes);
 }
 

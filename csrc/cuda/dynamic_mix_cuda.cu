@@ -124,21 +124,24 @@ __device__ void generate_logits(const MixDims& dm, const T* __restrict__ wgT, co
   }
 }
 
+// p[i * stride] for i < L: logits in, their softmax over i out (fp32, in place).
+__device__ __forceinline__ void softmax_column(float* p, int64_t stride, int64_t L) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < L; ++i) mx = fmaxf(mx, p[i * stride]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < L; ++i) {
+    const float e = expf(p[i * stride] - mx);
+    p[i * stride] = e;
+    sum += e;                                                         // >= 1: the max contributes exp(0)
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < L; ++i) p[i * stride] *= inv;
+}
+
 // Softmax over the source token i of every column j, in place. A thread per (t, j) column walks i.
 __device__ void softmax_columns(const MixDims& dm, int tv, float* ps) {
-  for (int64_t col = threadIdx.x; col < tv * dm.L; col += kThreads) {
-    float* p = ps + (col / dm.L) * dm.L * dm.LP + col % dm.L;       // p[i * LP] = G[i][j]
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < dm.L; ++i) mx = fmaxf(mx, p[i * dm.LP]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < dm.L; ++i) {
-      const float e = expf(p[i * dm.LP] - mx);
-      p[i * dm.LP] = e;
-      sum += e;                                                       // >= 1: the max contributes exp(0)
-    }
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < dm.L; ++i) p[i * dm.LP] *= inv;
-  }
+  for (int64_t col = threadIdx.x; col < tv * dm.L; col += kThreads)
+    softmax_column(ps + (col / dm.L) * dm.L * dm.LP + col % dm.L, dm.LP, dm.L);   // p[i * LP] = G[i][j]
 }
 
 // buf[i * stride + e] = src[n, i, s*e0 + e_begin + e] for i < L, e < kChunk (0 past the segment's end).
@@ -275,23 +278,9 @@ __device__ void tc_generate_softmax(const MixDims& dm, const TcDims& tc, const T
       continue;
     }
     float* g = sm.gs + r * tc.LLp + j;                       // logit (i, j) at g[i * L], bias bg[i * L + j]
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < dm.L; ++i) {
-      g[i * dm.L] += to_f(bg[i * dm.L + j]);
-      mx = fmaxf(mx, g[i * dm.L]);
-    }
-    float sum = 0.f;
-    for (int64_t i = 0; i < dm.L; ++i) {
-      const float e = expf(g[i * dm.L] - mx);
-      g[i * dm.L] = e;
-      sum += e;                                               // >= 1: the max contributes exp(0)
-    }
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < dm.L; ++i) {
-      g[i * dm.L] *= inv;
-      p[i * tc.Lp] = from_f<T>(g[i * dm.L]);
-    }
-    for (int64_t i = dm.L; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(0.f);
+    for (int64_t i = 0; i < dm.L; ++i) g[i * dm.L] += to_f(bg[i * dm.L + j]);
+    softmax_column(g, dm.L, dm.L);
+    for (int64_t i = 0; i < tc.Lp; ++i) p[i * tc.Lp] = from_f<T>(i < dm.L ? g[i * dm.L] : 0.f);
   }
   __syncthreads();
 }

@@ -123,6 +123,21 @@ inline void check_pointer(const void* p, unsigned ldm, size_t element_bytes, con
   }
 }
 
+// One lane's part of a warp-collective call: `args` are this lane's operands, `run` does the call for all lanes;
+// ptr, ldm and extra must be alike in every lane.
+template <typename Args>
+void collective(std::string what, const void* ptr, uint64_t ldm, uint64_t extra, Args* args,
+                void (*run)(void* const*)) {
+  emu::WarpCall call;
+  call.what = std::move(what);
+  call.ptr = ptr;
+  call.ldm = ldm;
+  call.extra = extra;
+  call.lane = args;
+  call.run = run;
+  emu::current->block->warp_collective(std::move(call));
+}
+
 // Element (r, c) of the tile at p: row-major reads p[r * ldm + c], column-major p[c * ldm + r].
 inline size_t offset(int r, int c, unsigned ldm, bool row_major_layout) {
   return row_major_layout ? static_cast<size_t>(r) * ldm + c : static_cast<size_t>(c) * ldm + r;
@@ -147,14 +162,7 @@ template <typename Frag>
 void load(Frag& f, const typename Frag::storage_element_type* p, unsigned ldm, bool row_major_layout) {
   check_pointer(p, ldm, sizeof(*p), "load_matrix_sync");
   LoadArgs<Frag> args{&f, p, ldm, row_major_layout};
-  emu::WarpCall call;
-  call.what = name<Frag>("load_matrix_sync");
-  call.ptr = p;
-  call.ldm = ldm;
-  call.extra = row_major_layout;
-  call.lane = &args;
-  call.run = run_load<Frag>;
-  emu::current->block->warp_collective(std::move(call));
+  collective(name<Frag>("load_matrix_sync"), p, ldm, row_major_layout, &args, run_load<Frag>);
 }
 
 // The whole tile of a warp's fragments, as floats; where two slots hold one element they must agree.
@@ -259,26 +267,16 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& a,
   using Frag = fragment<accumulator, M, N, K, float>;
   detail::check_pointer(p, ldm, sizeof(float), "store_matrix_sync");
   detail::StoreArgs<Frag> args{&a, p, ldm, layout == mem_row_major};
-  emu::WarpCall call;
-  call.what = detail::name<Frag>("store_matrix_sync");
-  call.ptr = p;
-  call.ldm = ldm;
-  call.extra = layout;
-  call.lane = &args;
-  call.run = detail::run_store<Frag>;
-  emu::current->block->warp_collective(std::move(call));
+  detail::collective(detail::name<Frag>("store_matrix_sync"), p, ldm, layout, &args, detail::run_store<Frag>);
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
   using Frag = fragment<Use, M, N, K, T, Layout>;
   detail::FillArgs<Frag> args{&f, v};
-  emu::WarpCall call;
-  call.what = detail::name<Frag>("fill_fragment");
-  std::memcpy(&call.extra, &v, 4);        // one value for the warp: the mapping is unspecified
-  call.lane = &args;
-  call.run = detail::run_fill<Frag>;
-  emu::current->block->warp_collective(std::move(call));
+  uint32_t bits;                          // one value for the warp: the mapping is unspecified
+  std::memcpy(&bits, &v, 4);
+  detail::collective(detail::name<Frag>("fill_fragment"), nullptr, 0, bits, &args, detail::run_fill<Frag>);
 }
 
 template <int M, int N, int K, typename T, typename LA, typename LB>
@@ -288,11 +286,8 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   using A = fragment<matrix_a, M, N, K, T, LA>;
   using B = fragment<matrix_b, M, N, K, T, LB>;
   detail::MmaArgs<D, A, B, D> args{&d, &a, &b, &c};
-  emu::WarpCall call;
-  call.what = detail::name<A>("mma_sync") + "x" + typeid(B).name();
-  call.lane = &args;
-  call.run = detail::run_mma<D, A, B, D>;
-  emu::current->block->warp_collective(std::move(call));
+  detail::collective(detail::name<A>("mma_sync") + "x" + typeid(B).name(), nullptr, 0, 0, &args,
+                     detail::run_mma<D, A, B, D>);
 }
 
 }  // namespace wmma

@@ -667,7 +667,6 @@ __global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
 // The same product on tensor cores: a block owns a 64 (q) x 32 (c) tile of the output, a warp one 16 x 16 tile
 // of it; each step stages 32 rows of k of a and b as operands T (fp32 a rounded), then A = a^T (column-major
 // view of the staged [k][q]) and B = b ([k][c]). Deterministic like splitk_atb_kernel.
-constexpr int kAtbQ = 64, kAtbC = 32, kAtbK = 32;
 
 template <typename TA, typename TB, typename T>
 __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(

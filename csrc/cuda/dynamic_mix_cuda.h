@@ -15,6 +15,8 @@ constexpr int kThreads = 256;   // threads per block, every kernel
 constexpr int kMaxTile = 8;     // most sequences per block in the fused kernels (register arrays are this long)
 constexpr int kChunk = 32;      // channels of one segment staged at a time (one per lane)
 constexpr int kGradXRows = 8;   // flat rows of grad_x per block
+// Tiles of the tensor-core split-K and grad_x kernels: kAtbQ x kAtbC outputs per block, kAtbK deep per step.
+constexpr int kAtbQ = 64, kAtbC = 32, kAtbK = 32;
 
 // Flat row k = n * L + l of a 4-D (A, B, L, C) tensor with unit last stride, n = a * B + b.
 // A 2-D contiguous (K, C) buffer is the case L = 1, B = 1, sA = C.

@@ -68,12 +68,6 @@ MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
   return dm;
 }
 
-void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
-  TORCH_CHECK(g.sizes() == w.sizes() && g.scalar_type() == w.scalar_type() && g.device() == w.device(),
-              "dynamixer_ops (cuda): ", name, " must match its weight (", w.sizes(), ", ", w.scalar_type(), ", ",
-              w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
-}
-
 // Which kernels run: the tensor-core ones for fp16/bf16 inputs, and for fp32 inputs when `tf32` (torch's
 // allow_tf32 for CUDA matmuls); the exact SIMT ones for fp32 otherwise, on devices older than sm_80, and where
 // the tensor-core tiles do not fit the device's shared memory (e.g. L = 64, or L = 32 with fp32 on an A100: the
@@ -86,7 +80,10 @@ Path choose_path(const MixShape& sh, DType dtype, bool backward, bool tf32, bool
   const size_t elem = dtype == DType::Float ? 4 : 2;
   const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, elem, backward);
   const int64_t blocks = (sh.sequences() + tc.ts - 1) / tc.ts;
-  return tc.bytes <= static_cast<size_t>(smem_limit) && blocks <= INT_MAX ? Path::TensorCores : Path::Simt;
+  const int64_t rows = sh.sequences() * sh.L;                 // grad_x_tc_kernel's grid
+  const int64_t grad_x_blocks = (rows + cuda::kAtbQ - 1) / cuda::kAtbQ * ((sh.C + cuda::kAtbC - 1) / cuda::kAtbC);
+  return tc.bytes <= static_cast<size_t>(smem_limit) && blocks <= INT_MAX && (!backward || grad_x_blocks <= INT_MAX)
+             ? Path::TensorCores : Path::Simt;
 }
 
 // Zero-padded weights in the tensor-core tiles' layout (tiny: the weights, not the activations).
@@ -132,6 +129,12 @@ void reduce_atb(const at::Tensor& a, DType a_dtype, RowsArg b, DType b_dtype, in
                             partial.data_ptr<float>(), stream);
   }
   out.copy_(partial.sum(0));
+}
+
+void check_grad(const at::Tensor& g, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(g.sizes() == w.sizes() && g.scalar_type() == w.scalar_type() && g.device() == w.device(),
+              "dynamixer_ops (cuda): ", name, " must match its weight (", w.sizes(), ", ", w.scalar_type(), ", ",
+              w.device(), "), got (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(), ")");
 }
 
 // The device-independent core: sizes checked, x.numel() > 0, `stream` on x's device.

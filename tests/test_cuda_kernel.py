@@ -186,6 +186,24 @@ def test_gpu_kernels_match_reference(shape, dtype, seed):
 
 
 @needs_gpu
+@pytest.mark.parametrize("shape", list(KERNEL_SHAPES.values()), ids=list(KERNEL_SHAPES))
+def test_gpu_float32_on_tf32_tensor_cores_matches_reference(shape, seed):
+    """fp32 inputs take the tensor-core kernels when torch allows tf32 for matmuls (the host reads the flag)."""
+    batch, L, C, S, d = shape
+    inputs = make_inputs(batch, L, C, S, d, dtype=torch.float32, device="cuda")
+    leaves = [t.requires_grad_() for t in inputs]
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        y = dynamic_mix(*leaves, S, backend="cuda")
+        grad_y = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    _check_all(y, grads, inputs, S, grad_y, torch.float32)
+
+
+@needs_gpu
 def test_gpu_weight_gradients_are_deterministic(seed):
     inputs = make_inputs((512,), 16, 64, 2, 2, dtype=torch.float32, device="cuda")
     leaves = [t.requires_grad_() for t in inputs]

@@ -2,7 +2,7 @@
 
 Two halves:
 
-* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tests/cuda_emu/emu.h (a std::thread
+* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tools/cuda_emu/emu.h (a std::thread
   per CUDA thread, real barriers, NaN-filled shared memory and workspaces), against the float64 reference.
   They check the index arithmetic, the tiling, the barriers' placement and the math without a GPU, not the
   GPU itself. They run wherever the CUDA headers are found (CI included: the kernels' logic runs there, not
@@ -16,7 +16,6 @@ Two halves:
 """
 from __future__ import annotations
 
-import glob
 import os
 
 import pytest
@@ -25,12 +24,13 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
+from cuda_emu_build import load_cuda_emulator
 from helpers import assert_matches_reference, make_inputs, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_SMEM_OPTIN = 232448      # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 
-# (batch shape, L, C, S, d), chosen for the CUDA kernels' own edges: channel chunks of 32 (e0 = 40 is 32 + 8,
+# (batch shape, L, C, S, d), chosen for the CUDA kernels' own edges: SIMT channel chunks of 32 (e0 = 40 is 32 + 8,
 # e0 = 33), reduce passes of 8 reduced values (d = 9), tiles of up to 8 sequences (N = 11: a ragged last
 # tile), L = 1 (P = 1), the model shapes' L = 32 / 16 with C/S = 24 and 32.
 KERNEL_SHAPES = {
@@ -40,6 +40,11 @@ KERNEL_SHAPES = {
     "L32-e24-d2": ((2,), 32, 48, 2, 2),
     "L16-e32-d8-N9": ((9,), 16, 64, 2, 8),
     "L14-e24-d1-2x3": ((2, 3), 14, 48, 2, 1),
+    # The tensor-core kernels' edges: a block holds ceil(16 / S) sequences x S segments in 16-row tiles, so S = 3
+    # (6 sequences, 18 rows: a second, partial tile; N = 7: a ragged last block) and S = 20 (1 sequence, 20 rows)
+    # with N = 1 and L = 28 (padded to 32, L*L = 784).
+    "L7-S3-e24-d2-N7": ((7,), 7, 72, 3, 2),
+    "L28-S20-e8-d1-N1": ((1,), 28, 160, 20, 1),
 }
 
 
@@ -50,85 +55,96 @@ def _check_all(out_y, out_grads, inputs, S, grad_y, dtype):
 
 # ---- the kernels' source, emulated on the CPU ------------------------------------------------------------
 
-def _cuda_header_dirs():
-    """Include dirs with the CUDA headers the emulation needs (the nvidia wheels alone lack crt/)."""
-    from torch.utils import cpp_extension
-    roots = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
-    dirs = [os.path.join(r, "include") for r in roots if r]
-    try:
-        import nvidia
-        for base in getattr(nvidia, "__path__", []):
-            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-    except ImportError:
-        pass
-    return [d for d in dirs if all(os.path.exists(os.path.join(d, f)) for f in ("cuda_fp16.h", "crt/host_defines.h"))]
-
-
 @pytest.fixture(scope="module")
 def emu():
-    mode = os.environ.get("DYNAMIXER_OPS_TEST_CUDA_EMU", "1")
-    if mode in ("", "0"):
-        pytest.skip("DYNAMIXER_OPS_TEST_CUDA_EMU=0: the CPU emulation of the CUDA kernels is not built")
-    headers = _cuda_header_dirs()
-    if not headers:
-        pytest.skip("no CUDA toolkit headers found (cuda_fp16.h and crt/host_defines.h)")
-    from torch.utils import cpp_extension
-    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
-    cpp_extension.load(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
-                       sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
-                       extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
-                       extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
-                       is_python_module=False, verbose=False)
-    return torch.ops.dynamixer_cuda_emu
+    return load_cuda_emulator()
 
 
-def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN):
-    """y and the five gradients from the emulated kernels; outputs start as NaN."""
+def _expected_path(emu, kernel, x, S, d, smem_limit, tf32):
+    tc_bytes = emu.smem_bytes(kernel, x.shape[2], x.shape[3], S, d, x.element_size())
+    return "tensor_cores" if (x.dtype != torch.float32 or tf32) and tc_bytes <= smem_limit else "simt"
+
+
+def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN, tf32=False):
+    """y and the five gradients from the emulated kernels; outputs start as NaN. Asserts that forward and backward
+    took the tensor-core path exactly where the CUDA build takes it (fp16/bf16, and fp32 with tf32 allowed, where
+    the tiles fit)."""
     x, gy = inputs[0], grad_y
     if x.dim() == 3:
         x, gy = x.unsqueeze(0), gy.unsqueeze(0)
     weights = [t.contiguous() for t in inputs[1:]]
     y = torch.full_like(x, float("nan"))
-    emu.forward(x, *weights, S, y, smem_limit)
+    path = emu.forward(x, *weights, S, y, smem_limit, tf32)
+    assert path == _expected_path(emu, "forward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    emu.backward(gy, x, *weights, S, *grads, smem_limit)
+    path = emu.backward(gy, x, *weights, S, *grads, smem_limit, tf32)
+    assert path == _expected_path(emu, "backward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
     return y.reshape(inputs[0].shape), [grads[0].reshape(inputs[0].shape), *grads[1:]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+# fp32 twice: exact (SIMT) and with tf32 allowed (tensor cores, tf32 tolerance as on a GPU).
+EMU_DTYPES = {"float32": (torch.float32, False), "float32-tf32": (torch.float32, True),
+              "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False)}
+
+
+def _emulated_tolerance(dtype, tf32):
+    return tolerance(dtype, "cuda" if tf32 else "cpu")
+
+
+@pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES.values()), ids=list(KERNEL_SHAPES))
-def test_emulated_kernels_match_reference(emu, shape, dtype, seed):
+def test_emulated_kernels_match_reference(emu, shape, dtype_name, seed):
+    dtype, tf32 = EMU_DTYPES[dtype_name]
     batch, L, C, S, d = shape
     inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    y, grads = _emulate(emu, inputs, S, grad_y)
-    _check_all(y, grads, inputs, S, grad_y, dtype)
+    y, grads = _emulate(emu, inputs, S, grad_y, tf32=tf32)
+    assert y.dtype == dtype
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32))
 
 
+@pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_emulated_strided_x_and_grad_y(emu, layout, seed):
+def test_emulated_strided_x_and_grad_y(emu, layout, dtype_name, seed):
     """x as a transposed / sliced view, grad_y with other strides again, y and grad_x in x's layout."""
+    dtype, tf32 = EMU_DTYPES[dtype_name]
     batch, L, C, S, d = ((2, 3), 7, 48, 2, 2) if layout == "transposed" else ((3, 2), 7, 48, 2, 2)
-    inputs = make_inputs(batch, L, C, S, d, dtype=torch.float32, device="cpu", layout=layout)
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=layout)
     x = inputs[0]
-    grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3)[..., :C].transpose(0, 1)   # its own strides
+    grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3, dtype=dtype)[..., :C].transpose(0, 1)   # its own strides
     y = torch.full_like(x, float("nan"))          # empty_like keeps a dense x's strides, as ops.py does
     weights = [t.contiguous() for t in inputs[1:]]
-    emu.forward(x, *weights, S, y, H100_SMEM_OPTIN)
+    path = "simt" if dtype == torch.float32 and not tf32 else "tensor_cores"
+    assert emu.forward(x, *weights, S, y, H100_SMEM_OPTIN, tf32) == path
     grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN)
-    _check_all(y, grads, inputs, S, grad_y, torch.float32)
+    assert emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN, tf32) == path
+    assert y.dtype == dtype
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32))
 
 
 def test_emulated_small_shared_memory_gives_small_tiles(emu, seed):
     """A device limit that fits only 3 sequences per block in the backward (7 in the forward): ragged tiles
-    of other sizes than the default 8, same results. Sizes as in csrc/cuda/dynamic_mix_cuda.h."""
+    of other sizes than the default 8, same results. Sizes from csrc/cuda/dynamic_mix_cuda.h via the emulator."""
     L, d = 14, 2
-    backward_3 = 4 * (3 * L * d + 2 * 3 * L * (L | 1) + 2 * L * 33)
+    backward_3 = emu.smem_bytes("backward", L, 48, 2, d, 3)
+    assert emu.smem_bytes("backward", L, 48, 2, d, 4) > backward_3
     inputs = make_inputs((13,), L, 48, 2, d, dtype=torch.float32, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     y, grads = _emulate(emu, inputs, 2, grad_y, smem_limit=backward_3)
     _check_all(y, grads, inputs, 2, grad_y, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32-tf32"])
+def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype, seed):
+    """Where the tensor-core tiles exceed the device's shared memory the fused SIMT kernels run (same results);
+    the limit here is the tensor-core forward's need minus one byte (the backward's is larger)."""
+    L, C, S, d = 14, 48, 2, 2
+    limit = emu.smem_bytes("forward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) - 1
+    assert emu.smem_bytes("backward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) > limit
+    inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = _emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
+    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, False))
 
 
 def test_emulated_too_little_shared_memory_is_a_clear_error(emu):
@@ -138,12 +154,14 @@ def test_emulated_too_little_shared_memory_is_a_clear_error(emu):
         _emulate(emu, inputs, 2, torch.randn_like(inputs[0]), smem_limit=1000)
 
 
-def test_emulated_weight_gradients_are_deterministic(emu, seed):
-    inputs = make_inputs((40,), 7, 48, 2, 2, dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_emulated_outputs_are_deterministic(emu, dtype_name, seed):
+    dtype, tf32 = EMU_DTYPES[dtype_name]
+    inputs = make_inputs((40,), 7, 48, 2, 2, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    _, first = _emulate(emu, inputs, 2, grad_y)
-    _, second = _emulate(emu, inputs, 2, grad_y)
-    for a, b in zip(first, second):
+    first = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
+    second = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
         assert torch.equal(a, b)
 
 
@@ -165,6 +183,24 @@ def test_gpu_kernels_match_reference(shape, dtype, seed):
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, grad_y)
     _check_all(y, grads, inputs, S, grad_y, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", list(KERNEL_SHAPES.values()), ids=list(KERNEL_SHAPES))
+def test_gpu_float32_on_tf32_tensor_cores_matches_reference(shape, seed):
+    """fp32 inputs take the tensor-core kernels when torch allows tf32 for matmuls (the host reads the flag)."""
+    batch, L, C, S, d = shape
+    inputs = make_inputs(batch, L, C, S, d, dtype=torch.float32, device="cuda")
+    leaves = [t.requires_grad_() for t in inputs]
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        y = dynamic_mix(*leaves, S, backend="cuda")
+        grad_y = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    _check_all(y, grads, inputs, S, grad_y, torch.float32)
 
 
 @needs_gpu
@@ -200,3 +236,39 @@ def test_cuda_kernels_are_built_where_a_toolkit_is_present():
         pytest.skip("no CUDA toolkit on this machine")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_backward", "CUDA")
+
+
+def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():
+    """tools/cuda_resource_usage.py (nvcc + cuobjdump, no GPU): every kernel compiles for sm_80 and sm_90 without
+    spills, the tensor-core kernels' SASS holds HMMA instructions in every dtype and the SIMT kernels' none, and
+    the tiles fit a block's shared memory at every model shape where the host is meant to pick them."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    script = os.path.join(ROOT, "tools", "cuda_resource_usage.py")
+    out = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    kernels = report["kernels"]
+    assert {(k["arch"], k["kernel"], k["dtype"]) for k in kernels} >= {
+        (a, k, t) for a in ("80", "90") for k in ("mix_forward_tc_kernel", "mix_backward_tc_kernel")
+        for t in ("float", "half", "bfloat16")}
+    for k in kernels:
+        assert k["spills"] == "none", k
+    # Where the tensor-core tiles must fit (the SIMT kernels run elsewhere: at L = 32 the fp32-as-tf32 tiles on an
+    # A100 and the tf32 backward's on an H100, and the fp16/bf16 backward's on an A100).
+    must_fit = {("90", "mix_forward_tc_kernel/2"), ("90", "mix_forward_tc_kernel/4"),
+                ("90", "mix_backward_tc_kernel/2"), ("80", "mix_forward_tc_kernel/2")}
+    for p in report["plan"]:
+        if (p["arch"], p["kernel"]) in must_fit or "tc_kernel" not in p["kernel"]:
+            assert p["tile"] is not None and p["blocks"] >= 1, p
+    if report["cuobjdump"] is None:
+        pytest.skip("no cuobjdump (PATH, CUDA_HOME/bin, triton's wheel or nvidia-cuda-cuobjdump): SASS not checked")
+    for k in kernels:
+        if k["kernel"].endswith("_tc_kernel"):
+            assert k["hmma"] > 0, k
+        else:
+            assert k["hmma"] == 0, k

@@ -43,6 +43,14 @@ else:
     ))
     register_backend(Backend(
         name="cuda", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cuda",),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16), priority={"cuda": 10},
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        # First on CUDA until a GPU measurement says otherwise (neither this nor `triton` has run on a GPU). By
+        # design (benchmarks/RESULTS.md, "CUDA tensor-core kernels: a prediction"): every product runs on tensor
+        # cores (WMMA; HMMA seen in the sm_80/sm_90 SASS), and the forward reads x once per block for all segments
+        # and Wg once per 16 (sequence, segment) rows, so at the model shapes it predicts the copy floor (x read
+        # once, y written once) except DynaMixer-L stage 1; Triton's forward has the same DRAM bytes but re-reads x
+        # from L2 once per segment. Triton's backward writes no dG (it recomputes the generate product twice more
+        # instead): fewer bytes, more FLOPs. No design reason to swap the order before a measurement.
+        priority={"cuda": 10},
         unavailable_reason=_cuda_unavailable_reason,
     ))

@@ -1,0 +1,69 @@
+// torch.ops.dynamixer_cuda_emu.{forward, backward}: the CUDA backend's kernels and host core
+// (csrc/cuda/dynamic_mix_cuda.cu and dynamic_mix_cuda_host.cpp, unchanged) run on CPU tensors through
+// emu.h. Built on demand by tests/test_cuda_kernel.py; `smem_limit` stands in for the device's limit
+// (a small one forces small tiles of sequences).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "emu.h"      // after the ATen headers: its macros and ::min are meant for the kernels only
+
+#include "cuda/dynamic_mix_cuda.cu"
+#include "cuda/dynamic_mix_cuda_host.cpp"
+#include "wmma_selftest.inc"
+
+namespace {
+
+// Returns which kernels ran: "tensor_cores" or "simt". tf32 stands in for torch's allow_tf32.
+std::string emu_forward(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                        const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                        at::Tensor& y, int64_t smem_limit, bool tf32) {
+  const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
+                                                    generate_bias, num_segments);
+  dynamixer_ops::check_like(y, x, "y");
+  const auto path = dynamixer_ops::run_forward(sh, x, compress_weight, compress_bias, generate_weight,
+                                               generate_bias, y, static_cast<int>(smem_limit), tf32,
+                                               /*has_tensor_cores=*/true, nullptr);
+  return path == dynamixer_ops::Path::TensorCores ? "tensor_cores" : "simt";
+}
+
+std::string emu_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                  const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                  int64_t num_segments, at::Tensor& grad_x, at::Tensor& grad_compress_weight,
+                  at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias,
+                  int64_t smem_limit, bool tf32) {
+  const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
+                                                    generate_bias, num_segments);
+  dynamixer_ops::check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
+                             grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias);
+  const auto path = dynamixer_ops::run_backward(sh, grad_y, x, compress_weight, compress_bias, generate_weight,
+                                                generate_bias, grad_x,
+                              grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
+                              static_cast<int>(smem_limit), tf32, /*has_tensor_cores=*/true, nullptr);
+  return path == dynamixer_ops::Path::TensorCores ? "tensor_cores" : "simt";
+}
+
+// Shared memory (bytes) of a kernel as dynamic_mix_cuda.h defines it: "forward" / "backward" (SIMT, a tile
+// of `tile` sequences) or "forward_tc" / "backward_tc" (`tile` = bytes of an operand element: 2, or 4 for tf32).
+int64_t emu_smem_bytes(const std::string& kernel, int64_t L, int64_t C, int64_t S, int64_t d, int64_t tile) {
+  namespace cu = dynamixer_ops::cuda;
+  if (kernel == "forward") return static_cast<int64_t>(cu::forward_smem_bytes(L, d, tile));
+  if (kernel == "backward") return static_cast<int64_t>(cu::backward_smem_bytes(L, d, tile));
+  TORCH_CHECK(kernel == "forward_tc" || kernel == "backward_tc",
+              "kernel must be forward, backward, forward_tc or backward_tc, got ", kernel);
+  return static_cast<int64_t>(cu::tc_dims(L, C, S, d, static_cast<size_t>(tile), kernel == "backward_tc").bytes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dynamixer_cuda_emu, m) {
+  m.def("forward(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+        "Tensor generate_bias, int num_segments, Tensor(a!) y, int smem_limit, bool tf32=False) -> str", &emu_forward);
+  m.def("backward(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+        "Tensor generate_bias, int num_segments, Tensor(a!) grad_x, Tensor(b!) grad_compress_weight, "
+        "Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, Tensor(e!) grad_generate_bias, "
+        "int smem_limit, bool tf32=False) -> str", &emu_backward);
+  m.def("smem_bytes(str kernel, int L, int C, int S, int d, int tile) -> int", &emu_smem_bytes);
+  m.def("wmma_matmul(Tensor a, Tensor b, Tensor(a!) c, str kind, bool a_col_major, bool b_col_major, "
+        "bool round_tf32) -> ()", &wmma_selftest::wmma_matmul);
+  m.def("wmma_misuse(str what, Tensor a, Tensor(a!) out) -> ()", &wmma_selftest::wmma_misuse);
+}

@@ -78,15 +78,16 @@ def rounding_scales(inputs, num_segments, grad_y):
     return [s.norm().item() for s in scales]
 
 
-def assert_matches_reference(y, grads, inputs, num_segments, grad_y, tol: float, prefix: str = "") -> None:
+def assert_matches_reference(y, grads, inputs, num_segments, grad_y, tol: float, prefix: str = "",
+                             cancellation_floor: float = CANCELLATION_FLOOR) -> None:
     """``y`` (in x's dtype) and the gradients of the inputs that are not None against the float64 reference on
-    the same inputs and ``grad_y``, each relative to max(its reference's norm, CANCELLATION_FLOOR times its
+    the same inputs and ``grad_y``, each relative to max(its reference's norm, ``cancellation_floor`` times its
     :func:`rounding_scales`)."""
     assert y.dtype == inputs[0].dtype, f"{prefix}y: dtype {y.dtype}, expected x's {inputs[0].dtype}"
     ref_y, ref_grads = reference_outputs(inputs, num_segments, grad_y)
     present = [True] + [t is not None for t in inputs]
     names = [name for name, there in zip(GRAD_NAMES, present[1:]) if there]
-    floors = [CANCELLATION_FLOOR * f for f, there in zip(rounding_scales(inputs, num_segments, grad_y), present)
+    floors = [cancellation_floor * f for f, there in zip(rounding_scales(inputs, num_segments, grad_y), present)
               if there]
     assert_all_close(y, grads, ref_y, ref_grads, tol, names, prefix, floors)
 

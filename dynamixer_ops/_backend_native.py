@@ -44,7 +44,7 @@ else:
     _ops = torch.ops.dynamixer_ops_C
     register_backend(Backend(
         name="cpu", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cpu",),
-        dtypes=(torch.float32, torch.float64), priority={"cpu": 0},
+        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), priority={"cpu": 0},
         unavailable_reason=lambda: None if _has_kernel("CPU") else "dynamixer_ops._C has no CPU kernel",
     ))
     register_backend(Backend(

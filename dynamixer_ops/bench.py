@@ -16,6 +16,7 @@ Run ``dynamixer-bench --help`` (or ``python -m dynamixer_ops.bench --help``) for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -570,10 +571,13 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     ref_out = ref_out.detach()
     del ref_net
 
+    # --autocast: parameters and input stay in --dtype, the forward runs under torch.autocast (as users train)
+    amp_dtype = DTYPES[args.autocast] if args.autocast else None
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     nets, results = {}, []
     for bname in backends:
         row = {"model": name, "backend": bname, "images": B, "dtype": str(dtype).replace("torch.", ""),
-               "device": str(device), "status": "ok", "message": None}
+               "autocast": args.autocast, "device": str(device), "status": "ok", "message": None}
         if bname in skipped:
             nets[bname] = None
             results.append(dict(row, status="SKIPPED", message=skipped[bname]))
@@ -602,7 +606,8 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
             continue
         try:
             net.eval()
-            out = net(x[:n_check])
+            with amp():
+                out = net(x[:n_check])
             # parameters matched by name: a fused module may register them in another order
             named = dict(getattr(net, "_orig_mod", net).named_parameters())
             grads = torch.autograd.grad(out.double().square().mean(), [named[n] for n in ref_grads])
@@ -612,7 +617,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
         except Exception as exc:
             row.update(status="ERROR", message=_first_line(exc))
     own = errs.get("eager")
-    tol = max(MODEL_TOLERANCE[dtype], 2 * own if own is not None and math.isfinite(own) else 0)
+    tol = max(MODEL_TOLERANCE[amp_dtype or dtype], 2 * own if own is not None and math.isfinite(own) else 0)
     for row in results:
         if row["backend"] in errs:
             err = errs[row["backend"]]
@@ -638,7 +643,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
                     net.eval()
 
                     def run(net=net):
-                        with torch.no_grad():
+                        with torch.no_grad(), amp():
                             return net(x)
                 else:
                     net.train()
@@ -647,7 +652,8 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
 
                     def run(net=net, opt=opt, labels=labels):
                         opt.zero_grad(set_to_none=True)
-                        loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
+                        with amp():
+                            loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
                         loss.backward()
                         opt.step()
                 per_call = warm_up(run, device, args.warmup)
@@ -910,6 +916,9 @@ examples:
                    help="time the whole network instead of the op: images/s for inference and a training step, "
                         "dynamixer_ops.models.<model>(backend=...) against dynamixer_ops.upstream.<model>() "
                         "with the same weights")
+    p.add_argument("--autocast", choices=sorted(DTYPES), metavar="DTYPE",
+                   help="with --model: run every network's forward under torch.autocast(device, DTYPE), parameters "
+                        "and input in --dtype (e.g. --autocast bfloat16: mixed-precision inference and training)")
     p.add_argument("--img-size", type=int, default=224, metavar="PX",
                    help="with --model: input resolution; the mixing length is PX/7 in the first stage (default 224)")
     p.add_argument("--json", metavar="PATH", help="write machine, versions, settings and every figure as JSON")
@@ -987,6 +996,8 @@ def _finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.
             p.error(f"argument {name}: must be > 0 ms, got {value}")
     if args.model and args.sequences is not None:
         p.error("argument --sequences: not allowed with --model (use --batch, in images)")
+    if args.autocast and not args.model:
+        p.error("argument --autocast: only with --model (the op's benchmark takes --dtype)")
     if args.img_size < 7 or args.img_size % 7:
         p.error(f"argument --img-size: must be a positive multiple of the patch size 7, got {args.img_size}")
     if args.model and args.shapes:
@@ -1047,11 +1058,14 @@ def main(argv: list[str] | None = None) -> int:
                      "images": args.batch, "sequences": args.sequences, "warmup_ms": args.warmup,
                      "repeat_ms": args.repeat, "rounds": args.rounds, "threads": threads, "quick": args.quick,
                      "compile_mode": compile_mode(device, args.compile_mode) or "default", "model": args.model,
+                     "autocast": args.autocast,
                      "timer": "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark.Timer"},
         "conventions": {"flops": FLOP_CONVENTION, "bytes": BYTES_CONVENTION, "roofline": ROOFLINE_CONVENTION},
     }
     where = report["machine"].get("gpu", {}).get("name") if device.type == "cuda" else report["machine"]["cpu"]
     report["title"] = f"dynamixer-bench on {where}, {dname}, torch {torch.__version__}"
+    if args.autocast:
+        report["title"] += f", under autocast({args.autocast})"
     load = report["machine"]["loadavg_at_start"]
     if device.type == "cpu" and load is not None:
         report["title"] += f", {threads} threads, load {load[0]:.1f} on {os.cpu_count()} cores"

@@ -48,8 +48,11 @@ template <class T> struct MixArgs {
   const T* Wg;   // (L*L, L*d)
   const T* WgT;  // (L*d, L*L)
   const T* bg;   // (L*L)
-  const uint32_t* WgP = nullptr;  // bfloat16 inputs on AVX512-BF16: Wg^T packed as bf16 pairs (see bf16_gemm)
-  int64_t wgp_ld = 0;             // its row stride, in pairs
+  // bfloat16 inputs on AVX512-BF16 (see bf16_gemm): Wg^T and Wg packed as bf16 pairs, and their row strides
+  const uint32_t* WgP = nullptr;  // pairs along L*d: the B operand of G = z Wg^T
+  int64_t wgp_ld = 0;
+  const uint32_t* WgR = nullptr;  // pairs along L*L: the B operand of dz = dG Wg
+  int64_t wgr_ld = 0;
 };
 
 // Block-local buffers (M = nb*S rows of matrices).
@@ -61,7 +64,11 @@ template <class T> struct BlockBuffers {
   T* dp;   // (M, L*L): dP, then dG (backward only)
   T* dyT;  // (nb, C, L): dy transposed per sequence (backward only)
   T* dz;   // (M, L*d) (backward only)
-  uint32_t* zp = nullptr;  // (M, ceil(L*d / 2)): z as bf16 pairs, when the generate GEMM runs on bf16 dots
+  // When the generate GEMMs run on bf16 dots: their bf16-pair operands.
+  uint32_t* zp = nullptr;   // (M, ceil(L*d / 2)): z, pairs along L*d
+  uint32_t* ztp = nullptr;  // (L*d, ceil(M / 2)): z^T, pairs of matrices (backward only)
+  uint32_t* dgb = nullptr;  // (ceil(M / 2), L*L rounded up to 16): dG, pairs of matrices (backward only)
+  uint32_t* dga = nullptr;  // (M, ceil(L*L / 2)): dG, pairs along L*L (backward only)
 };
 
 // One chunk's partial weight gradients.
@@ -242,8 +249,8 @@ constexpr int64_t kMaxSumSequences = 128;
 constexpr int64_t kMaxChunks = 16;
 
 template <class T> struct BufferSizes {
-  int64_t r, z, g, inv, dp, dyT, dz, zp;
-  int64_t total() const { return r + z + g + inv + dp + dyT + dz + zp; }
+  int64_t r, z, g, inv, dp, dyT, dz, zp, ztp, dgb, dga;
+  int64_t total() const { return r + z + g + inv + dp + dyT + dz + zp + ztp + dgb + dga; }
 };
 
 template <class T> BufferSizes<T> buffer_sizes(int64_t nb, int64_t L, int64_t C, int64_t S, int64_t d,
@@ -256,6 +263,10 @@ template <class T> BufferSizes<T> buffer_sizes(int64_t nb, int64_t L, int64_t C,
   s.r = up(nb * L * S * d); s.z = up(M * L * d); s.g = up(M * L * L); s.inv = up(M * L);
   s.dp = backward ? up(M * L * L) : 0; s.dyT = backward ? up(nb * C * L) : 0; s.dz = backward ? up(M * L * d) : 0;
   s.zp = bf16_pairs ? up(M * ((L * d + 1) / 2)) : 0;
+  const bool bwd_pairs = bf16_pairs && backward;
+  s.ztp = bwd_pairs ? up(L * d * ((M + 1) / 2)) : 0;
+  s.dgb = bwd_pairs ? up((M + 1) / 2 * up(L * L)) : 0;
+  s.dga = bwd_pairs ? up(M * ((L * L + 1) / 2)) : 0;
   return s;
 }
 
@@ -268,34 +279,54 @@ template <class T> BlockBuffers<T> carve(T* base, const BufferSizes<T>& s) {
   w.dp = base; base += s.dp;
   w.dyT = base; base += s.dyT;
   w.dz = base; base += s.dz;
-  w.zp = s.zp ? reinterpret_cast<uint32_t*>(base) : nullptr;
+  auto pairs = [&base](int64_t n) { uint32_t* p = n ? reinterpret_cast<uint32_t*>(base) : nullptr; base += n; return p; };
+  w.zp = pairs(s.zp); w.ztp = pairs(s.ztp); w.dgb = pairs(s.dgb); w.dga = pairs(s.dga);
   return w;
 }
 
 // The weights in the compute type T (a view of the caller's for float32/float64, a float32 copy for 16-bit inputs;
 // all tiny), their transposes (the GEMMs read B operands row by row), and Wg packed for the bf16 dots if used.
 template <class T> struct ComputeWeights {
-  at::Tensor Wc, WcT, bc, Wg, WgT, bg, WgP;
-  int64_t wgp_ld = 0;
+  at::Tensor Wc, WcT, bc, Wg, WgT, bg, WgP, WgR;
+  int64_t wgp_ld = 0, wgr_ld = 0;
 };
 
 template <class T> ComputeWeights<T> compute_weights(const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
-                                                     const at::Tensor& bg, bool bf16_pairs) {
+                                                     const at::Tensor& bg, bool bf16_pairs, bool backward) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   ComputeWeights<T> w;
   w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous();
   w.Wg = Wg.to(st).contiguous(); w.bg = bg.to(st).contiguous();
-  w.WcT = w.Wc.t().contiguous(); w.WgT = w.Wg.t().contiguous();
-  if (bf16_pairs) {
-    // WgP[kp * ld + c] = (Wg[c][2kp], Wg[c][2kp + 1]) as the low and high halves; columns padded to 16, an odd
-    // L*d padded with a zero row.
-    const int64_t LL = Wg.size(0), Ld = Wg.size(1), Kp = (Ld + 1) / 2;
-    w.wgp_ld = (LL + 15) / 16 * 16;
-    w.WgP = at::zeros({Kp * w.wgp_ld}, Wg.options().dtype(at::kInt));
-    uint32_t* p = reinterpret_cast<uint32_t*>(w.WgP.template data_ptr<int32_t>());
-    const uint16_t* g = reinterpret_cast<const uint16_t*>(Wg.template data_ptr<at::BFloat16>());
-    for (int64_t c = 0; c < LL; ++c)
-      for (int64_t k = 0; k < Ld; ++k) p[(k / 2) * w.wgp_ld + c] |= uint32_t{g[c * Ld + k]} << (16 * (k % 2));
+  w.WcT = w.Wc.t().contiguous();
+  if (!bf16_pairs) {
+    w.WgT = w.Wg.t().contiguous();
+    return w;
+  }
+  w.WgT = w.Wg;  // unused on this path
+  const int64_t LL = Wg.size(0), Ld = Wg.size(1);
+  const uint16_t* g = reinterpret_cast<const uint16_t*>(Wg.template data_ptr<at::BFloat16>());
+  // WgP[kp * ld + c] = (Wg[c][2kp], Wg[c][2kp + 1]) as the low and high halves; columns padded to 16, an odd
+  // L*d padded with a zero.
+  w.wgp_ld = (LL + 15) / 16 * 16;
+  w.WgP = at::zeros({(Ld + 1) / 2 * w.wgp_ld}, Wg.options().dtype(at::kInt));
+  uint32_t* p = reinterpret_cast<uint32_t*>(w.WgP.template data_ptr<int32_t>());
+  for (int64_t c = 0; c < LL; ++c) {
+    const uint16_t* row = g + c * Ld;
+    for (int64_t kp = 0; kp < Ld / 2; ++kp) p[kp * w.wgp_ld + c] = uint32_t{row[2 * kp]} | uint32_t{row[2 * kp + 1]} << 16;
+    if (Ld % 2) p[(Ld / 2) * w.wgp_ld + c] = row[Ld - 1];
+  }
+  if (backward) {  // WgR[kp * ld + c] = (Wg[2kp][c], Wg[2kp + 1][c]); an odd L*L padded with a zero row
+    w.wgr_ld = (Ld + 15) / 16 * 16;
+    w.WgR = at::zeros({(LL + 1) / 2 * w.wgr_ld}, Wg.options().dtype(at::kInt));
+    uint32_t* r = reinterpret_cast<uint32_t*>(w.WgR.template data_ptr<int32_t>());
+    for (int64_t ip = 0; ip < (LL + 1) / 2; ++ip) {
+      const uint16_t* lo = g + 2 * ip * Ld;
+      uint32_t* dst = r + ip * w.wgr_ld;
+      if (2 * ip + 1 < LL)
+        for (int64_t k = 0; k < Ld; ++k) dst[k] = uint32_t{lo[k]} | uint32_t{lo[Ld + k]} << 16;
+      else
+        for (int64_t k = 0; k < Ld; ++k) dst[k] = lo[k];
+    }
   }
   return w;
 }
@@ -311,6 +342,10 @@ template <class T> MixArgs<T> weight_args(const MixShape& sh, const ComputeWeigh
   if (wt.WgP.defined()) {
     a.WgP = reinterpret_cast<const uint32_t*>(wt.WgP.template data_ptr<int32_t>());
     a.wgp_ld = wt.wgp_ld;
+  }
+  if (wt.WgR.defined()) {
+    a.WgR = reinterpret_cast<const uint32_t*>(wt.WgR.template data_ptr<int32_t>());
+    a.wgr_ld = wt.wgr_ld;
   }
   return a;
 }
@@ -346,7 +381,7 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   constexpr bool kStaged = !std::is_same_v<H, T>;
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C;
   const bool dots = uses_bf16_dots<H>(isa);
-  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, false);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
     a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
@@ -401,7 +436,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
   const int64_t Sd = S * d, Ld = L * d, LL = L * L;
   const bool dots = uses_bf16_dots<H>(isa);
-  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, true);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
     a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
@@ -463,7 +498,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
       }
     }
   });
-  // Sum the chunks' partials (and spills) in chunk order, in float64.
+  // Sum the chunks' partials (and spills) in chunk order, in float64. The bf16-dot path keeps dWg transposed.
   const std::pair<H*, int64_t> dst[] = {
       {grad_Wg.data_ptr<H>(), LL * Ld}, {grad_bg.data_ptr<H>(), LL},
       {grad_Wc.data_ptr<H>(), Sd * C}, {grad_bc.data_ptr<H>(), Sd}};
@@ -471,6 +506,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   for (const auto& [out, count] : dst) {
     const T* src = part_base + offset;
     const double* spilled = spill ? spill_base + offset : nullptr;
+    const bool transposed = dots && out == dst[0].first;  // partial element e is dWg[e % LL][e / LL]
     at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         double s = 0;
@@ -478,7 +514,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
           s += static_cast<double>(src[c * part_size + e]);
           if (spilled) s += spilled[c * part_size + e];
         }
-        out[e] = static_cast<H>(static_cast<T>(s));
+        out[transposed ? (e % LL) * Ld + e / LL : e] = static_cast<H>(static_cast<T>(s));
       }
     });
     offset += count;

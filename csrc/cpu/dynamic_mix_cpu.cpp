@@ -295,14 +295,14 @@ template <class T> ComputeWeights<T> compute_weights(const at::Tensor& Wc, const
                                                      const at::Tensor& bg, bool bf16_pairs, bool backward) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   ComputeWeights<T> w;
-  w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous();
-  w.Wg = Wg.to(st).contiguous(); w.bg = bg.to(st).contiguous();
+  w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous(); w.bg = bg.to(st).contiguous();
   w.WcT = w.Wc.t().contiguous();
   if (!bf16_pairs) {
+    w.Wg = Wg.to(st).contiguous();
     w.WgT = w.Wg.t().contiguous();
     return w;
   }
-  w.WgT = w.Wg;  // unused on this path
+  w.Wg = w.WgT = at::empty({0}, Wc.options().dtype(st));  // unused on this path: the GEMMs read WgP and WgR
   const int64_t LL = Wg.size(0), Ld = Wg.size(1);
   const uint16_t* g = reinterpret_cast<const uint16_t*>(Wg.template data_ptr<at::BFloat16>());
   // WgP[kp * ld + c] = (Wg[c][2kp], Wg[c][2kp + 1]) as the low and high halves; columns padded to 16, an odd

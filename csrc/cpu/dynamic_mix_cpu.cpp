@@ -247,6 +247,10 @@ constexpr int64_t kMaxSumSequences = 128;
 // Upper bound on the number of partial weight-gradient buffers (one per chunk of blocks). It caps the
 // backward's parallelism, not its speed on this many or fewer threads; each buffer is ~(L*L*L*d) values.
 constexpr int64_t kMaxChunks = 16;
+// ... and fewer (not under kMinChunks) where the partials would pass kPartialBytes: each is zeroed and summed once
+// per call (at DynaMixer-L stage 1 one is 1 MiB, and 16 of them cost ~10% of the backward).
+constexpr int64_t kMinChunks = 8;
+constexpr int64_t kPartialBytes = int64_t{8} << 20;
 
 template <class T> struct BufferSizes {
   int64_t r, z, g, inv, dp, dyT, dz, zp, ztp, dgb, dga;
@@ -445,8 +449,9 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   }
   const int64_t nb = std::min(block_size(N, S, L, sizeof(T), kBackwardMatrixBytes), kMaxSumSequences);
   const int64_t nblocks = (N + nb - 1) / nb;
-  const int64_t nchunks = std::min(nblocks, kMaxChunks);
   const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
+  const int64_t by_memory = std::max(kMinChunks, kPartialBytes / (part_size * static_cast<int64_t>(sizeof(T))));
+  const int64_t nchunks = std::min({nblocks, kMaxChunks, by_memory});
   // Each chunk sums its blocks' weight gradients in a T partial. A chunk deeper than kMaxSumSequences (large N)
   // also gets a float64 spill: its T partial is added there and restarted every kMaxSumSequences or more
   // sequences, so no T accumulator runs deeper than about that many sequences and the weight gradients'

@@ -53,6 +53,8 @@ def test_help_explains_every_option(capsys):
     (["--device", "tpu"], "argument --device"),
     (["--model", "dynamixer_s", "--direction", "bwd"], "with --model use fwd"),
     (["--model", "dynamixer_x"], "argument --model: invalid choice"),
+    (["--autocast", "bfloat16"], "argument --autocast: only with --model"),
+    (["--model", "dynamixer_s", "--autocast", "int8"], "argument --autocast: invalid choice: 'int8'"),
     (["--require", "cpu:fwd>1.3"], "argument --require: 'cpu:fwd>1.3' is not BACKEND:DIR>=X"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, expected, capsys):

@@ -1,5 +1,7 @@
 """What only the fused C++ CPU kernel has: one code path per instruction set (chosen at run time, forced here with
-DYNAMIXER_OPS_CPU_ISA), blocks of sequences and chunked weight-gradient reductions whose partition depends on the
+DYNAMIXER_OPS_CPU_ISA; bfloat16 runs its generate GEMM on the
+bf16 dot instruction on avx512bf16 and is staged through float32 elsewhere, float16 is staged everywhere), blocks of
+sequences and chunked weight-gradient reductions whose partition depends on the
 shape only (so results are bitwise identical run to run and for any thread count), and its own contract checks.
 The shared grid (test_dynamic_mix.py) covers the default instruction set against the reference."""
 from __future__ import annotations
@@ -10,12 +12,13 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from helpers import GRAD_NAMES, assert_matches_reference, make_inputs, tolerance
+from helpers import GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, tolerance
 
 pytestmark = pytest.mark.skipif("cpu" not in dynamixer_ops.available_backends("cpu"),
                                 reason="the native CPU backend is not built")
 
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("avx512bf16", "avx512", "avx2", "generic")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _use_isa(monkeypatch, isa):
@@ -51,7 +54,7 @@ ISA_SHAPES = [
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", ISA_SHAPES, ids=lambda s: f"N{s[0]}-L{s[1]}-C{s[2]}-S{s[3]}-d{s[4]}-{s[5]}")
 def test_every_instruction_set_matches_reference(isa, dtype, shape, monkeypatch, seed):
     _use_isa(monkeypatch, isa)
@@ -63,11 +66,17 @@ def test_every_instruction_set_matches_reference(isa, dtype, shape, monkeypatch,
     assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, "cpu"), prefix=f"{isa} ")
 
 
+@pytest.mark.parametrize("isa", [None, "avx512"], ids=["best", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [((300,), 14, 48, 2, 2), ((70,), 32, 64, 2, 2), ((1,), 16, 32, 2, 8)],
                          ids=["N300-L14", "N70-L32", "N1-L16"])
-def test_bitwise_deterministic_across_runs_and_thread_counts(shape, seed):
+def test_bitwise_deterministic_across_runs_and_thread_counts(shape, dtype, isa, seed, monkeypatch):
+    """On this CPU's best instruction set (avx512bf16 runs bfloat16 on its dot instruction) and on the staged
+    float32 path of another."""
+    if isa is not None:
+        _use_isa(monkeypatch, isa)
     batch, L, C, S, d = shape
-    inputs = make_inputs(batch, L, C, S, d, dtype=torch.float32, device="cpu")
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     threads = torch.get_num_threads()
     try:
@@ -92,7 +101,7 @@ def test_gradcheck_float64(seed):
 def test_rejects_unknown_instruction_set(monkeypatch):
     monkeypatch.setenv("DYNAMIXER_OPS_CPU_ISA", "sse9")
     x, wc, bc, wg, bg = make_inputs((1,), 3, 4, 2, 1, dtype=torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="DYNAMIXER_OPS_CPU_ISA must be avx512, avx2 or generic, got 'sse9'"):
+    with pytest.raises(RuntimeError, match="DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got 'sse9'"):
         dynamic_mix(x, wc, bc, wg, bg, 2, backend="cpu")
 
 
@@ -118,3 +127,31 @@ def test_extension_is_built_with_openmp():
     from dynamixer_ops.deploy import native_library_path
     with open(native_library_path(), "rb") as f:
         assert b"libgomp.so" in f.read(), f"{native_library_path()} was built without -fopenmp"
+
+
+def test_bfloat16_paths_differ_only_by_rounding(monkeypatch, seed):
+    """The bf16-dot path (z rounded to bf16 before the generate GEMM) and the staged float32 path compute the same
+    function: within the bf16 tolerance of each other, and not bitwise equal where this CPU has avx512bf16 (else
+    the forced path would not be the dot path at all)."""
+    inputs = make_inputs((37,), 32, 192, 8, 2, dtype=torch.bfloat16, device="cpu")
+    grad_y = torch.randn_like(inputs[0])
+    results = {}
+    for isa in ("avx512bf16", "generic"):
+        _use_isa(monkeypatch, isa)
+        results[isa] = _run(inputs, 8, grad_y)
+    dots, staged = results["avx512bf16"], results["generic"]
+    assert not torch.equal(dots[0], staged[0]), "avx512bf16 gave the staged path's bits: the dots did not run"
+    for name, a, b in zip(("y",) + GRAD_NAMES, (dots[0], *dots[1]), (staged[0], *staged[1])):
+        assert_close_rel(a, b, tolerance(torch.bfloat16, "cpu"), f"{name}: dots against staged")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_auto_and_autocast_run_the_cpu_kernel_on_16_bit_inputs(dtype, seed):
+    """backend="auto" resolves to "cpu" for 16-bit CPU inputs, so torch.autocast("cpu", dtype) (which casts the
+    inputs) runs the fused kernel: bitwise the explicit backend="cpu" on the cast inputs."""
+    assert dynamixer_ops.backends.resolve_backend("auto", "cpu", dtype).name == "cpu"
+    inputs = make_inputs((3,), 14, 48, 2, 2, dtype=torch.float32, device="cpu")
+    with torch.autocast("cpu", dtype=dtype):
+        y = dynamic_mix(*inputs, 2)
+    assert y.dtype == dtype
+    assert torch.equal(y, dynamic_mix(*(t.to(dtype) for t in inputs), 2, backend="cpu"))

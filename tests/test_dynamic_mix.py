@@ -110,9 +110,9 @@ def test_empty_batch(backend, device):
     assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
 
 
-def test_auto_picks_an_available_backend_and_falls_back_for_unsupported_dtypes():
+def test_auto_picks_an_available_backend_for_bfloat16():
     x, *weights = make_inputs((2,), 7, 48, 2, 2, dtype=torch.bfloat16, device="cpu")
-    y = dynamic_mix(x, *weights, 2)   # "cpu" has no bf16 kernel: auto must fall back, not fail
+    y = dynamic_mix(x, *weights, 2)
     ref_y, _ = reference_outputs((x, *weights), 2, torch.ones_like(y))
     assert_close_rel(y, ref_y, 1e-2, "y")
     assert dynamixer_ops.available_backends("cpu")[-1] == "reference"

@@ -1,4 +1,4 @@
-// The fused CPU kernels of dynamixer_ops_C::mix_forward / mix_backward (float32 and float64).
+// The fused CPU kernels of dynamixer_ops_C::mix_forward / mix_backward (float32, float64, bfloat16, float16).
 //
 // Work is split into blocks of `nb` sequences (nb depends on the shape only, never on the thread count). For a
 // block, reduce -> generate -> softmax over the source token -> apply run on block-local buffers (the L x L
@@ -8,9 +8,15 @@
 // buffer, and the partials are added in chunk order in float64. The results are therefore bitwise identical
 // run to run and for any thread count.
 //
-// The arithmetic lives in mix_cpu_kernels.inc, compiled here once per instruction set (AVX-512, AVX2+FMA and
-// the baseline x86-64/other target) and chosen at run time; DYNAMIXER_OPS_CPU_ISA=avx512|avx2|generic forces
-// one (tests use it to cover every path on one machine).
+// The arithmetic lives in mix_cpu_kernels.inc, compiled here once per instruction set (AVX-512 with BF16,
+// AVX-512, AVX2+FMA and the baseline x86-64/other target) and chosen at run time;
+// DYNAMIXER_OPS_CPU_ISA=avx512bf16|avx512|avx2|generic forces one (tests use it to cover every path on one machine).
+//
+// bfloat16 and float16 inputs are staged: each block's rows of x (and dy) are widened to float32 block-local
+// buffers, the float32 block kernels run on them, and y (grad_x) is rounded back; the weights are widened once per
+// call and the weight gradients accumulate in float32 partials, so every sum runs in float32 (or float64). On
+// AVX512-BF16 the generate GEMM of bfloat16 inputs (the largest product, forward and the backward's recompute) runs
+// on the bf16 dot instruction instead, on z rounded to bf16 and the bf16 Wg as given.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -20,6 +26,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 #include "dynamic_mix.h"
 
@@ -38,6 +48,11 @@ template <class T> struct MixArgs {
   const T* Wg;   // (L*L, L*d)
   const T* WgT;  // (L*d, L*L)
   const T* bg;   // (L*L)
+  // bfloat16 inputs on AVX512-BF16 (see bf16_gemm): Wg^T and Wg packed as bf16 pairs, and their row strides
+  const uint32_t* WgP = nullptr;  // pairs along L*d: the B operand of G = z Wg^T
+  int64_t wgp_ld = 0;
+  const uint32_t* WgR = nullptr;  // pairs along L*L: the B operand of dz = dG Wg
+  int64_t wgr_ld = 0;
 };
 
 // Block-local buffers (M = nb*S rows of matrices).
@@ -49,6 +64,11 @@ template <class T> struct BlockBuffers {
   T* dp;   // (M, L*L): dP, then dG (backward only)
   T* dyT;  // (nb, C, L): dy transposed per sequence (backward only)
   T* dz;   // (M, L*d) (backward only)
+  // When the generate GEMMs run on bf16 dots: their bf16-pair operands.
+  uint32_t* zp = nullptr;   // (M, ceil(L*d / 2)): z, pairs along L*d
+  uint32_t* ztp = nullptr;  // (L*d, ceil(M / 2)): z^T, pairs of matrices (backward only)
+  uint32_t* dgb = nullptr;  // (ceil(M / 2), L*L rounded up to 16): dG, pairs of matrices (backward only)
+  uint32_t* dga = nullptr;  // (M, ceil(L*L / 2)): dG, pairs along L*L (backward only)
 };
 
 // One chunk's partial weight gradients.
@@ -63,6 +83,20 @@ template <class T> struct Partials {
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define DMX_X86_MULTIVERSION 1
+namespace isa_avx512bf16 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,bmi2")
+#define DMX_VEC_BYTES 64
+#define DMX_MR 6
+#define DMX_NV 4
+#define DMX_BF16_DOT 1
+#include "mix_cpu_kernels.inc"
+#undef DMX_BF16_DOT
+#undef DMX_VEC_BYTES
+#undef DMX_MR
+#undef DMX_NV
+#pragma GCC pop_options
+}  // namespace isa_avx512bf16
 namespace isa_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2")
@@ -100,7 +134,7 @@ namespace isa_generic {  // the compiler's baseline target (SSE2 on x86-64)
 
 namespace {
 
-enum class Isa { generic, avx2, avx512 };
+enum class Isa { generic, avx2, avx512, avx512bf16 };
 
 Isa best_isa() {
 #ifdef DMX_X86_MULTIVERSION
@@ -108,7 +142,7 @@ Isa best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-      return Isa::avx512;
+      return __builtin_cpu_supports("avx512bf16") ? Isa::avx512bf16 : Isa::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
     return Isa::generic;
   }();
@@ -125,10 +159,11 @@ Isa chosen_isa() {
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
   Isa isa;
-  if (want == "avx512") isa = Isa::avx512;
+  if (want == "avx512bf16") isa = Isa::avx512bf16;
+  else if (want == "avx512") isa = Isa::avx512;
   else if (want == "avx2") isa = Isa::avx2;
   else if (want == "generic") isa = Isa::generic;
-  else TORCH_CHECK(false, "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
+  else TORCH_CHECK(false, "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got '", want, "'");
   TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA=", want,
               " but this CPU (or build) only supports a lower instruction set");
   return isa;
@@ -138,6 +173,7 @@ template <class T> void run_forward_block(Isa isa, const MixArgs<T>& a, int64_t 
                                           const BlockBuffers<T>& w) {
   switch (isa) {
 #ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512bf16: isa_avx512bf16::forward_block(a, n0, n1, w); return;
     case Isa::avx512: isa_avx512::forward_block(a, n0, n1, w); return;
     case Isa::avx2: isa_avx2::forward_block(a, n0, n1, w); return;
 #endif
@@ -149,11 +185,44 @@ template <class T> void run_backward_block(Isa isa, const MixArgs<T>& a, int64_t
                                            const BlockBuffers<T>& w, const Partials<T>& p) {
   switch (isa) {
 #ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512bf16: isa_avx512bf16::backward_block(a, n0, n1, w, p); return;
     case Isa::avx512: isa_avx512::backward_block(a, n0, n1, w, p); return;
     case Isa::avx2: isa_avx2::backward_block(a, n0, n1, w, p); return;
 #endif
     default: isa_generic::backward_block(a, n0, n1, w, p); return;
   }
+}
+
+template <class H> void run_widen(Isa isa, const H* src, float* dst, int64_t n) {
+  switch (isa) {
+#ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512bf16: isa_avx512bf16::widen(src, dst, n); return;
+    case Isa::avx512: isa_avx512::widen(src, dst, n); return;
+    case Isa::avx2: isa_avx2::widen(src, dst, n); return;
+#endif
+    default: isa_generic::widen(src, dst, n); return;
+  }
+}
+
+template <class H> void run_narrow(Isa isa, const float* src, H* dst, int64_t n) {
+  switch (isa) {
+#ifdef DMX_X86_MULTIVERSION
+    case Isa::avx512bf16: isa_avx512bf16::narrow(src, dst, n); return;
+    case Isa::avx512: isa_avx512::narrow(src, dst, n); return;
+    case Isa::avx2: isa_avx2::narrow(src, dst, n); return;
+#endif
+    default: isa_generic::narrow(src, dst, n); return;
+  }
+}
+
+// The type the block kernels compute in: float32 for 16-bit storage.
+template <class H> struct ComputeOf { using type = H; };
+template <> struct ComputeOf<c10::BFloat16> { using type = float; };
+template <> struct ComputeOf<c10::Half> { using type = float; };
+
+// Whether the generate GEMM runs on AVX512-BF16's dot instruction: bfloat16 inputs on that path only.
+template <class H> bool uses_bf16_dots(Isa isa) {
+  return std::is_same_v<H, c10::BFloat16> && isa == Isa::avx512bf16;
 }
 
 // Sequences per block: enough rows (nb*S) for the register tiles of the generate GEMM, while one block's
@@ -178,20 +247,30 @@ constexpr int64_t kMaxSumSequences = 128;
 // Upper bound on the number of partial weight-gradient buffers (one per chunk of blocks). It caps the
 // backward's parallelism, not its speed on this many or fewer threads; each buffer is ~(L*L*L*d) values.
 constexpr int64_t kMaxChunks = 16;
+// ... and fewer (not under kMinChunks) where the partials would pass kPartialBytes: each is zeroed and summed once
+// per call (at DynaMixer-L stage 1 one is 1 MiB, and 16 of them cost ~10% of the backward).
+constexpr int64_t kMinChunks = 8;
+constexpr int64_t kPartialBytes = int64_t{8} << 20;
 
 template <class T> struct BufferSizes {
-  int64_t r, z, g, inv, dp, dyT, dz;
-  int64_t total() const { return r + z + g + inv + dp + dyT + dz; }
+  int64_t r, z, g, inv, dp, dyT, dz, zp, ztp, dgb, dga;
+  int64_t total() const { return r + z + g + inv + dp + dyT + dz + zp + ztp + dgb + dga; }
 };
 
 template <class T> BufferSizes<T> buffer_sizes(int64_t nb, int64_t L, int64_t C, int64_t S, int64_t d,
-                                               bool backward) {
+                                               bool backward, bool bf16_pairs) {
+  static_assert(sizeof(T) >= sizeof(uint32_t), "zp is carved from T values");
   const int64_t M = nb * S;
   // Each buffer is rounded up to 16 values so that every one starts 64-byte aligned.
   auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
   BufferSizes<T> s;
   s.r = up(nb * L * S * d); s.z = up(M * L * d); s.g = up(M * L * L); s.inv = up(M * L);
   s.dp = backward ? up(M * L * L) : 0; s.dyT = backward ? up(nb * C * L) : 0; s.dz = backward ? up(M * L * d) : 0;
+  s.zp = bf16_pairs ? up(M * ((L * d + 1) / 2)) : 0;
+  const bool bwd_pairs = bf16_pairs && backward;
+  s.ztp = bwd_pairs ? up(L * d * ((M + 1) / 2)) : 0;
+  s.dgb = bwd_pairs ? up((M + 1) / 2 * up(L * L)) : 0;
+  s.dga = bwd_pairs ? up(M * ((L * L + 1) / 2)) : 0;
   return s;
 }
 
@@ -203,21 +282,140 @@ template <class T> BlockBuffers<T> carve(T* base, const BufferSizes<T>& s) {
   w.inv = base; base += s.inv;
   w.dp = base; base += s.dp;
   w.dyT = base; base += s.dyT;
-  w.dz = base;
+  w.dz = base; base += s.dz;
+  auto pairs = [&base](int64_t n) { uint32_t* p = n ? reinterpret_cast<uint32_t*>(base) : nullptr; base += n; return p; };
+  w.zp = pairs(s.zp); w.ztp = pairs(s.ztp); w.dgb = pairs(s.dgb); w.dga = pairs(s.dga);
   return w;
 }
 
-template <class T> MixArgs<T> make_args(const MixShape& sh, const at::Tensor& x, const at::Tensor& Wc,
-                                        const at::Tensor& WcT, const at::Tensor& bc, const at::Tensor& Wg,
-                                        const at::Tensor& WgT, const at::Tensor& bg, const at::Tensor& out) {
+// The weights in the compute type T (a view of the caller's for float32/float64, a float32 copy for 16-bit inputs;
+// all tiny), their transposes (the GEMMs read B operands row by row), and Wg packed for the bf16 dots if used.
+template <class T> struct ComputeWeights {
+  at::Tensor Wc, WcT, bc, Wg, WgT, bg, WgP, WgR;
+  int64_t wgp_ld = 0, wgr_ld = 0;
+};
+
+template <class T> ComputeWeights<T> compute_weights(const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
+                                                     const at::Tensor& bg, bool bf16_pairs, bool backward) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  ComputeWeights<T> w;
+  w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous(); w.bg = bg.to(st).contiguous();
+  w.WcT = w.Wc.t().contiguous();
+  if (!bf16_pairs) {
+    w.Wg = Wg.to(st).contiguous();
+    w.WgT = w.Wg.t().contiguous();
+    return w;
+  }
+  w.Wg = w.WgT = at::empty({0}, Wc.options().dtype(st));  // unused on this path: the GEMMs read WgP and WgR
+  const int64_t LL = Wg.size(0), Ld = Wg.size(1);
+  const uint16_t* g = reinterpret_cast<const uint16_t*>(Wg.template data_ptr<at::BFloat16>());
+  // WgP[kp * ld + c] = (Wg[c][2kp], Wg[c][2kp + 1]) as the low and high halves; columns padded to 16, an odd
+  // L*d padded with a zero.
+  w.wgp_ld = (LL + 15) / 16 * 16;
+  w.WgP = at::zeros({(Ld + 1) / 2 * w.wgp_ld}, Wg.options().dtype(at::kInt));
+  uint32_t* p = reinterpret_cast<uint32_t*>(w.WgP.template data_ptr<int32_t>());
+  for (int64_t c = 0; c < LL; ++c) {
+    const uint16_t* row = g + c * Ld;
+    for (int64_t kp = 0; kp < Ld / 2; ++kp) p[kp * w.wgp_ld + c] = uint32_t{row[2 * kp]} | uint32_t{row[2 * kp + 1]} << 16;
+    if (Ld % 2) p[(Ld / 2) * w.wgp_ld + c] = row[Ld - 1];
+  }
+  if (backward) {  // WgR[kp * ld + c] = (Wg[2kp][c], Wg[2kp + 1][c]); an odd L*L padded with a zero row
+    w.wgr_ld = (Ld + 15) / 16 * 16;
+    w.WgR = at::zeros({(LL + 1) / 2 * w.wgr_ld}, Wg.options().dtype(at::kInt));
+    uint32_t* r = reinterpret_cast<uint32_t*>(w.WgR.template data_ptr<int32_t>());
+    for (int64_t ip = 0; ip < (LL + 1) / 2; ++ip) {
+      const uint16_t* lo = g + 2 * ip * Ld;
+      uint32_t* dst = r + ip * w.wgr_ld;
+      if (2 * ip + 1 < LL)
+        for (int64_t k = 0; k < Ld; ++k) dst[k] = uint32_t{lo[k]} | uint32_t{lo[Ld + k]} << 16;
+      else
+        for (int64_t k = 0; k < Ld; ++k) dst[k] = lo[k];
+    }
+  }
+  return w;
+}
+
+template <class T> MixArgs<T> weight_args(const MixShape& sh, const ComputeWeights<T>& wt) {
   MixArgs<T> a;
   a.A = sh.A; a.B = sh.B; a.L = sh.L; a.C = sh.C; a.S = sh.S; a.d = sh.d;
-  a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+  a.x = nullptr; a.xA = a.xB = a.xL = 0;
   a.dy = nullptr; a.dyA = a.dyB = a.dyL = 0;
-  a.out = out.data_ptr<T>(); a.oA = out.stride(0); a.oB = out.stride(1); a.oL = out.stride(2);
-  a.Wc = Wc.data_ptr<T>(); a.WcT = WcT.data_ptr<T>(); a.bc = bc.data_ptr<T>();
-  a.Wg = Wg.data_ptr<T>(); a.WgT = WgT.data_ptr<T>(); a.bg = bg.data_ptr<T>();
+  a.out = nullptr; a.oA = a.oB = a.oL = 0;
+  a.Wc = wt.Wc.template data_ptr<T>(); a.WcT = wt.WcT.template data_ptr<T>(); a.bc = wt.bc.template data_ptr<T>();
+  a.Wg = wt.Wg.template data_ptr<T>(); a.WgT = wt.WgT.template data_ptr<T>(); a.bg = wt.bg.template data_ptr<T>();
+  if (wt.WgP.defined()) {
+    a.WgP = reinterpret_cast<const uint32_t*>(wt.WgP.template data_ptr<int32_t>());
+    a.wgp_ld = wt.wgp_ld;
+  }
+  if (wt.WgR.defined()) {
+    a.WgR = reinterpret_cast<const uint32_t*>(wt.WgR.template data_ptr<int32_t>());
+    a.wgr_ld = wt.wgr_ld;
+  }
   return a;
+}
+
+// A (A, B, L, C) tensor of 16-bit values staged as float32 rows for the sequences [n0, n1) of one block: `rows`
+// holds them as (n1 - n0, L, C), contiguous.
+template <class H> struct Staged {
+  H* base;
+  int64_t sA, sB, sL, B, L, C;
+  Staged(const at::Tensor& t, int64_t B_, int64_t L_, int64_t C_)
+      : base(t.data_ptr<H>()), sA(t.stride(0)), sB(t.stride(1)), sL(t.stride(2)), B(B_), L(L_), C(C_) {}
+  H* row(int64_t n, int64_t l) const { return base + (n / B) * sA + (n % B) * sB + l * sL; }
+  void widen(Isa isa, int64_t n0, int64_t n1, float* rows) const {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t l = 0; l < L; ++l) run_widen<H>(isa, row(n, l), rows + ((n - n0) * L + l) * C, C);
+  }
+  void narrow(Isa isa, int64_t n0, int64_t n1, const float* rows) const {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t l = 0; l < L; ++l) run_narrow<H>(isa, rows + ((n - n0) * L + l) * C, row(n, l), C);
+  }
+};
+
+// Point a's x (or dy, or out) at block-local contiguous rows (1, n1 - n0, L, C) for sequences [0, n1 - n0).
+template <class P, class R> void point_at_rows(P& p, int64_t& sA, int64_t& sB, int64_t& sL, R* rows, int64_t L,
+                                              int64_t C) {
+  p = rows; sA = 0; sB = L * C; sL = C;
+}
+
+template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::Tensor& x, const at::Tensor& Wc,
+                                         const at::Tensor& bc, const at::Tensor& Wg, const at::Tensor& bg,
+                                         at::Tensor& y) {
+  using T = typename ComputeOf<H>::type;
+  constexpr bool kStaged = !std::is_same_v<H, T>;
+  const int64_t N = sh.sequences(), L = sh.L, C = sh.C;
+  const bool dots = uses_bf16_dots<H>(isa);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, false);
+  MixArgs<T> a = weight_args<T>(sh, wt);
+  if constexpr (!kStaged) {
+    a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.out = y.data_ptr<T>(); a.oA = y.stride(0); a.oB = y.stride(1); a.oL = y.stride(2);
+  }
+  const int64_t nb = block_size(N, sh.S, L, sizeof(T), kForwardMatrixBytes);
+  const int64_t nblocks = (N + nb - 1) / nb;
+  const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, sh.S, sh.d, false, dots);
+  const int64_t rows = kStaged ? nb * L * C : 0;  // one block's x or y as float32 rows
+  const Staged<H> xs{x, sh.B, L, C}, ys{y, sh.B, L, C};
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor ws = at::empty({sizes.total() + 2 * rows}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+    T* const x_rows = ws.data_ptr<T>() + sizes.total();
+    T* const y_rows = x_rows + rows;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
+      if constexpr (kStaged) {
+        MixArgs<T> ab = a;
+        xs.widen(isa, n0, n1, x_rows);
+        point_at_rows(ab.x, ab.xA, ab.xB, ab.xL, x_rows, L, C);
+        point_at_rows(ab.out, ab.oA, ab.oB, ab.oL, y_rows, L, C);
+        ab.A = 1; ab.B = n1 - n0;
+        run_forward_block<T>(isa, ab, 0, n1 - n0, w);
+        ys.narrow(isa, n0, n1, y_rows);
+      } else {
+        run_forward_block<T>(isa, a, n0, n1, w);
+      }
+    }
+  });
 }
 
 void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
@@ -226,26 +424,106 @@ void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, con
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(y, x, "y");
-  const int64_t N = sh.sequences();
-  if (N == 0 || sh.L == 0 || sh.C == 0) return;
+  if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
   const Isa isa = chosen_isa();
-  // The GEMMs read B operands row by row: the transposed weights are tiny, copied once per call.
-  const at::Tensor WcT = compress_weight.t().contiguous();
-  const at::Tensor WgT = generate_weight.t().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
-    using T = scalar_t;
-    const MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT,
-                                      generate_bias, y);
-    const int64_t nb = block_size(N, sh.S, sh.L, sizeof(T), kForwardMatrixBytes);
-    const int64_t nblocks = (N + nb - 1) / nb;
-    const BufferSizes<T> sizes = buffer_sizes<T>(nb, sh.L, sh.C, sh.S, sh.d, false);
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor ws = at::empty({sizes.total()}, x.options());
-      const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
-      for (int64_t blk = b0; blk < b1; ++blk)
-        run_forward_block<T>(isa, a, blk * nb, std::min(N, (blk + 1) * nb), w);
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
+    mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y);
   });
+}
+
+template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
+                                          const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
+                                          const at::Tensor& bg, at::Tensor& grad_x, at::Tensor& grad_Wc,
+                                          at::Tensor& grad_bc, at::Tensor& grad_Wg, at::Tensor& grad_bg) {
+  using T = typename ComputeOf<H>::type;
+  constexpr bool kStaged = !std::is_same_v<H, T>;
+  const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
+  const int64_t Sd = S * d, Ld = L * d, LL = L * L;
+  const bool dots = uses_bf16_dots<H>(isa);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, true);
+  MixArgs<T> a = weight_args<T>(sh, wt);
+  if constexpr (!kStaged) {
+    a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
+    a.out = grad_x.data_ptr<T>(); a.oA = grad_x.stride(0); a.oB = grad_x.stride(1); a.oL = grad_x.stride(2);
+  }
+  const int64_t nb = std::min(block_size(N, S, L, sizeof(T), kBackwardMatrixBytes), kMaxSumSequences);
+  const int64_t nblocks = (N + nb - 1) / nb;
+  const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
+  const int64_t by_memory = std::max(kMinChunks, kPartialBytes / (part_size * static_cast<int64_t>(sizeof(T))));
+  const int64_t nchunks = std::min({nblocks, kMaxChunks, by_memory});
+  // Each chunk sums its blocks' weight gradients in a T partial. A chunk deeper than kMaxSumSequences (large N)
+  // also gets a float64 spill: its T partial is added there and restarted every kMaxSumSequences or more
+  // sequences, so no T accumulator runs deeper than about that many sequences and the weight gradients'
+  // error does not grow with N. Whether chunks spill is fixed by the shape; small batches pay nothing.
+  const int64_t blocks_per_chunk_max = (nblocks + nchunks - 1) / nchunks;
+  const bool spill = blocks_per_chunk_max * nb > kMaxSumSequences;
+  const auto compute_options = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor partials = at::zeros({nchunks, part_size}, compute_options);
+  at::Tensor spills = spill ? at::zeros({nchunks, part_size}, x.options().dtype(at::kDouble)) : at::Tensor();
+  T* part_base = partials.data_ptr<T>();
+  double* spill_base = spill ? spills.data_ptr<double>() : nullptr;
+  const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true, dots);
+  const int64_t rows = kStaged ? nb * L * C : 0;  // one block's x, dy or grad_x as float32 rows
+  const Staged<H> xs{x, sh.B, L, C}, dys{grad_y, sh.B, L, C}, gxs{grad_x, sh.B, L, C};
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor ws = at::empty({sizes.total() + 3 * rows}, compute_options);
+    const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+    T* const x_rows = ws.data_ptr<T>() + sizes.total();
+    T* const dy_rows = x_rows + rows;
+    T* const gx_rows = dy_rows + rows;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      T* pb = part_base + chunk * part_size;
+      const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
+      int64_t depth = 0;    // sequences summed into pb since it was last spilled
+      // Chunk c owns blocks [c*nblocks/nchunks, (c+1)*nblocks/nchunks): balanced, fixed by the shape.
+      const int64_t first = chunk * nblocks / nchunks, last = (chunk + 1) * nblocks / nchunks;
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
+        if constexpr (kStaged) {
+          MixArgs<T> ab = a;
+          xs.widen(isa, n0, n1, x_rows);
+          dys.widen(isa, n0, n1, dy_rows);
+          point_at_rows(ab.x, ab.xA, ab.xB, ab.xL, x_rows, L, C);
+          point_at_rows(ab.dy, ab.dyA, ab.dyB, ab.dyL, dy_rows, L, C);
+          point_at_rows(ab.out, ab.oA, ab.oB, ab.oL, gx_rows, L, C);
+          ab.A = 1; ab.B = n1 - n0;
+          run_backward_block<T>(isa, ab, 0, n1 - n0, w, p);
+          gxs.narrow(isa, n0, n1, gx_rows);
+        } else {
+          run_backward_block<T>(isa, a, n0, n1, w, p);
+        }
+        depth += n1 - n0;
+        if (spill && depth >= kMaxSumSequences && blk + 1 < last) {
+          double* sp = spill_base + chunk * part_size;
+          for (int64_t e = 0; e < part_size; ++e) sp[e] += static_cast<double>(pb[e]);
+          std::fill(pb, pb + part_size, T(0));
+          depth = 0;
+        }
+      }
+    }
+  });
+  // Sum the chunks' partials (and spills) in chunk order, in float64. The bf16-dot path keeps dWg transposed.
+  const std::pair<H*, int64_t> dst[] = {
+      {grad_Wg.data_ptr<H>(), LL * Ld}, {grad_bg.data_ptr<H>(), LL},
+      {grad_Wc.data_ptr<H>(), Sd * C}, {grad_bc.data_ptr<H>(), Sd}};
+  int64_t offset = 0;
+  for (const auto& [out, count] : dst) {
+    const T* src = part_base + offset;
+    const double* spilled = spill ? spill_base + offset : nullptr;
+    const bool transposed = dots && out == dst[0].first;  // partial element e is dWg[e % LL][e / LL]
+    at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        double s = 0;
+        for (int64_t c = 0; c < nchunks; ++c) {
+          s += static_cast<double>(src[c * part_size + e]);
+          if (spilled) s += spilled[c * part_size + e];
+        }
+        out[transposed ? (e % LL) * Ld + e / LL : e] = static_cast<H>(static_cast<T>(s));
+      }
+    });
+    offset += count;
+  }
 }
 
 void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
@@ -266,77 +544,15 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
                 "dynamixer_ops: weight gradients must be contiguous, with their weight's shape ", w->sizes(),
                 " and x's dtype and device; got shape ", g->sizes());
   }
-  const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
-  const int64_t Sd = S * d, Ld = L * d, LL = L * L;
-  if (N == 0 || L == 0 || C == 0) {
+  if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) {
     for (const auto& gw : weight_grads) gw.first->zero_();
     return;
   }
   const Isa isa = chosen_isa();
-  const at::Tensor WcT = compress_weight.t().contiguous();
-  const at::Tensor WgT = generate_weight.t().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&] {
-    using T = scalar_t;
-    MixArgs<T> a = make_args<T>(sh, x, compress_weight, WcT, compress_bias, generate_weight, WgT, generate_bias,
-                                grad_x);
-    a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
-    const int64_t nb = std::min(block_size(N, S, L, sizeof(T), kBackwardMatrixBytes), kMaxSumSequences);
-    const int64_t nblocks = (N + nb - 1) / nb;
-    const int64_t nchunks = std::min(nblocks, kMaxChunks);
-    const int64_t part_size = LL * Ld + LL + Sd * C + Sd;
-    // Each chunk sums its blocks' weight gradients in a T partial. A chunk deeper than kMaxSumSequences (large N)
-    // also gets a float64 spill: its T partial is added there and restarted every kMaxSumSequences or more
-    // sequences, so no T accumulator runs deeper than about that many sequences and the weight gradients'
-    // error does not grow with N. Whether chunks spill is fixed by the shape; small batches pay nothing.
-    const int64_t blocks_per_chunk_max = (nblocks + nchunks - 1) / nchunks;
-    const bool spill = blocks_per_chunk_max * nb > kMaxSumSequences;
-    at::Tensor partials = at::zeros({nchunks, part_size}, x.options());
-    at::Tensor spills = spill ? at::zeros({nchunks, part_size}, x.options().dtype(at::kDouble)) : at::Tensor();
-    T* part_base = partials.data_ptr<T>();
-    double* spill_base = spill ? spills.data_ptr<double>() : nullptr;
-    const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true);
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      at::Tensor ws = at::empty({sizes.total()}, x.options());
-      const BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        T* pb = part_base + chunk * part_size;
-        const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
-        int64_t depth = 0;    // sequences summed into pb since it was last spilled
-        // Chunk c owns blocks [c*nblocks/nchunks, (c+1)*nblocks/nchunks): balanced, fixed by the shape.
-        const int64_t first = chunk * nblocks / nchunks, last = (chunk + 1) * nblocks / nchunks;
-        for (int64_t blk = first; blk < last; ++blk) {
-          const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
-          run_backward_block<T>(isa, a, n0, n1, w, p);
-          depth += n1 - n0;
-          if (spill && depth >= kMaxSumSequences && blk + 1 < last) {
-            double* sp = spill_base + chunk * part_size;
-            for (int64_t e = 0; e < part_size; ++e) sp[e] += static_cast<double>(pb[e]);
-            std::fill(pb, pb + part_size, T(0));
-            depth = 0;
-          }
-        }
-      }
-    });
-    // Sum the chunks' partials (and spills) in chunk order, in float64.
-    const std::pair<T*, int64_t> dst[] = {
-        {grad_generate_weight.data_ptr<T>(), LL * Ld}, {grad_generate_bias.data_ptr<T>(), LL},
-        {grad_compress_weight.data_ptr<T>(), Sd * C}, {grad_compress_bias.data_ptr<T>(), Sd}};
-    int64_t offset = 0;
-    for (const auto& [out, count] : dst) {
-      const T* src = part_base + offset;
-      const double* spilled = spill ? spill_base + offset : nullptr;
-      at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
-        for (int64_t e = e0; e < e1; ++e) {
-          double s = 0;
-          for (int64_t c = 0; c < nchunks; ++c) {
-            s += static_cast<double>(src[c * part_size + e]);
-            if (spilled) s += spilled[c * part_size + e];
-          }
-          out[e] = static_cast<T>(s);
-        }
-      });
-      offset += count;
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&] {
+    mix_backward_impl<scalar_t>(isa, sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
+                                grad_generate_bias);
   });
 }
 

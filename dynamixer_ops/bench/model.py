@@ -2,12 +2,13 @@
 the float64 upstream network, then timed by :mod:`.timing` (images/s, inference and training step)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from ..testing import MODEL_TOLERANCE, relative_error
-from .op import compile_mode
+from .op import DTYPES, compile_mode
 from .timing import BASELINES, first_line, time_side_by_side
 
 MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
@@ -50,10 +51,13 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     ref_out = ref_out.detach()
     del ref_net
 
+    # --autocast: parameters and input stay in --dtype, the forward runs under torch.autocast (as users train)
+    amp_dtype = DTYPES[args.autocast] if args.autocast else None
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     nets, results = {}, []
     for bname in backends:
         row = {"model": name, "backend": bname, "images": B, "dtype": str(dtype).replace("torch.", ""),
-               "device": str(device), "status": "ok", "message": None}
+               "autocast": args.autocast, "device": str(device), "status": "ok", "message": None}
         if bname in skipped:
             nets[bname] = None
             results.append(dict(row, status="SKIPPED", message=skipped[bname]))
@@ -82,7 +86,8 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
             continue
         try:
             net.eval()
-            out = net(x[:n_check])
+            with amp():
+                out = net(x[:n_check])
             # parameters matched by name: a fused module may register them in another order
             named = dict(getattr(net, "_orig_mod", net).named_parameters())
             grads = torch.autograd.grad(out.double().square().mean(), [named[n] for n in ref_grads])
@@ -92,7 +97,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
         except Exception as exc:
             row.update(status="ERROR", message=first_line(exc))
     own = errs.get("eager")
-    tol = max(MODEL_TOLERANCE[dtype], 2 * own if own is not None and math.isfinite(own) else 0)
+    tol = max(MODEL_TOLERANCE[amp_dtype or dtype], 2 * own if own is not None and math.isfinite(own) else 0)
     for row in results:
         if row["backend"] in errs:
             err = errs[row["backend"]]
@@ -115,7 +120,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
                 net.eval()
 
                 def run(net=net):
-                    with torch.no_grad():
+                    with torch.no_grad(), amp():
                         return net(x)
             else:
                 net.train()
@@ -124,7 +129,8 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
 
                 def run(net=net, opt=opt, labels=labels):
                     opt.zero_grad(set_to_none=True)
-                    loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
+                    with amp():
+                        loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
                     loss.backward()
                     opt.step()
             runs[r["backend"]] = run

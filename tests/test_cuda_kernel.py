@@ -26,6 +26,7 @@ import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
 from helpers import assert_matches_reference, make_inputs, tolerance
+from jit_build import load_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_SMEM_OPTIN = 232448      # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
@@ -72,13 +73,12 @@ def emu():
     headers = _cuda_header_dirs()
     if not headers:
         pytest.skip("no CUDA toolkit headers found (cuda_fp16.h and crt/host_defines.h)")
-    from torch.utils import cpp_extension
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
-    cpp_extension.load(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
-                       sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
-                       extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
-                       extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
-                       is_python_module=False, verbose=False)
+    load_extension(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
+                   sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ops.cpp")],
+                   extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
+                   extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
+                   is_python_module=False, verbose=False)
     return torch.ops.dynamixer_cuda_emu
 
 

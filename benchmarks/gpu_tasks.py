@@ -361,7 +361,8 @@ def main(argv=None):
     if args.images is None:
         args.images = 4 if args.task == "check" else 128
     device = torch.device(args.device)
-    print(f"gpu_tasks {args.task}: {json.dumps(_versions(device))}", flush=True)
+    if args.worker is None:
+        print(f"gpu_tasks {args.task}: {json.dumps(_versions(device))}", flush=True)
     return {"check": cmd_check, "train": cmd_train, "tune": cmd_tune}[args.task](args, device)
 
 

@@ -439,27 +439,33 @@ def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
 
 
 def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torch.bfloat16) -> MixConfig:
-    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90
-    (``kernels/resource_usage.py``: shared memory, registers, spills), NOT MEASURED on a GPU: run only through
-    the interpreter, where tests/test_triton.py checks it.
+    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90 under
+    Triton 3.6 (the lent GPU machines') and 3.8 (``kernels/resource_usage.py``: shared memory, registers,
+    spills; tables in benchmarks/RESULTS.md), NOT MEASURED on a GPU: run only through the interpreter, where
+    tests/test_triton.py checks it. Every entry must fit both compilers: they lay out shared memory differently.
 
     16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
     (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). At L*d = 256 (DynaMixer-L
-    stage 1) block_j = 4: with 8 the forward and dx kernels compile to 272 KB and 288 KB of shared memory, past
-    the 227 KB a block may have on an H100 (they would not launch); 4 gives 144 KB / 152 KB. The dWg
-    accumulator (L*d x L*block_jw fp32, in registers) covers every target where that is at most 8K elements
-    (L = 16, d = 2: 48 bytes of spill, against 2 KB with half the targets), else is kept at 4K elements: at 16K
-    (L = 32, d = 2, block_jw = 8) that kernel spilled 11 KB per thread, at 4K 116 bytes. Partitions: about two
-    waves of 132 SMs, from the shape only (results repeat across GPUs).
+    stage 1) block_j = 1 in every dtype: with 4, Triton 3.6 compiled the dx kernel to 410,112 bytes of shared
+    memory in bf16 (352,768 with 2 in fp32), past the 232,448 an H100/H200 block may have (3.8: 156,160), and
+    spilled 4.7 KB per thread; with 1 it needs 68,608 bytes in bf16 and spills nothing (the generate GEMM is still
+    16 x 256 by 256 x 32; 32 target steps instead of 8). The dWg accumulator (L*d x L*block_jw fp32, in
+    registers) covers every target where that is at most 8K elements (L = 16, d = 2: 48 bytes of spill, against
+    2 KB with half the targets), else is kept at 4K elements: at 16K (L = 32, d = 2, block_jw = 8) that kernel
+    spilled 11 KB per thread, at 4K 116 bytes. Warps: 8 where L = 32 or d = 8 (at L = 16, d = 8 the dWc kernel
+    spilled 7 KB per thread with 4 warps, 1.5 KB with 8), else 4. Partitions: about two waves of 132 SMs, from
+    the shape only (results repeat across GPUs).
 
     float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
     table its forward and dx kernels need up to 568 KB of shared memory at L = 32 and its dWc kernel up to
-    584 KB. block_j = 2 at L = 32 and block_c = 16 (8 where L*d >= 128) fit every model shape (at most 220 KB),
-    with register spills of up to 100 KB per thread at d = 8: it launches, and it will be slow there.
+    584 KB. block_j = 2 at L = 32 (1 at L*d = 256) and block_c = 16 (8 where L*d >= 128) fit every model shape,
+    with register spills of many KB per thread where the fp32 (ieee) dots are lowered to FMAs: it launches, and
+    it will be slow there; tf32 dots spill little.
     """
     BL = _pow2(L)
-    Ld = BL * _pow2(d)
-    block_j = 4 if Ld > 128 else min(BL, 16)
+    D = _pow2(d)
+    Ld = BL * D
+    block_j = 1 if Ld > 128 else min(BL, 16)
     block_jw = BL if Ld * BL * BL <= 8192 else max(1, min(BL, 16, 4096 // (Ld * BL)))
     block_c = 32
     if dtype == torch.float32:
@@ -468,7 +474,7 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     tiles = triton.cdiv(N, 16)
     partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
     return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=True,
-                     partitions=partitions, num_warps=8 if BL >= 32 else 4)
+                     partitions=partitions, num_warps=8 if BL >= 32 or D >= 8 else 4)
 
 
 def _dot_operands(dtype: torch.dtype):

@@ -59,9 +59,7 @@ case $MODE in
   preflight|dry-run) BUDGET=${SESSION_BUDGET:-100000}; DEVICE=cpu; export TRITON_INTERPRET=${TRITON_INTERPRET:-1} ;;
 esac
 
-fn() {   # fn FUNCTION ARGS...: a function of this script as a command (timeout runs commands, not functions)
-  bash "$SELF" __fn "$@"
-}
+FN=(bash "$SELF" __fn)   # "${FN[@]}" FUNCTION ARGS...: a function of this script as a command for timeout
 
 pack() {   # keep $OUT within the tool's limits: two files, rewritten after every step
   cp "$SUMMARY" "$OUT/summary.txt"
@@ -128,9 +126,9 @@ print('unavailable:', d.unavailable_backends())"
 }
 
 step_install() {
-  run_step install 240 fn build_stack && return 0
+  run_step install 240 "${FN[@]}" build_stack && return 0
   echo "=== install: the full build failed; building the CPU kernels only so that the Triton steps still run"
-  run_step install-cpu 120 fn build_stack DYNAMIXER_OPS_BUILD_CUDA=0
+  run_step install-cpu 120 "${FN[@]}" build_stack DYNAMIXER_OPS_BUILD_CUDA=0
 }
 
 in_build() {   # in_build COMMAND...: run in the copy, importing the build
@@ -152,18 +150,18 @@ BENCH_SIZE=(--batch 128 --shapes all --dtype bfloat16)
 step_check() {
   local extra=(--workers 12)
   [ "$MODE" = dry-run ] && extra=(--workers 2 --dry-run)
-  run_step check 180 fn in_build "$PY" benchmarks/gpu_tasks.py check --device "$DEVICE" --json "$WORK/check.json" "${extra[@]}"
+  run_step check 180 "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py check --device "$DEVICE" --json "$WORK/check.json" "${extra[@]}"
 }
 
 step_bench() {
-  run_step bench 150 fn in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${BENCH_SIZE[@]}" --direction fwd fwdbwd \
+  run_step bench 150 "${FN[@]}" in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${BENCH_SIZE[@]}" --direction fwd fwdbwd \
     --backends all --compile-mode "${COMPILE_MODE:-default}" --json "$WORK/bench.json" --plain
 }
 
 step_train() {
   local extra=()
   [ "$MODE" = dry-run ] && extra=(--dry-run)
-  run_step train 90 fn in_build "$PY" benchmarks/gpu_tasks.py train --device "$DEVICE" --json "$WORK/train.json" "${extra[@]}"
+  run_step train 90 "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py train --device "$DEVICE" --json "$WORK/train.json" "${extra[@]}"
 }
 
 step_tests() {
@@ -171,13 +169,13 @@ step_tests() {
                tests/test_determinism.py)
   local extra=()
   [ "$MODE" = dry-run ] && extra=(-k "transposed_input or version_check")
-  run_step tests 120 fn in_build "$PY" -m pytest "${tests[@]}" -q -x -p no:cacheprovider --junitxml="$WORK/tests.xml" "${extra[@]}"
+  run_step tests 120 "${FN[@]}" in_build "$PY" -m pytest "${tests[@]}" -q -x -p no:cacheprovider --junitxml="$WORK/tests.xml" "${extra[@]}"
 }
 
 step_autotune() {
   local size=(--batch 128 --shapes s1 l1 --dtype bfloat16)
   [ "$MODE" = dry-run ] && size=("${BENCH_SIZE[@]}")
-  run_step autotune 150 fn in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${size[@]}" --direction fwd fwdbwd \
+  run_step autotune 150 "${FN[@]}" in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${size[@]}" --direction fwd fwdbwd \
     --backends eager compile triton cuda --compile-mode max-autotune --json "$WORK/bench_autotune.json" --plain
 }
 
@@ -188,22 +186,24 @@ step_tune() {
     printf '%-9s %-8s %5s s  %s\n' tune SKIPPED 0 "no time left" >> "$SUMMARY"
     return 0
   fi
-  run_step tune $(( budget + 30 )) fn in_build "$PY" benchmarks/gpu_tasks.py tune --device "$DEVICE" --budget "$budget" \
+  run_step tune $(( budget + 30 )) "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py tune --device "$DEVICE" --budget "$budget" \
     --json "$WORK/tune.json" "${extra[@]}"
 }
 
 step_preflight_tests() {
   local tests=(${PREFLIGHT_TESTS:-tests/test_triton.py tests/test_triton_versions.py tests/test_jit_build.py
                tests/test_cuda_kernel.py tests/test_dynamic_mix.py})
-  run_step suite 100000 fn in_build "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -rs
+  # the suite's own sm_90 compile test runs the same two commands as step_resources: not twice
+  run_step suite 100000 "${FN[@]}" in_build env DYNAMIXER_OPS_TEST_TRITON_COMPILE=0 "$PY" -m pytest "${tests[@]}" \
+    -q -p no:cacheprovider -rs
 }
 
 step_resources() {
   local shapes=()
   [ -n "${PREFLIGHT_SHAPES:-}" ] && shapes=(--shapes $PREFLIGHT_SHAPES)
-  run_step sm90 100000 fn in_build env -u TRITON_INTERPRET "$PY" kernels/resource_usage.py --arch 90 \
+  run_step sm90 100000 "${FN[@]}" in_build env -u TRITON_INTERPRET "$PY" kernels/resource_usage.py --arch 90 \
     --dtype bfloat16 float16 float32 "${shapes[@]}"
-  run_step sm90-tf32 100000 fn in_build env -u TRITON_INTERPRET "$PY" kernels/resource_usage.py --arch 90 \
+  run_step sm90-tf32 100000 "${FN[@]}" in_build env -u TRITON_INTERPRET "$PY" kernels/resource_usage.py --arch 90 \
     --dtype float32 --tf32 "${shapes[@]}"
 }
 
@@ -242,7 +242,7 @@ SUMMARY=$WORK/summary.txt
 case $MODE in
   preflight)
     step_machine
-    run_step install 100000 fn build_stack || { summary; exit 1; }
+    run_step install 100000 "${FN[@]}" build_stack || { summary; exit 1; }
     step_preflight_tests
     step_resources ;;
   dry-run|session)

@@ -452,9 +452,10 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     16 x 256 by 256 x 32; 32 target steps instead of 8). The dWg accumulator (L*d x L*block_jw fp32, in
     registers) covers every target where that is at most 8K elements (L = 16, d = 2: 48 bytes of spill, against
     2 KB with half the targets), else is kept at 4K elements: at 16K (L = 32, d = 2, block_jw = 8) that kernel
-    spilled 11 KB per thread, at 4K 116 bytes. Warps: 8 where L = 32 or d = 8 (at L = 16, d = 8 the dWc kernel
-    spilled 7 KB per thread with 4 warps, 1.5 KB with 8), else 4. Partitions: about two waves of 132 SMs, from
-    the shape only (results repeat across GPUs).
+    spilled 11 KB per thread, at 4K 116 bytes. 8 warps at every shape: at L = 16 the weight-gradient kernels
+    spilled up to 7 KB per thread with 4 (L = 16, d = 8: dWc 7,212 bytes with 4 warps, 1,540 with 8; d = 2: dWg
+    280 and 0), and 16 warps cap a thread at 128 registers, which spilled as much at L = 32. Partitions: about
+    two waves of 132 SMs, from the shape only (results repeat across GPUs).
 
     float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
     table its forward and dx kernels need up to 568 KB of shared memory at L = 32 and its dWc kernel up to
@@ -463,8 +464,7 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     it will be slow there; tf32 dots spill little.
     """
     BL = _pow2(L)
-    D = _pow2(d)
-    Ld = BL * D
+    Ld = BL * _pow2(d)
     block_j = 1 if Ld > 128 else min(BL, 16)
     block_jw = BL if Ld * BL * BL <= 8192 else max(1, min(BL, 16, 4096 // (Ld * BL)))
     block_c = 32
@@ -474,7 +474,7 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     tiles = triton.cdiv(N, 16)
     partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
     return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=True,
-                     partitions=partitions, num_warps=8 if BL >= 32 or D >= 8 else 4)
+                     partitions=partitions, num_warps=8)
 
 
 def _dot_operands(dtype: torch.dtype):

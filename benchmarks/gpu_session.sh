@@ -85,7 +85,10 @@ run_step() {   # run_step NAME CAP_SECONDS COMMAND...: log to $WORK/NAME.log, bo
   [ $rc -ne 0 ] && status="FAIL($rc)"
   [ $rc -eq 124 ] && status="TIMEOUT"
   [ $rc -ne 0 ] && failed=$((failed + 1))
-  printf '%-9s %-8s %5s s  %s\n' "$name" "$status" "$took" "$(grep -m1 -E '^(check summary|[0-9]+ (passed|failed)|=+ .*(passed|failed)|every kernel|[0-9]+ kernel)' "$WORK/$name.log" | cut -c1-150)" >> "$SUMMARY"
+  local gist   # the one line of the log that says how it went
+  gist=$(grep -m1 -E '^(check summary|[0-9]+ (passed|failed)|=+ .*(passed|failed)|every kernel|[0-9]+ kernel)' \
+         "$WORK/$name.log" | cut -c1-150)
+  printf '%-9s %-8s %5s s  %s\n' "$name" "$status" "$took" "$gist" >> "$SUMMARY"
   tail -n 30 "$WORK/$name.log"
   echo "=== $name: $status after $took s"
   pack
@@ -93,7 +96,9 @@ run_step() {   # run_step NAME CAP_SECONDS COMMAND...: log to $WORK/NAME.log, bo
 }
 
 # ---- the build: a copy of this checkout, built with pip --target, used by every later step ----------------
-STACK=${STACK:-$("$PY" -c "import sys, torch, triton; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-triton{triton.__version__}')" 2>/dev/null || echo unknown)}
+STACK=${STACK:-$("$PY" -c "import sys, torch, triton
+print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-triton{triton.__version__}')" \
+                  2>/dev/null || echo unknown)}
 STACK_DIR=$ROOT/build/stacks/$STACK
 SRC=$STACK_DIR/src
 SITE=$STACK_DIR/site

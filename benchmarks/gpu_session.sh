@@ -40,7 +40,8 @@
 # dry-run (CPU): the same build, then every session step with CPU sizes (TRITON_INTERPRET=1).
 #
 # Knobs: SESSION_BUDGET=S (seconds for the whole session), OUT=DIR, COMPILE_MODE=M (torch.compile mode of the
-# bench step), MAX_JOBS=N (build jobs), PREFLIGHT_TESTS="...", PREFLIGHT_SHAPES="s1 l1 ..." (resource check).
+# bench step), MAX_JOBS=N (build jobs), PREFLIGHT_TESTS="...", PREFLIGHT_SHAPES="s1 l1 ..." (resource check),
+# CAP_SCALE=K (each step's time cap times K; default 1 on the GPU, 10 on a CPU, where everything is slower).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,8 +56,9 @@ case "${1:-}" in
   preflight|dry-run|__fn) MODE=$1; shift ;;
 esac
 case $MODE in
-  session) BUDGET=${SESSION_BUDGET:-450}; DEVICE=cuda ;;
-  preflight|dry-run) BUDGET=${SESSION_BUDGET:-100000}; DEVICE=cpu; export TRITON_INTERPRET=${TRITON_INTERPRET:-1} ;;
+  session) BUDGET=${SESSION_BUDGET:-450}; DEVICE=cuda; CAP_SCALE=${CAP_SCALE:-1} ;;
+  preflight|dry-run) BUDGET=${SESSION_BUDGET:-100000}; DEVICE=cpu; CAP_SCALE=${CAP_SCALE:-10}
+                     export TRITON_INTERPRET=${TRITON_INTERPRET:-1} ;;
 esac
 
 FN=(bash "$SELF" __fn)   # "${FN[@]}" FUNCTION ARGS...: a function of this script as a command for timeout
@@ -69,7 +71,7 @@ pack() {   # keep $OUT within the tool's limits: two files, rewritten after ever
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 run_step() {   # run_step NAME CAP_SECONDS COMMAND...: log to $WORK/NAME.log, bounded by CAP and the budget
-  local name=$1 cap=$2; shift 2
+  local name=$1 cap=$(( $2 * CAP_SCALE )); shift 2
   local limit=$cap remaining
   remaining=$(( $(left) - 15 ))         # 15 s kept for packing and the summary
   [ "$remaining" -lt "$limit" ] && limit=$remaining

@@ -460,8 +460,8 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
     table its forward and dx kernels need up to 568 KB of shared memory at L = 32 and its dWc kernel up to
     584 KB. block_j = 2 at L = 32 (1 at L*d = 256) and block_c = 16 (8 where L*d >= 128) fit every model shape,
-    with register spills of many KB per thread where the fp32 (ieee) dots are lowered to FMAs: it launches, and
-    it will be slow there; tf32 dots spill little.
+    with register spills of many KB per thread at d = 8 (block_c = 8 leaves the dWc kernel's products below
+    tl.dot's 16: broadcasts of 512 x 64 x 8 elements), ieee or tf32 alike: it launches, and it will be slow there.
     """
     BL = _pow2(L)
     Ld = BL * _pow2(d)

@@ -176,7 +176,7 @@ step_tests() {
                tests/test_determinism.py)
   local extra=()
   [ "$MODE" = dry-run ] && extra=(-k "transposed_input or version_check")
-  run_step tests 120 "${FN[@]}" in_build "$PY" -m pytest "${tests[@]}" -q -x -p no:cacheprovider --junitxml="$WORK/tests.xml" "${extra[@]}"
+  run_step tests 120 "${FN[@]}" in_build "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --junitxml="$WORK/tests.xml" "${extra[@]}"
 }
 
 step_autotune() {

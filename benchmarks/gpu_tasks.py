@@ -292,7 +292,9 @@ def cmd_tune(args, device):
     images = 1 if args.dry_run else args.images
     shapes = {"L7": (7, 48, 2, 2)} if args.dry_run else SHAPES
     rows, best = [], {}
-    for shape, (L, C, S, d) in shapes.items():
+    for index, (shape, (L, C, S, d)) in enumerate(shapes.items()):
+        # an equal share of what is left for each shape still to come (each candidate compiles four kernels)
+        shape_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(shapes) - index)
         N = images * L
         torch.manual_seed(0)
         x = torch.randn(1, N, L, C, device=device, dtype=dtype)
@@ -305,8 +307,8 @@ def cmd_tune(args, device):
         cands = tune_candidates(base, L, d)[: 2 if args.dry_run else None]
         ref = None
         for cfg in cands:
-            if time.monotonic() > deadline:
-                print(f"tune: budget of {args.budget:.0f} s spent", flush=True)
+            if time.monotonic() > shape_deadline:
+                print(f"tune: {shape}'s share of the {args.budget:.0f} s budget spent", flush=True)
                 break
             row = dict(shape=shape, images=images, config=str(cfg), is_table=cfg == base)
             y = torch.empty_like(x)

@@ -1,111 +1,273 @@
 #!/usr/bin/env bash
-# One session on a lent GPU machine (Python 3.12, torch 2.11+cu130, triton 3.6, timm, pytest, pytest-benchmark,
-# hypothesis, rich; no registry access): build, test on the GPU, benchmark, and leave everything in $OUT.
+# One call on a lent GPU machine, and the CPU checks that come before it.
 #
-#   bash benchmarks/gpu_session.sh            # every step, in order
-#   bash benchmarks/gpu_session.sh install test bench-fwd bench-fwdbwd results   # or some steps
+#   bash benchmarks/gpu_session.sh             # on the GPU machine: every step below, within SESSION_BUDGET
+#   bash benchmarks/gpu_session.sh preflight   # on any CPU box: re-check the installed stack before a session
+#   bash benchmarks/gpu_session.sh dry-run     # on any CPU box: every session step at CPU sizes
 #
-# Steps (each writes its log to $OUT and goes on after a failure; the exit code is the number of failed steps):
-#   install       pip install --no-build-isolation --no-deps -e .  (builds the CUDA kernels), lists the backends
-#   test          pytest tests on the GPU (JUnit XML too)
-#   bench-fwd     dynamixer-bench, cuda bf16, 128 images, all shapes, forward, every backend + eager + compile
-#   bench-fwdbwd  the same for forward+backward
-#   pytest-bench  the pytest-benchmark suite (s1 and s2, bf16) as JSON, for --benchmark-compare later
-#   model         dynamixer-bench --model dynamixer_s (skipped when dynamixer_ops.models is absent)
-#   results       benchmarks/make_results.py on every bench JSON -> $OUT/RESULTS.md (copy it into benchmarks/)
-# A tool that allows at most 10 minutes per command can run the steps one call at a time (torch.compile in
-# max-autotune mode is the slow part of the bench steps: the two bench steps are apart for that reason).
+# The lent machine (Python 3.12, torch 2.11.0+cu130, torchvision 0.26.0, triton 3.6.0, timm, pytest; no registry)
+# gets 15 minutes of device time per task, its start (1-2 min) included, one command at most 10 minutes. So the
+# whole session is ONE device call, steps ordered by the value of what they tell, each bounded by a timeout and
+# by what is left of SESSION_BUDGET (default 450 s), so that it ends inside the call's timeout:
+#     device tool: run(command="bash benchmarks/gpu_session.sh", timeout_s=480)
+# which leaves about 5 minutes of the lease for one short rerun of a step on the still-warm machine, e.g.
+#     run(command="SESSION_BUDGET=200 bash benchmarks/gpu_session.sh install check", timeout_s=230)
 #
-# Knobs (environment):
-#   STEP_TIMEOUT=S    stop any one step after S seconds (SIGINT first, so pytest still prints its summary) and go
-#                     on with the next; 0 = no limit (default)
-#   COMPILE_MODE=M    torch.compile mode of the 'compile' baseline in the bench steps (default: the CLI's,
-#                     max-autotune on GPU; 'default' compiles in a fraction of the time)
-# On a short lease (15 minutes of device time for every try at an issue, one command at most 10 minutes, the
-# machine's start counted), one call that cannot overrun its timeout_s of 540:
-#   STEP_TIMEOUT=150 bash benchmarks/gpu_session.sh install test bench-fwd bench-fwdbwd results
+# Steps (expected wall time on the H200 machine, estimated from the CPU dry run and compile times: NOT measured):
+#   machine   nvidia-smi, versions                                                   ~5 s
+#   install   build into build/stacks/<stack>/ (CUDA kernels for the visible GPU); on a failed CUDA build, a
+#             CPU-kernels-only build, so that the Triton steps still run         ~60-180 s (cap 240)
+#   check     benchmarks/gpu_tasks.py check: every GPU backend, fp32/bf16/fp16, forward + five gradients vs
+#             float64, six model shapes + odd ones, 12 processes (Triton compiles)  ~60-120 s (cap 180)
+#   bench     dynamixer-bench: every backend vs eager and torch.compile (COMPILE_MODE, default 'default'),
+#             bf16, 128 images, six shapes, fwd and fwd+bwd                       ~60-120 s (cap 150)
+#   train     benchmarks/gpu_tasks.py train: DynaMixer-S training step, bf16 autocast, 128 images  ~30-60 s (cap 90)
+#   tests     pytest: the backend grid, the CUDA and Triton cases and determinism on the GPU  ~60-90 s (cap 120)
+#   autotune  dynamixer-bench against torch.compile(mode="max-autotune") at s1 and l1  ~60-120 s (cap 150)
+#   tune      benchmarks/gpu_tasks.py tune: Triton launch-table sweep with whatever time is left
+# Everything lands in $OUT: summary.txt (printed last) and session.tgz (every log and JSON), repacked after each
+# step, so that a call stopped early still brings back what was done (the tool returns at most 8 files).
+#
+# preflight (CPU): the checks that need no GPU, under whatever python/torch/triton is on PATH:
+#   1. build this checkout into build/stacks/py<ver>-torch<ver>-triton<ver>/ (a copy of the tracked and untracked
+#      files, built with pip --target: the checkout's own dynamixer_ops/_C*.so and the venv's editable install
+#      stay untouched, so two stacks can be checked from one checkout without rebuilding over each other);
+#   2. a subset of the suite (PREFLIGHT_TESTS, default below; "tests" for all) on that build, Triton under
+#      the interpreter (tests/conftest.py);
+#   3. tools/triton_resource_usage.py --arch 90 with the installed Triton's own compiler and ptxas: every kernel at
+#      every model shape in bf16, fp16, fp32 and fp32 with tf32 dots must compile and fit shared memory.
+#   e.g. /work/venvs/stack211/bin/activate first for torch 2.11 + triton 3.6 (the lent machine's stack).
+# dry-run (CPU): the same build, then every session step with CPU sizes (TRITON_INTERPRET=1).
+#
+# Knobs: SESSION_BUDGET=S (seconds for the whole session), OUT=DIR, COMPILE_MODE=M (torch.compile mode of the
+# bench step), MAX_JOBS=N (build jobs), PREFLIGHT_TESTS="...", PREFLIGHT_SHAPES="s1 l1 ..." (resource check),
+# CAP_SCALE=K (each step's time cap times K; default 1 on the GPU, 10 on a CPU, where everything is slower).
 set -u
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export MAX_JOBS=${MAX_JOBS:-8}
-# matplotlib may be missing on the lent machine: the plot is then skipped, not the run.
-PLOT_OK=$(python -c "import matplotlib" 2>/dev/null && echo 1 || echo 0)
+ROOT=$PWD
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || PY=python
+SELF=$ROOT/benchmarks/gpu_session.sh
+START=$(date +%s)
 failed=0
 
-run_step() {   # run_step NAME COMMAND...: log to $OUT/NAME.log, record the exit status
-  local name=$1; shift
-  echo "=== $name: $*" | tee -a "$OUT/session.log"
-  local start=$(date +%s)
-  if [ "${STEP_TIMEOUT:-0}" -gt 0 ]; then
-    timeout -s INT -k 20 "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
-  else
-    "$@" > "$OUT/$name.log" 2>&1
+MODE=session
+case "${1:-}" in
+  preflight|dry-run|__fn) MODE=$1; shift ;;
+esac
+case $MODE in
+  session) BUDGET=${SESSION_BUDGET:-450}; DEVICE=cuda; CAP_SCALE=${CAP_SCALE:-1} ;;
+  preflight|dry-run) BUDGET=${SESSION_BUDGET:-100000}; DEVICE=cpu; CAP_SCALE=${CAP_SCALE:-10}
+                     export TRITON_INTERPRET=${TRITON_INTERPRET:-1} ;;
+esac
+
+FN=(bash "$SELF" __fn)   # "${FN[@]}" FUNCTION ARGS...: a function of this script as a command for timeout
+
+pack() {   # keep $OUT within the tool's limits: two files, rewritten after every step
+  cp "$SUMMARY" "$OUT/summary.txt"
+  tar czf "$OUT/session.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/session.tgz.tmp" "$OUT/session.tgz"
+}
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+run_step() {   # run_step NAME CAP_SECONDS COMMAND...: log to $WORK/NAME.log, bounded by CAP and the budget
+  local name=$1 cap=$(( $2 * CAP_SCALE )); shift 2
+  local limit=$cap remaining
+  remaining=$(( $(left) - 15 ))         # 15 s kept for packing and the summary
+  [ "$remaining" -lt "$limit" ] && limit=$remaining
+  if [ "$limit" -lt 10 ]; then
+    printf '%-9s %-8s %5s s  %s\n' "$name" "SKIPPED" 0 "no time left in SESSION_BUDGET=$BUDGET" >> "$SUMMARY"
+    echo "=== $name: skipped, no time left"
+    return 0
   fi
-  local rc=$?
-  [ "${STEP_TIMEOUT:-0}" -gt 0 ] && [ $rc -eq 124 ] &&     # timeout's status for a command it stopped
-    echo "=== $name: stopped by STEP_TIMEOUT=$STEP_TIMEOUT s (its log and outputs are partial)" | tee -a "$OUT/session.log"
-  echo "=== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/session.log"
-  tail -n 25 "$OUT/$name.log"
-  [ $rc -eq 0 ] || failed=$((failed + 1))
+  echo "=== $name (limit ${limit} s): $*"
+  local t0=$(date +%s)
+  timeout -s INT -k 15 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$? took=$(( $(date +%s) - t0 )) status=ok
+  [ $rc -ne 0 ] && status="FAIL($rc)"
+  [ $rc -eq 124 ] && status="TIMEOUT"
+  [ $rc -ne 0 ] && failed=$((failed + 1))
+  local gist   # the one line of the log that says how it went
+  gist=$(grep -m1 -E '^(check summary|[0-9]+ (passed|failed)|=+ .*(passed|failed)|every kernel|[0-9]+ kernel)' \
+         "$WORK/$name.log" | cut -c1-150)
+  printf '%-9s %-8s %5s s  %s\n' "$name" "$status" "$took" "$gist" >> "$SUMMARY"
+  tail -n 30 "$WORK/$name.log"
+  echo "=== $name: $status after $took s"
+  pack
+  return $rc
+}
+
+# ---- the build: a copy of this checkout, built with pip --target, used by every later step ----------------
+STACK=${STACK:-$("$PY" -c "import sys, torch, triton
+print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-triton{triton.__version__}')" \
+                  2>/dev/null || echo unknown)}
+STACK_DIR=$ROOT/build/stacks/$STACK
+SRC=$STACK_DIR/src
+SITE=$STACK_DIR/site
+export STACK PYTHON=$PY
+
+copy_tree() {   # the checkout's tracked and untracked-but-not-ignored files into $SRC (its build/ objects kept)
+  mkdir -p "$SRC"
+  find "$SRC" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$ROOT" ls-files -z -co --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$SRC" -xf -
+  else   # a copy without .git (e.g. the device machine's): everything but outputs
+    tar -C "$ROOT" --exclude=./build --exclude=./.git --exclude='*.so' --exclude=__pycache__ --exclude=./gpu_out \
+      -cf - . | tar -C "$SRC" -xf -
+  fi
+}
+
+build_stack() {   # build_stack [ENV=VALUE...]: pip install --target $SITE from $SRC
+  copy_tree
+  env "$@" MAX_JOBS=${MAX_JOBS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))} "$PY" -m pip install -v --no-build-isolation \
+    --no-deps --upgrade --target "$SITE" "$SRC" 2>&1 | grep -E "dynamixer_ops:|error|Error|Successfully" ;
+  local rc=${PIPESTATUS[0]}
+  [ $rc -eq 0 ] || return $rc
+  # every later step imports this build, whatever the venv has installed (-P / PYTHONSAFEPATH: not the cwd)
+  PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$PY" -c "
+import dynamixer_ops as d, os
+assert os.path.dirname(d.__file__).startswith('$SITE'), d.__file__
+print('dynamixer_ops from', os.path.dirname(d.__file__))
+print('available:', {dev: d.available_backends(dev) for dev in ('cpu', 'cuda')})
+print('unavailable:', d.unavailable_backends())"
 }
 
 step_install() {
-  { nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/machine.txt" 2>&1
-  run_step install bash -c 'pip install --no-build-isolation --no-deps -e . && python -c "
-import dynamixer_ops as d
-print(\"available on cuda:\", d.available_backends(\"cuda\"))
-print(\"unavailable:\", d.unavailable_backends())"'
+  run_step install 240 "${FN[@]}" build_stack && return 0
+  echo "=== install: the full build failed; building the CPU kernels only so that the Triton steps still run"
+  run_step install-cpu 120 "${FN[@]}" build_stack DYNAMIXER_OPS_BUILD_CUDA=0
 }
 
-step_test() {
-  run_step test python -m pytest tests -q -rs --junitxml="$OUT/tests.xml"
+in_build() {   # in_build COMMAND...: run in the copy, importing the build
+  (cd "$SRC" && PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$@")
 }
 
-bench() {   # bench DIRECTION
+# ---- steps ----------------------------------------------------------------------------------------------------
+step_machine() {
+  { date -u; uname -a; nvidia-smi 2>&1 | head -20; "$PY" -c "
+import sys, torch, triton
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+print('gpu:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"; } > "$WORK/machine.txt" 2>&1
+  grep -E "^python|^gpu" "$WORK/machine.txt" | tee -a "$SUMMARY"
+}
+
+BENCH_SIZE=(--batch 128 --shapes all --dtype bfloat16)
+[ "$MODE" = dry-run ] && BENCH_SIZE=(--sequences 4 --shapes s2 --dtype float32 --warmup 1 --repeat 4 --rounds 1)
+
+step_check() {
+  local extra=(--workers 12)
+  [ "$MODE" = dry-run ] && extra=(--workers 2 --dry-run)
+  run_step check 180 "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py check --device "$DEVICE" --json "$WORK/check.json" "${extra[@]}"
+}
+
+step_bench() {
+  run_step bench 150 "${FN[@]}" in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${BENCH_SIZE[@]}" --direction fwd fwdbwd \
+    --backends all --compile-mode "${COMPILE_MODE:-default}" --json "$WORK/bench.json" --plain
+}
+
+step_train() {
   local extra=()
-  [ "$PLOT_OK" = 1 ] && extra+=(--plot "$OUT/bench_cuda_bf16_$1.png")
-  [ -n "${COMPILE_MODE:-}" ] && extra+=(--compile-mode "$COMPILE_MODE")
-  run_step "bench-$1" python -m dynamixer_ops.bench --device cuda --dtype bfloat16 --batch 128 --shapes all \
-    --direction "$1" --backends all --json "$OUT/bench_cuda_bf16_$1.json" "${extra[@]}" --plain
+  [ "$MODE" = dry-run ] && extra=(--dry-run)
+  run_step train 90 "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py train --device "$DEVICE" --json "$WORK/train.json" "${extra[@]}"
 }
 
-step_pytest_bench() {
-  run_step pytest-bench python -m pytest benchmarks -q --bench-device cuda --bench-dtype bfloat16 \
-    --bench-shapes "s1 s2" --bench-images 128 --benchmark-json="$OUT/pytest_benchmark_cuda_bf16.json"
+step_tests() {
+  local tests=(tests/test_dynamic_mix.py tests/test_cuda_kernel.py tests/test_triton.py tests/test_triton_versions.py
+               tests/test_determinism.py)
+  local extra=()
+  [ "$MODE" = dry-run ] && extra=(-k "transposed_input or version_check")
+  run_step tests 120 "${FN[@]}" in_build "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --junitxml="$WORK/tests.xml" "${extra[@]}"
 }
 
-step_model() {
-  if python -c "import dynamixer_ops.models, dynamixer_ops.upstream" 2>/dev/null; then
-    run_step model python -m dynamixer_ops.bench --device cuda --dtype bfloat16 --model dynamixer_s --batch 128 \
-      --json "$OUT/model_dynamixer_s_cuda_bf16.json" --plain
-  else
-    echo "=== model: skipped (dynamixer_ops.models / dynamixer_ops.upstream not in this tree)" | tee -a "$OUT/session.log"
+step_autotune() {
+  local size=(--batch 128 --shapes s1 l1 --dtype bfloat16)
+  [ "$MODE" = dry-run ] && size=("${BENCH_SIZE[@]}")
+  run_step autotune 150 "${FN[@]}" in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" "${size[@]}" --direction fwd fwdbwd \
+    --backends eager compile triton cuda --compile-mode max-autotune --json "$WORK/bench_autotune.json" --plain
+}
+
+step_tune() {
+  local budget=$(( $(left) - 45 )) extra=()
+  [ "$MODE" = dry-run ] && { budget=60; extra=(--dry-run); }
+  if [ "$budget" -lt 20 ]; then
+    printf '%-9s %-8s %5s s  %s\n' tune SKIPPED 0 "no time left" >> "$SUMMARY"
+    return 0
   fi
+  run_step tune $(( budget + 30 )) "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py tune --device "$DEVICE" --budget "$budget" \
+    --json "$WORK/tune.json" "${extra[@]}"
 }
 
-step_results() {
-  local jsons=("$OUT"/bench_*.json "$OUT"/model_*.json)
-  local have=()
-  for j in "${jsons[@]}"; do [ -f "$j" ] && have+=("$j"); done
-  cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
-  [ ${#have[@]} -gt 0 ] && run_step results python benchmarks/make_results.py "${have[@]}" --results "$OUT/RESULTS.md"
+step_preflight_tests() {
+  local tests=(${PREFLIGHT_TESTS:-tests/test_triton.py tests/test_triton_versions.py tests/test_jit_build.py
+               tests/test_cuda_kernel.py tests/test_dynamic_mix.py})
+  # the suite's own sm_90 compile test runs the same two commands as step_resources: not twice
+  run_step suite 100000 "${FN[@]}" in_build env DYNAMIXER_OPS_TEST_TRITON_COMPILE=0 "$PY" -m pytest "${tests[@]}" \
+    -q -p no:cacheprovider -rs
 }
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(install test bench-fwd bench-fwdbwd pytest-bench model results)
-for s in "${steps[@]}"; do
-  case $s in
-    install) step_install ;;
-    test) step_test ;;
-    bench-fwd) bench fwd ;;
-    bench-fwdbwd) bench fwdbwd ;;
-    pytest-bench) step_pytest_bench ;;
-    model) step_model ;;
-    results) step_results ;;
-    *) echo "unknown step $s (install test bench-fwd bench-fwdbwd pytest-bench model results)"; exit 2 ;;
-  esac
-done
-echo "=== done: $failed step(s) failed; outputs in $OUT" | tee -a "$OUT/session.log"
+step_resources() {
+  local shapes=()
+  [ -n "${PREFLIGHT_SHAPES:-}" ] && shapes=(--shapes $PREFLIGHT_SHAPES)
+  run_step sm90 100000 "${FN[@]}" in_build env -u TRITON_INTERPRET "$PY" tools/triton_resource_usage.py --arch 90 \
+    --dtype bfloat16 float16 float32 "${shapes[@]}"
+  run_step sm90-tf32 100000 "${FN[@]}" in_build env -u TRITON_INTERPRET "$PY" tools/triton_resource_usage.py --arch 90 \
+    --dtype float32 --tf32 "${shapes[@]}"
+}
+
+summary() {
+  {
+    echo
+    echo "=== session summary ($MODE, stack $STACK, $(( $(date +%s) - START )) s of SESSION_BUDGET=$BUDGET; $failed step(s) failed)"
+    cat "$SUMMARY"
+    for f in check train tune bench autotune; do
+      [ -f "$WORK/$f.log" ] || continue
+      echo "--- $f"
+      case $f in
+        check) grep -A 40 "^check summary" "$WORK/$f.log" | head -40 ;;
+        train) grep -A 10 "^train step" "$WORK/$f.log" ;;
+        tune) grep -A 20 "^tune: best" "$WORK/$f.log" ;;
+        bench|autotune) grep -v -E "^\s*$|^\[" "$WORK/$f.log" | tail -n 45 ;;
+      esac
+    done
+  } > "$WORK/summary_tail.txt"
+  cat "$WORK/summary_tail.txt" >> "$SUMMARY"
+  pack
+  echo "outputs: $OUT/summary.txt, $OUT/session.tgz (work folder $WORK)"
+  cat "$SUMMARY"
+}
+
+if [ "$MODE" = __fn ]; then
+  "$@"
+  exit $?
+fi
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")
+SUMMARY=$WORK/summary.txt
+: > "$SUMMARY"
+
+case $MODE in
+  preflight)
+    step_machine
+    run_step install 100000 "${FN[@]}" build_stack || { summary; exit 1; }
+    step_preflight_tests
+    step_resources ;;
+  dry-run|session)
+    steps=("$@")
+    [ ${#steps[@]} -eq 0 ] && steps=(machine install check bench train tests autotune tune)
+    for s in "${steps[@]}"; do
+      case $s in
+        machine) step_machine ;;
+        install) step_install || { [ "$MODE" = dry-run ] && { summary; exit 1; }; } ;;
+        check) step_check ;;
+        bench) step_bench ;;
+        train) step_train ;;
+        tests) step_tests ;;
+        autotune) step_autotune ;;
+        tune) step_tune ;;
+        *) echo "unknown step $s (machine install check bench train tests autotune tune)"; exit 2 ;;
+      esac
+    done ;;
+esac
+summary
 exit $failed

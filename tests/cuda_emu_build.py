@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from jit_build import load_extension
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,11 +36,11 @@ def load_cuda_emulator():
     headers = cuda_header_dirs()
     if not headers:
         pytest.skip("no CUDA toolkit headers found (cuda_fp16.h and crt/host_defines.h)")
-    from torch.utils import cpp_extension
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
-    cpp_extension.load(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
-                       sources=[os.path.join(ROOT, "tools", "cuda_emu", "emu_ops.cpp")],
-                       extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
-                       extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
-                       is_python_module=False, verbose=False)
+    # In this checkout's build/jit/, per torch version, under a lock that a dead build cannot leave behind.
+    load_extension(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
+                   sources=[os.path.join(ROOT, "tools", "cuda_emu", "emu_ops.cpp")],
+                   extra_include_paths=[os.path.join(ROOT, "csrc"), headers[0]],
+                   extra_cflags=["-std=c++20", "-O1", *asan], extra_ldflags=asan,
+                   is_python_module=False, verbose=False)
     return torch.ops.dynamixer_cuda_emu

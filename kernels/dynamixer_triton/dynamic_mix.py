@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 
 import torch
 import triton
@@ -60,13 +61,35 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 __all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
-           "INTERPRET"]
+           "INTERPRET", "STATIC_LOOP_BOUNDS", "interpreter_needs_static_loop_bounds"]
 
 # Triton decides at decoration time whether @triton.jit kernels are interpreted; read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 # CUDA's limit on grid dim 0; a launch over more programs is split into chunks of sequences.
 MAX_GRID = 2**31 - 1
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def interpreter_needs_static_loop_bounds(triton_version: str, numpy_version: str) -> bool:
+    """Whether the interpreter fails on a loop bound passed at run time (``range(0, ITERS)``).
+
+    The interpreter passes a run-time scalar as a one-element array and converts it for ``range`` with
+    ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
+    Triton 3.8's interpreter squeezes the array first, 3.6's does not (both seen; 3.7 not tried, taken as 3.6).
+    Compiled kernels are unaffected."""
+    return _release(triton_version) < (3, 8) and _release(numpy_version) >= (2, 4)
+
+
+# Under such an interpreter the tile loops of the weight-gradient kernels get their trip count as a constexpr
+# (the interpreter compiles nothing, so a new value costs nothing); compiled kernels take it at run time, so one
+# compile serves every batch size.
+STATIC_LOOP_BOUNDS = INTERPRET and interpreter_needs_static_loop_bounds(
+    triton.__version__, __import__("numpy").__version__)     # numpy: the interpreter's dependency, not ours
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +234,7 @@ def _softmax_grad(P, xs, dys_t, DOT_DP: tl.constexpr, DOT_DTYPE: tl.constexpr, P
 # Kernels. Arguments: pointers; `seq0, N, B` (first sequence of this launch, end of its sequences, x.shape[1]);
 # the strides of dims 0, 1, 2 of each 4-D tensor (dim 3 has stride 1); the shape L, C, S, D (= d), E (= C/S);
 # BLOCK_* tile sizes (powers of two); DOT_* whether each product uses tl.dot; DOT_DTYPE / PRECISION its operands.
+# ITERS / STATIC_ITERS: tiles per partition, at run time / as a constexpr (0 = use ITERS; see STATIC_LOOP_BOUNDS).
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -275,7 +299,7 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, w
 def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg_part_ptr,
                          N, B, ITERS, PARTS, sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l,
                          L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
+                         STATIC_ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
                          DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Partial ``dWg[i*L+j, m] = sum_{n,s} dG[n,s,i,j] z[n,s,m]`` and ``dbg`` for one block of targets, over the
@@ -288,7 +312,7 @@ def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg
     j0 = jb * BLOCK_J
     acc = tl.zeros((BLOCK_L * BLOCK_D, BLOCK_L * BLOCK_J), tl.float32)     # acc[m, i*BLOCK_J + jj]
     acc_b = tl.zeros((BLOCK_L, BLOCK_J), tl.float32)
-    for it in range(0, ITERS):
+    for it in range(0, STATIC_ITERS if STATIC_ITERS > 0 else ITERS):
         # tiles past the end load nothing (n_ok all false) and add exactly 0
         n, n_ok, a, b = _tile(part + it * PARTS, 0, N, B, BLOCK_N)
         x_seq = a * sx_a + b * sx_b
@@ -320,7 +344,7 @@ def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg
 @triton.jit
 def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, dbc_part_ptr,
                          N, B, ITERS, PARTS, sx_a, sx_b, sx_l, sdxm_a, sdxm_b, sdxm_l, sdx_a, sdx_b, sdx_l,
-                         L: tl.constexpr, C: tl.constexpr, SD: tl.constexpr,
+                         L: tl.constexpr, C: tl.constexpr, SD: tl.constexpr, STATIC_ITERS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SD: tl.constexpr,
                          BLOCK_C: tl.constexpr, DOT_DWC: tl.constexpr, DOT_DX: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -338,7 +362,7 @@ def _backward_dwc_kernel(x_ptr, dxm_ptr, dx_ptr, dr_ptr, wc_ptr, dwc_part_ptr, d
     acc = tl.zeros((BLOCK_SD, BLOCK_C), tl.float32)
     acc_b = tl.zeros((BLOCK_SD,), tl.float32)
     R: tl.constexpr = BLOCK_N * BLOCK_L
-    for it in range(0, ITERS):
+    for it in range(0, STATIC_ITERS if STATIC_ITERS > 0 else ITERS):
         n, n_ok, a, b = _tile(part + it * PARTS, 0, N, B, BLOCK_N)
         dr_off, dr_ok = _scratch(n, n_ok, 0, L, 1, SD, BLOCK_L, BLOCK_SD)      # all S*d columns of dr
         dr = tl.reshape(tl.load(dr_ptr + dr_off, mask=dr_ok, other=0.0), (R, BLOCK_SD))
@@ -368,8 +392,8 @@ class MixConfig:
     block_jw: target tokens per dWg program (its fp32 accumulator is L*d x L*block_jw); block_c: channels per
     step of the reduce loop and per dWc program; dot: use ``tl.dot`` for each product whose dims are all
     >= 16 (broadcast + ``tl.sum`` otherwise); partitions: programs per target block (dWg) / channel block
-    (dWc), each summing a strided share of the tiles into its own fp32 partial; num_warps: per program
-    (ignored by the interpreter).
+    (dWc), each summing a strided share of the tiles into its own fp32 partial; num_warps: per program;
+    num_stages: software-pipelining depth of the loops (None: Triton's default); both ignored by the interpreter.
     """
     block_n: int
     block_j: int
@@ -378,6 +402,7 @@ class MixConfig:
     dot: bool
     partitions: int
     num_warps: int = 4
+    num_stages: int | None = None
 
 
 def _pow2(v: int) -> int:
@@ -414,27 +439,33 @@ def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
 
 
 def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torch.bfloat16) -> MixConfig:
-    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90
-    (``tools/triton_resource_usage.py``: shared memory, registers, spills), NOT MEASURED on a GPU: run only through
-    the interpreter, where tests/test_triton.py checks it.
+    """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90 under
+    Triton 3.6 (the lent GPU machines') and 3.8 (``tools/triton_resource_usage.py``: shared memory, registers,
+    spills; tables in benchmarks/RESULTS.md), NOT MEASURED on a GPU: run only through the interpreter, where
+    tests/test_triton.py checks it. Every entry must fit both compilers: they lay out shared memory differently.
 
     16 sequences per tile, so that the generate GEMM (16 x L*d by L*d x L*block_j) and the apply
     (block_j x L by L x C/S, per sequence) run on tensor cores (every dim >= 16). At L*d = 256 (DynaMixer-L
-    stage 1) block_j = 4: with 8 the forward and dx kernels compile to 272 KB and 288 KB of shared memory, past
-    the 227 KB a block may have on an H100 (they would not launch); 4 gives 144 KB / 152 KB. The dWg
-    accumulator (L*d x L*block_jw fp32, in registers) covers every target where that is at most 8K elements
-    (L = 16, d = 2: 48 bytes of spill, against 2 KB with half the targets), else is kept at 4K elements: at 16K
-    (L = 32, d = 2, block_jw = 8) that kernel spilled 11 KB per thread, at 4K 116 bytes. Partitions: about two
-    waves of 132 SMs, from the shape only (results repeat across GPUs).
+    stage 1) block_j = 1 in every dtype: with 4, Triton 3.6 compiled the dx kernel to 410,112 bytes of shared
+    memory in bf16 (352,768 with 2 in fp32), past the 232,448 an H100/H200 block may have (3.8: 156,160), and
+    spilled 4.7 KB per thread; with 1 it needs 68,608 bytes in bf16 and spills nothing (the generate GEMM is still
+    16 x 256 by 256 x 32; 32 target steps instead of 8). The dWg accumulator (L*d x L*block_jw fp32, in
+    registers) covers every target where that is at most 8K elements (L = 16, d = 2: 48 bytes of spill, against
+    2 KB with half the targets), else is kept at 4K elements: at 16K (L = 32, d = 2, block_jw = 8) that kernel
+    spilled 11 KB per thread, at 4K 116 bytes. 8 warps at every shape: at L = 16 the weight-gradient kernels
+    spilled up to 7 KB per thread with 4 (L = 16, d = 8: dWc 7,212 bytes with 4 warps, 1,540 with 8; d = 2: dWg
+    280 and 0), and 16 warps cap a thread at 128 registers, which spilled as much at L = 32. Partitions: about
+    two waves of 132 SMs, from the shape only (results repeat across GPUs).
 
     float32 (fp32 dots, not tf32, unless torch allows tf32) keeps twice the bytes per tile: with the half-type
     table its forward and dx kernels need up to 568 KB of shared memory at L = 32 and its dWc kernel up to
-    584 KB. block_j = 2 at L = 32 and block_c = 16 (8 where L*d >= 128) fit every model shape (at most 220 KB),
-    with register spills of up to 100 KB per thread at d = 8: it launches, and it will be slow there.
+    584 KB. block_j = 2 at L = 32 (1 at L*d = 256) and block_c = 16 (8 where L*d >= 128) fit every model shape,
+    with register spills of many KB per thread at d = 8 (block_c = 8 leaves the dWc kernel's products below
+    tl.dot's 16: broadcasts of 512 x 64 x 8 elements), ieee or tf32 alike: it launches, and it will be slow there.
     """
     BL = _pow2(L)
     Ld = BL * _pow2(d)
-    block_j = 4 if Ld > 128 else min(BL, 16)
+    block_j = 1 if Ld > 128 else min(BL, 16)
     block_jw = BL if Ld * BL * BL <= 8192 else max(1, min(BL, 16, 4096 // (Ld * BL)))
     block_c = 32
     if dtype == torch.float32:
@@ -443,7 +474,7 @@ def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torc
     tiles = triton.cdiv(N, 16)
     partitions = max(1, min(tiles, 264 // triton.cdiv(L, block_jw)))
     return MixConfig(block_n=16, block_j=block_j, block_jw=block_jw, block_c=block_c, dot=True,
-                     partitions=partitions, num_warps=8 if BL >= 32 else 4)
+                     partitions=partitions, num_warps=8)
 
 
 def _dot_operands(dtype: torch.dtype):
@@ -470,6 +501,8 @@ class _Plan:
         self.BK = max(self.BD, 16) if cfg.dot and min(self.BN * self.BL, self.BC) >= 16 else self.BD
         dot_dtype, precision = _dot_operands(x.dtype)
         self.common = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps)
+        if cfg.num_stages is not None:
+            self.common["num_stages"] = cfg.num_stages
 
     def dots(self, **dims):
         """Per product, whether it uses tl.dot: ``dims`` maps a name to its (M, K, N)."""
@@ -549,6 +582,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         tiles = triton.cdiv(N, p.BN)
         parts = max(1, min(p.cfg.partitions, tiles))
         iters = triton.cdiv(tiles, parts)
+        static_iters = iters if STATIC_LOOP_BOUNDS else 0
         dwg_part = torch.empty((parts, L * L, L * d), **f32)
         dbg_part = torch.empty((parts, L * L), **f32)
         dots = p.dots(GEN=(p.BN, p.BL * p.BD, p.BL * p.BJW), DP=(p.BL, p.BE, p.BJW),
@@ -558,7 +592,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         common = dict(p.common, PRECISION="ieee") if p.common["PRECISION"] == "tf32" else p.common
         _backward_dwg_kernel[(parts * triton.cdiv(L, p.BJW),)](
             x, grad_y, z, generate_weight, generate_bias, dwg_part, dbg_part,
-            N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E,
+            N, p.B, iters, parts, *_strides(x), *_strides(grad_y), L, S, d, p.E, static_iters,
             BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_J=p.BJW, BLOCK_D=p.BD, BLOCK_E=p.BE, **dots, **common)
 
         # 3. dx = dxm + dr @ Wc; dWc, dbc partials.
@@ -568,7 +602,7 @@ def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, gen
         dots = p.dots(DWC=(BSD, p.BN * p.BL, p.BC), DX=(p.BN * p.BL, BSD, p.BC))
         _backward_dwc_kernel[(parts * triton.cdiv(C, p.BC),)](
             x, dxm, grad_x, dr, compress_weight, dwc_part, dbc_part, N, p.B, iters, parts,
-            *_strides(x), *_strides(dxm), *_strides(grad_x), L, C, SD,
+            *_strides(x), *_strides(dxm), *_strides(grad_x), L, C, SD, static_iters,
             BLOCK_N=p.BN, BLOCK_L=p.BL, BLOCK_SD=BSD, BLOCK_C=p.BC, **dots, **p.common)
 
     for out, part in ((grad_generate_weight, dwg_part), (grad_generate_bias, dbg_part),

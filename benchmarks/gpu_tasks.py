@@ -1,0 +1,380 @@
+"""The steps of benchmarks/gpu_session.sh that the bench CLI does not do: the correctness grid of every GPU backend,
+the DynaMixer-S training step under bf16 autocast, and a sweep over the Triton launch table.
+
+    python benchmarks/gpu_tasks.py check  [--device cuda] [--workers 8] [--json PATH]
+    python benchmarks/gpu_tasks.py train  [--device cuda] [--images 128] [--json PATH]
+    python benchmarks/gpu_tasks.py tune   [--device cuda] [--budget 120] [--json PATH]
+
+Each prints one line per case as it goes (a step stopped by its timeout keeps what it printed) and a table at the
+end; ``--json`` is rewritten after every case. ``--dry-run`` shrinks every size so that the same code runs on a CPU
+(the Triton kernels through the interpreter: set TRITON_INTERPRET=1 before starting Python). Nothing here has
+run on a GPU yet.
+
+check: forward and all five gradients of every backend that runs on the device (``reference`` aside) in fp32,
+bf16 and fp16 against the float64 reference, with the test suite's comparison (tests/helpers.py), at the six
+model shapes (a few images each) and the odd ones (L = 7/14, C/S = 24, d = 1/3/8, a transposed input, N = 1).
+The cases are split over ``--workers`` processes: compiling the Triton kernels for each shape and dtype is the
+slow part, and it runs on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import dynamixer_ops  # noqa: E402
+from dynamixer_ops.bench import SHAPES  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# name -> (sequence batch shape, L, C, S, d, layout); the model shapes get `images` images: L sequences each.
+ODD_CASES = {
+    "L7-e24-d1": ((5,), 7, 48, 2, 1, "contiguous"),
+    "L14-e24-d3": ((6,), 14, 96, 4, 3, "contiguous"),
+    "L14-e24-d8": ((3,), 14, 48, 2, 8, "contiguous"),
+    "L28-e24-d2": ((4,), 28, 96, 4, 2, "contiguous"),
+    "L7-e24-d2-transposed": ((2, 7), 7, 48, 2, 2, "transposed"),
+    "L32-e32-d8-transposed": ((2, 32), 32, 64, 2, 8, "transposed"),
+    "L7-e24-d2-N1": ((1,), 7, 48, 2, 2, "contiguous"),
+    "L32-e24-d2-N1": ((1,), 32, 48, 2, 2, "contiguous"),
+}
+
+
+def _write_json(path, payload):
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
+def _versions(device):
+    import triton
+    out = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+           "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        out["device"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, budget_ms=200.0):
+    """Median time of ``fn()``: CUDA events through triton.testing.do_bench on a GPU, perf_counter on a CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=max(10.0, budget_ms / 8), rep=budget_ms, return_mode="median") / 1e3
+    fn()
+    times = []
+    deadline = time.perf_counter() + budget_ms / 1e3
+    while len(times) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check
+
+def check_cases(device, images, dry_run):
+    backends = [b for b in dynamixer_ops.available_backends(device.type) if b != "reference"]
+    shapes = {f"model-{k}": ((images * v[0],), *v, "contiguous") for k, v in SHAPES.items()}
+    if dry_run:    # the interpreter runs every program in Python: two small cases per backend and dtype
+        shapes, odd = {}, {k: ODD_CASES[k] for k in ("L7-e24-d2-N1", "L7-e24-d2-transposed")}
+    else:
+        odd = ODD_CASES
+    from helpers import supported_dtypes
+    cases = []
+    for backend in backends:
+        for dname, dtype in DTYPES.items():
+            if dtype not in supported_dtypes(backend, device.type):
+                continue
+            for name, case in {**shapes, **odd}.items():
+                cases.append((backend, dname, name, case))
+    return cases
+
+
+def run_check_case(device, backend, dname, name, case, seed):
+    from helpers import assert_matches_reference, make_inputs, tolerance
+    batch, L, C, S, d, layout = case
+    dtype = DTYPES[dname]
+    torch.manual_seed(seed)
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device=device.type, layout=layout)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    row = dict(backend=backend, dtype=dname, case=name, L=L, C=C, S=S, d=d, sequences=math.prod(batch),
+               layout=layout, seed=seed)
+    start = time.perf_counter()
+    try:
+        y = dynamixer_ops.dynamic_mix(*leaves, S, backend=backend)
+        grad_y = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        _sync(device)
+        assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, device.type))
+        row.update(status="ok", message="")
+    except AssertionError as exc:
+        row.update(status="WRONG", message=str(exc).splitlines()[0][:300])
+    except Exception as exc:  # noqa: BLE001  (a launch error is a finding, not a reason to stop the grid)
+        row.update(status="ERROR", message=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def cmd_check(args, device):
+    cases = check_cases(device, args.images, args.dry_run)
+    if args.worker is not None:           # one slice of the cases, one JSON line per case on stdout
+        index, count = args.worker
+        for i, (backend, dname, name, case) in enumerate(cases):
+            if i % count == index:
+                print(json.dumps(run_check_case(device, backend, dname, name, case, args.seed + i)), flush=True)
+        return 0
+    workers = max(1, min(args.workers, len(cases)))
+    print(f"check: {len(cases)} cases ({', '.join(sorted({c[0] for c in cases}))} x "
+          f"{', '.join(DTYPES)}) on {device}, {workers} worker process(es)", flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "check", "--device", str(device), "--images",
+           str(args.images), "--seed", str(args.seed)] + (["--dry-run"] if args.dry_run else [])
+    procs = [subprocess.Popen(cmd + ["--worker", str(i), str(workers)], stdout=subprocess.PIPE, text=True)
+             for i in range(workers)]
+    rows = []
+    import selectors
+    sel = selectors.DefaultSelector()
+    for p in procs:
+        sel.register(p.stdout, selectors.EVENT_READ)
+    open_streams = len(procs)
+    while open_streams:
+        for key, _ in sel.select():
+            line = key.fileobj.readline()
+            if not line:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                print(line.rstrip(), flush=True)
+                continue
+            rows.append(row)
+            print(f"{row['status']:5} {row['backend']:8} {row['dtype']:5} {row['case']:24} {row['seconds']:6.1f}s "
+                  f"{row['message']}", flush=True)
+            _write_json(args.json, {"versions": _versions(device), "rows": rows})
+    codes = [p.wait() for p in procs]
+    missing = len(cases) - len(rows)
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"check summary: {len(rows) - len(bad)} ok, {len(bad)} failed, {missing} not run "
+          f"(worker exit codes {codes})")
+    for r in bad:
+        print(f"  {r['status']} {r['backend']} {r['dtype']} {r['case']} seed={r['seed']}: {r['message']}")
+    return 0 if not bad and not missing and not any(codes) else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+def cmd_train(args, device):
+    """One training step of DynaMixer-S (forward, cross-entropy, backward, AdamW step) under bf16 autocast with
+    fp32 weights, upstream eager model against the fused models (same initial weights). On a CPU (dry runs) in
+    plain fp32: the CPU kernel has no bf16, and CPU autocast is slow."""
+    import contextlib
+    from dynamixer_ops import models, upstream
+    images, img = (2, 28) if args.dry_run else (args.images, 224)
+    torch.manual_seed(0)
+    base = upstream.dynamixer_s(img_size=img)
+    state = base.state_dict()
+    x = torch.randn(images, 3, img, img, device=device)
+    labels = torch.randint(0, 1000, (images,), device=device)
+    backends = ["eager"] + [b for b in dynamixer_ops.available_backends(device.type) if b != "reference"]
+    if args.dry_run:    # the step's code is the same for every fused backend; the interpreter would take minutes
+        backends = [b for b in backends if b in ("eager", "cpu")]
+    rows, losses, grads = [], {}, {}
+    for name in backends:
+        row = dict(backend=name, images=images, img_size=img, autocast="bfloat16" if device.type == "cuda" else None)
+
+        def autocast():
+            return (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        try:
+            net = upstream.dynamixer_s(img_size=img) if name == "eager" else models.dynamixer_s(
+                img_size=img, backend=name)
+            net.load_state_dict(state)
+            net = net.to(device).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+
+            def step(net=net, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = torch.nn.functional.cross_entropy(net(x), labels)
+                loss.backward()
+                opt.step()
+                return loss
+
+            # correctness of the step itself: loss and gradients of the first step against eager's
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(net(x), labels)
+            loss.backward()
+            losses[name] = loss.item()
+            grads[name] = torch.cat([p.grad.double().flatten() for _, p in sorted(net.named_parameters())])
+            if name != "eager" and "eager" in grads:
+                ref = grads["eager"]
+                row["grad_rel_diff_vs_eager"] = ((grads[name] - ref).norm() / ref.norm()).item()
+                row["loss_diff_vs_eager"] = abs(losses[name] - losses["eager"])
+            seconds = median_seconds(step, device, budget_ms=50 if args.dry_run else 1500)
+            row.update(status="ok", median_ms=seconds * 1e3, images_per_s=images / seconds, loss=losses[name])
+        except Exception as exc:  # noqa: BLE001
+            row.update(status="ERROR", message=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+        rows.append(row)
+        eager = next((r for r in rows if r["backend"] == "eager" and r["status"] == "ok"), None)
+        if eager and row.get("median_ms"):
+            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+        print(json.dumps(row), flush=True)
+        _write_json(args.json, {"versions": _versions(device), "rows": rows})
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"train step, DynaMixer-S, {images} images {img}px, {precision}, AdamW:")
+    for r in rows:
+        if r["status"] == "ok":
+            print(f"  {r['backend']:8} {r['median_ms']:9.2f} ms  {r['images_per_s']:8.1f} img/s  "
+                  f"x{r.get('speedup_vs_eager', 1.0):.2f} vs eager  grad diff vs eager "
+                  f"{r.get('grad_rel_diff_vs_eager', 0.0):.2e}")
+        else:
+            print(f"  {r['backend']:8} {r['status']} {r.get('message', '')}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tune
+
+def tune_candidates(base, L, d):
+    """Launch-table variants around ``base`` (the current table's config). Partitions stay the table's: they
+    are a function of the shape, so results stay bitwise reproducible whatever is chosen."""
+    import dataclasses
+    seen, out = set(), []
+    BL = triton_next_pow2(L)
+    for warps in (4, 8, 16):
+        for stages in (None, 1, 2, 3):
+            for block_j in sorted({base.block_j, max(1, base.block_j // 2), min(BL, base.block_j * 2)}):
+                for block_c in sorted({base.block_c, max(8, base.block_c // 2)}):
+                    cfg = dataclasses.replace(base, num_warps=warps, num_stages=stages, block_j=block_j,
+                                              block_c=block_c)
+                    if cfg not in seen:
+                        seen.add(cfg)
+                        out.append(cfg)
+    out.sort(key=lambda c: c != base)    # the table's own config first: the baseline of the sweep
+    return out
+
+
+def triton_next_pow2(v):
+    import triton
+    return triton.next_power_of_2(v)
+
+
+def cmd_tune(args, device):
+    """Time every candidate config of the Triton kernels directly (forward; forward + backward) at the six
+    shapes in bf16, 128 images; each candidate is first checked against the table's config (relative error)
+    and for bitwise-equal weight gradients over two runs. Stops at --budget seconds; the best per shape last."""
+    from dynamixer_triton import dynamic_mix as km
+    deadline = time.monotonic() + args.budget
+    dtype = torch.bfloat16
+    images = 1 if args.dry_run else args.images
+    shapes = {"L7": (7, 48, 2, 2)} if args.dry_run else SHAPES
+    rows, best = [], {}
+    for index, (shape, (L, C, S, d)) in enumerate(shapes.items()):
+        # an equal share of what is left for each shape still to come (each candidate compiles four kernels)
+        shape_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(shapes) - index)
+        N = images * L
+        torch.manual_seed(0)
+        x = torch.randn(1, N, L, C, device=device, dtype=dtype)
+        w = [torch.randn(S * d, C, device=device, dtype=dtype) / C ** 0.5,
+             torch.randn(S * d, device=device, dtype=dtype),
+             torch.randn(L * L, L * d, device=device, dtype=dtype) * (L * d) ** -0.5,
+             torch.randn(L * L, device=device, dtype=dtype)]
+        gy = torch.randn_like(x)
+        base = km.default_config(N, L, C, S, d, device.type, dtype)
+        cands = tune_candidates(base, L, d)[: 2 if args.dry_run else None]
+        ref = None
+        for cfg in cands:
+            if time.monotonic() > shape_deadline:
+                print(f"tune: {shape}'s share of the {args.budget:.0f} s budget spent", flush=True)
+                break
+            row = dict(shape=shape, images=images, config=str(cfg), is_table=cfg == base)
+            y = torch.empty_like(x)
+            grads = [torch.empty_like(x)] + [torch.empty_like(t) for t in w]
+
+            def fwd(cfg=cfg, y=y):
+                km.mix_forward(x, *w, S, y, config=cfg)
+
+            def fwdbwd(cfg=cfg, y=y, grads=grads):
+                km.mix_forward(x, *w, S, y, config=cfg)
+                km.mix_backward(gy, x, *w, S, *grads, config=cfg)
+            try:
+                fwdbwd()
+                _sync(device)
+                outs = [y.clone()] + [g.clone() for g in grads]
+                fwdbwd()
+                _sync(device)
+                row["deterministic"] = all(torch.equal(a, b) for a, b in zip(outs[2:], grads[1:]))
+                if ref is None:
+                    ref = outs
+                row["max_rel_diff_vs_table"] = max(
+                    ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+                    for a, b in zip(outs, ref))
+                row["fwd_ms"] = median_seconds(fwd, device, 20 if args.dry_run else 100) * 1e3
+                row["fwdbwd_ms"] = median_seconds(fwdbwd, device, 20 if args.dry_run else 100) * 1e3
+                row["status"] = "ok" if row["deterministic"] and row["max_rel_diff_vs_table"] < 2e-2 else "WRONG"
+            except Exception as exc:  # noqa: BLE001  (a config that does not fit is a finding)
+                row.update(status="ERROR", message=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write_json(args.json, {"versions": _versions(device), "rows": rows})
+            if row["status"] == "ok":
+                for key in ("fwd_ms", "fwdbwd_ms"):
+                    if shape + key not in best or row[key] < best[shape + key][key]:
+                        best[shape + key] = row
+    print("tune: best config per shape (bf16, forward / forward+backward), table config's time for comparison")
+    for shape in shapes:
+        table = next((r for r in rows if r["shape"] == shape and r["is_table"] and r["status"] == "ok"), None)
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            b = best.get(shape + key)
+            if b:
+                print(f"  {shape} {key[:-3]:7} {b[key]:8.3f} ms (table {table[key] if table else float('nan'):8.3f})"
+                      f"  {b['config']}")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=["check", "train", "tune"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int, default=None,
+                   help="check: images per model shape (default 4); train, tune: images per call (default 128)")
+    p.add_argument("--workers", type=int, default=8, help="check: processes (default 8)")
+    p.add_argument("--budget", type=float, default=120.0, help="tune: seconds (default 120)")
+    p.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(3), "little"))
+    p.add_argument("--json", help="results as JSON, rewritten after every case")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes, so that the same code runs on a CPU")
+    p.add_argument("--worker", type=int, nargs=2, metavar=("INDEX", "COUNT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.images is None:
+        args.images = 4 if args.task == "check" else 128
+    device = torch.device(args.device)
+    if args.worker is None:
+        print(f"gpu_tasks {args.task}: {json.dumps(_versions(device))}", flush=True)
+    return {"check": cmd_check, "train": cmd_train, "tune": cmd_tune}[args.task](args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from helpers import (GRAD_NAMES, assert_all_close, assert_close_rel, assert_same_nonfinite,
+from helpers import (GRAD_NAMES, assert_all_close, assert_close_rel, assert_matches_reference, assert_same_nonfinite,
                      backend_dtype_triples, make_inputs, op_outputs, reference_outputs, relative_error, tolerance,
                      torch_threads, triple_id)
 
@@ -54,14 +54,17 @@ def test_logits_of_magnitude_1e4_exact(backend, device, dtype, seed):
     """Large weights (multiples of 1024) give logits around +-1e4 that every backend computes exactly, so the
     softmax is exact too and saturates (one-hot columns), except where ties make P = 1/2 and the gradients
     nonzero. The tie holds only at these inputs (not for every x), so no huge terms cancel in the gradients:
-    everything is well-conditioned and the full tolerance applies."""
+    everything is well-conditioned and the full tolerance applies, with one exception: where the kernel rounds dG
+    to bf16 for its products (the CPU's avx512bf16 dots, as upstream autocast does), the compress-bias gradient
+    (dr summed over the tokens) can cancel, and is then held to its rounding scale (assert_matches_reference):
+    seen 1.0-1.3e-2 relative to ||ref|| in 12 of 2000 draws, 0 of 2000 against the scale."""
     N, L, C, S, d = 3, 6, 8, 2, 2
     inputs = tuple(t.to(device=device, dtype=dtype) for t in _exact_large_logit_inputs(N, L, C, S, d))
     grad_y = torch.randn(N, L, C, dtype=dtype, device=device)
     y, grads = op_outputs(inputs, S, grad_y, backend)
     ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
     assert ref_grads[3].abs().max() > 0, "test construction: the ties must give nonzero weight gradients"
-    assert_all_close(y, grads, ref_y, ref_grads, tolerance(dtype, device))
+    assert_matches_reference(y, grads, inputs, S, grad_y, tolerance(dtype, device))
 
 
 def _logits(inputs, S):

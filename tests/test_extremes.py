@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import (GRAD_NAMES, assert_all_close, assert_close_rel, assert_matches_reference, assert_same_nonfinite,
-                     backend_dtype_triples, make_inputs, op_outputs, reference_outputs, relative_error, tolerance,
-                     torch_threads, triple_id)
+                     backend_dtype_triples, cancellation_floor, make_inputs, op_outputs, reference_outputs,
+                     relative_error, rounding_scales, tolerance, torch_threads, triple_id)
 
 TRIPLES = backend_dtype_triples()
 IDS = [triple_id(t) for t in TRIPLES]
@@ -150,13 +150,19 @@ def test_inputs_near_the_dtype_limits(backend, device, dtype, magnitude, seed):
     y, grads = op_outputs(inputs, S, grad_y, backend)
     ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
     tol = tolerance(dtype, device)
-    for name, out, ref in zip(("y",) + GRAD_NAMES, (y, *grads), (ref_y, *ref_grads)):
+    # 16-bit kernels may round their products' operands (the CPU's bf16 dots round dG), and a cancelling gradient is
+    # then held to its rounding scale (helpers.cancellation_floor; seen: dbc 1.7e-2 of ||ref||, seed 1905887809).
+    # Only there: a float32/float64 scale near those types' limits overflows float64.
+    half = dtype in (torch.float16, torch.bfloat16)
+    scales = rounding_scales(inputs, S, grad_y) if half else [0.0] * 6
+    for name, out, ref, scale in zip(("y",) + GRAD_NAMES, (y, *grads), (ref_y, *ref_grads), scales):
         rounded = ref.to(dtype)
         assert torch.isfinite(rounded).all(), f"test construction: {name} is not representable in {dtype}"
         # Norms of values near float64's limits over- or underflow: compare after an exact power-of-two rescaling.
         unit = 2.0 ** -math.frexp(ref.abs().max().item())[1]
         out, ref, rounded = (t.double().cpu() * unit for t in (out, ref, rounded))
-        assert_close_rel(out, ref, tol + 2 * relative_error(rounded, ref), name)
+        assert_close_rel(out, ref, tol + 2 * relative_error(rounded, ref), name,
+                         cancellation_floor(dtype) * scale * unit)
 
 
 @pytest.mark.parametrize("backend, device, dtype", TRIPLES, ids=IDS)

@@ -15,8 +15,12 @@
 // bfloat16 and float16 inputs are staged: each block's rows of x (and dy) are widened to float32 block-local
 // buffers, the float32 block kernels run on them, and y (grad_x) is rounded back; the weights are widened once per
 // call and the weight gradients accumulate in float32 partials, so every sum runs in float32 (or float64). On
-// AVX512-BF16 the generate GEMM of bfloat16 inputs (the largest product, forward and the backward's recompute) runs
-// on the bf16 dot instruction instead, on z rounded to bf16 and the bf16 Wg as given.
+// AVX512-BF16, bfloat16 inputs skip the float32 staging: every product runs on the bf16 dot instruction (vdpbf16ps,
+// twice the float32 FMA rate) with float32 sums, its operands bf16 as the upstream layer's bf16 step has them (x, dy
+// and the weights as given; z, e^(G - max), P, dG and dr rounded); x and dy are staged per block as bf16 pairs in the
+// layouts their products read (DotOperands). Where C/S is odd (a segment would start inside a pair) only the
+// generate-sized GEMMs run on the dots and the rest is staged. The softmax, its backward and the bias gradients stay
+// float32.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

@@ -38,7 +38,8 @@ else:
     _ops = torch.ops.dynamixer_ops_C
     register_backend(Backend(
         name="cpu", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cpu",),
-        # bf16/fp16 are computed in float32 (bf16's generate GEMMs on AVX512-BF16 dots where the CPU has them). fp16
+        # bf16/fp16 sum in float32; bf16's products run on AVX512-BF16 dots where the CPU has them, and are staged
+        # through float32 elsewhere. fp16
         # has no dot instruction here; it is registered because the staged fused kernel beats `reference`.
         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), priority={"cpu": 0},
         unavailable_reason=lambda: None if _has_kernel("CPU") else "dynamixer_ops._C has no CPU kernel",

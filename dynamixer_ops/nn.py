@@ -3,7 +3,8 @@
 :class:`DynaMixerOp` and :class:`DynaMixerBlock` have the upstream constructors, parameter names and
 state_dict keys (``out``, ``compress``, ``generate``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight.fc1/fc2``,
 ``proj``), so an upstream layer's state_dict loads with ``strict=True`` and gives the same output. The mixing
-step runs through :func:`dynamixer_ops.dynamic_mix`; the ``out`` projection stays a plain Linear.
+step runs through :func:`dynamixer_ops.dynamic_mix`; the Linears stay ``nn.Linear`` objects (of the subclass
+:class:`dynamixer_ops.linear.Linear`, whose float32 CPU products run on oneDNN rather than MKL's sgemm).
 
     from dynamixer_ops import convert
     model = convert(model)          # every upstream-style DynaMixerOp / DynaMixerBlock, weights kept
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .linear import use_onednn_linears
 from .ops import dynamic_mix
 from .upstream import Mlp
 
@@ -39,6 +41,7 @@ class DynaMixerOp(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.compress = nn.Linear(dim, num_head * reduced_dim)
         self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+        use_onednn_linears(self)
 
     def mix(self, x: Tensor) -> Tensor:
         """The fused step without ``out``; y has x's shape and (for a dense x) x's layout."""
@@ -72,6 +75,7 @@ class DynaMixerBlock(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        use_onednn_linears(self)
 
     @property
     def backend(self) -> str:
@@ -136,7 +140,7 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     with torch.device("meta"):      # a shell: its Linears are replaced by op's own
         fused = DynaMixerOp(C, L, S, d, backend=backend)
     fused.out, fused.compress, fused.generate = op.out, op.compress, op.generate
-    return fused.train(op.training)
+    return use_onednn_linears(fused).train(op.training)
 
 
 def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
@@ -155,7 +159,7 @@ def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
     fused.mix_h, fused.mix_w = mix_h, mix_w
     fused.mlp_c, fused.reweight, fused.proj = block.mlp_c, block.reweight, block.proj
     fused.proj_drop = getattr(block, "proj_drop", nn.Identity())
-    return fused.train(block.training)
+    return use_onednn_linears(fused).train(block.training)
 
 
 def _fuse(module: nn.Module, backend: str, where: str):
@@ -189,7 +193,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     Layers are recognised by class name and checked by structure (``out``, ``compress``, ``generate``,
     ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
     convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules: the
-    Parameters (and an optimizer that holds them), device, dtype and train/eval mode are kept. Layers that are
+    Parameters (and an optimizer that holds them), device, dtype, hooks and train/eval mode are kept; their plain
+    ``nn.Linear`` objects become :class:`dynamixer_ops.linear.Linear` (a subclass: float32 CPU products on oneDNN). Layers that are
     already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
 
     Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).

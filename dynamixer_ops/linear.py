@@ -1,0 +1,91 @@
+"""float32 Linear layers on the CPU with oneDNN's GEMM, for the fused modules.
+
+torch runs a float32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD EPYC (Zen 5) machines this project is
+measured on that reaches ~180-210 GFLOP/s on two cores, while oneDNN's float32 kernel behind
+``torch.ops.mkldnn._linear_pointwise`` (the one Inductor lowers frozen CPU Linears to) reaches ~400 on the same
+shapes (benchmarks/RESULTS.md). Outside the mixing op, a DynaMixer block is mostly Linears, so the fused modules run
+theirs here: :class:`Linear` is an ``nn.Linear`` (same parameters, state_dict keys, hooks, ``isinstance``) whose
+forward and input gradient take that kernel where it computes exactly ``F.linear`` (float32 CPU tensors, no
+autocast, not under torch.compile / export / tracing) and ``F.linear`` everywhere else. The weight gradient stays on
+``torch.mm``. Set ``DYNAMIXER_OPS_ONEDNN_LINEAR=0`` to run every Linear through ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import env_flag
+
+__all__ = ["Linear", "use_onednn_linears", "onednn_linear_available"]
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has the oneDNN float32 Linear kernel (and it is not switched off)."""
+    return (env_flag("DYNAMIXER_OPS_ONEDNN_LINEAR", default=True) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+_AVAILABLE = onednn_linear_available()
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if not _AVAILABLE or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        return False
+    # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); autocast casts inside F.linear.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return not torch.is_autocast_enabled("cpu")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias):
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # Under create_graph (grad mode on here) the differentiable F.linear keeps double backward working.
+            grad_x = F.linear(grad, weight.t()) if torch.is_grad_enabled() else _onednn(grad, weight.t().contiguous(), None)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose float32 CPU products run on oneDNN (see the module docstring); same parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _applies(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return _OneDnnLinear.apply(x, self.weight, self.bias)
+        return _onednn(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` in ``module`` (exactly that class, not subclasses) a :class:`Linear`, in place:
+    the objects, their parameters and hooks are kept, only their class changes. Returns ``module``."""
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = Linear
+    return module

@@ -1,0 +1,106 @@
+"""dynamixer_ops.linear.Linear: an nn.Linear whose float32 CPU products run on oneDNN. It must compute F.linear
+(forward, all three gradients, double backward), keep everything nn.Linear has, and step aside wherever oneDNN's
+kernel is not the same computation (other dtypes, autocast)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamixer_ops.linear import Linear, onednn_linear_available, use_onednn_linears
+from dynamixer_ops.testing import relative_error
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN Linear")
+
+
+def _kernel_names(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def _layer(bias: bool, seed: int) -> Linear:
+    torch.manual_seed(seed)
+    return use_onednn_linears(nn.Linear(48, 40, bias=bias))
+
+
+INPUTS = {
+    "2d": lambda: torch.randn(37, 48),
+    "4d": lambda: torch.randn(2, 5, 7, 48),
+    "transposed": lambda: torch.randn(2, 7, 5, 48).transpose(1, 2),
+    "strided-channels": lambda: torch.randn(3, 11, 96)[..., ::2],
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
+def test_matches_float64_linear_forward_and_gradients(make_x, bias, seed):
+    layer = _layer(bias, seed)
+    x = make_x().requires_grad_()
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    params = [x, layer.weight] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad(y, params, grad_y)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref_y = F.linear(ref_params[0], ref_params[1], ref_params[2] if bias else None)
+    ref_grads = torch.autograd.grad(ref_y, ref_params, grad_y.double())
+    assert y.dtype == torch.float32 and y.shape == ref_y.shape
+    for name, out, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), (ref_y, *ref_grads)):
+        assert relative_error(out, ref) < 1e-5, name
+
+
+@needs_onednn
+def test_float32_cpu_runs_on_onednn_forward_and_input_gradient(seed):
+    layer = _layer(True, seed)
+    x = torch.randn(16, 48, requires_grad=True)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _kernel_names(lambda: layer(x))
+    y = layer(x)
+    names = _kernel_names(lambda: torch.autograd.grad(y, x, torch.randn_like(y)))
+    assert "mkldnn::_linear_pointwise" in names
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_other_dtypes_are_f_linear(dtype, seed):
+    layer = _layer(True, seed).to(dtype)
+    x = torch.randn(9, 48, dtype=dtype)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_autocast_is_f_linear_under_autocast(seed):
+    layer = _layer(True, seed)
+    x = torch.randn(9, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+
+
+@needs_onednn
+def test_double_backward_matches_f_linear(seed):
+    layer = _layer(True, seed)
+    x = torch.randn(6, 48, requires_grad=True)
+    penalties = []
+    for fn in (layer, lambda t: F.linear(t, layer.weight, layer.bias)):
+        (gx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(gx.square().sum(), layer.weight)[0])
+    assert relative_error(penalties[0], penalties[1]) < 1e-5
+
+
+def test_use_onednn_linears_keeps_objects_parameters_hooks_and_subclasses(seed):
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), Custom(40, 8))
+    first, weight = model[0], model[0].weight
+    keys = list(model.state_dict())
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert use_onednn_linears(model) is model
+    assert model[0] is first and type(first) is Linear and isinstance(first, nn.Linear) and first.weight is weight
+    assert type(model[2]) is Custom
+    assert list(model.state_dict()) == keys
+    model(torch.randn(3, 48))
+    assert seen == [torch.Size([3, 40])]

@@ -68,7 +68,9 @@ def render(report: dict) -> str:
     kind = device_kind(report)
     where = m["gpu"]["name"] if kind == "GPU" else f"{m['cpu']} ({m['cpu_count']} cores, {s['threads']} threads)"
     git = v.get("git") or {}
-    lines = [f"### {where} · {s['dtype']} · {report['mode']} · {report['created_utc']}", ""]
+    dtype = s["dtype"] + (f" under autocast({s['autocast']})" if s.get("autocast") else "")
+    mode = report["mode"] + (" via convert()" if s.get("convert") else "")
+    lines = [f"### {where} · {dtype} · {mode} · {report['created_utc']}", ""]
     if s.get("quick"):
         lines += ["> `--quick` smoke run: short timings on tiny inputs, not for decisions.", ""]
     lines += [

@@ -33,7 +33,7 @@ def test_help_explains_every_option(capsys):
     assert code == 0
     for option in ("--backends", "--shapes", "--batch", "--sequences", "--dtype", "--direction", "--device",
                    "--threads", "--warmup", "--repeat", "--rounds", "--json", "--plot", "--quick", "--model",
-                   "--compile-mode"):
+                   "--compile-mode", "--autocast", "--convert", "--img-size"):
         assert option in out
     for shape in bench.SHAPES:            # the presets and the conventions are documented in the help
         assert shape in out
@@ -55,6 +55,7 @@ def test_help_explains_every_option(capsys):
     (["--model", "dynamixer_x"], "argument --model: invalid choice"),
     (["--autocast", "bfloat16"], "argument --autocast: only with --model"),
     (["--model", "dynamixer_s", "--autocast", "int8"], "argument --autocast: invalid choice: 'int8'"),
+    (["--convert"], "argument --convert: only with --model"),
     (["--require", "cpu:fwd>1.3"], "argument --require: 'cpu:fwd>1.3' is not BACKEND:DIR>=X"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, expected, capsys):
@@ -292,13 +293,16 @@ def _has_models():
 
 
 @pytest.mark.skipif(not _has_models(), reason="dynamixer_ops.models / dynamixer_ops.upstream not merged yet")
-def test_model_mode_times_images_per_second(tmp_path, capsys):
+@pytest.mark.parametrize("convert", [False, True], ids=["models", "convert"])
+def test_model_mode_times_images_per_second(convert, tmp_path, capsys):
     path = tmp_path / "m.json"
     code, out, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--batch", "1", "--direction", "fwd",
                              "--backends", "eager", "reference", "--warmup", "1", "--repeat", "1", "--rounds", "2",
-                             "--json", str(path), "--plain"], capsys)
+                             "--json", str(path), "--plain"] + (["--convert"] if convert else []), capsys)
     assert code == 0
-    rows = {r["backend"]: r for r in json.loads(path.read_text())["results"]}
+    report = json.loads(path.read_text())
+    assert report["settings"]["convert"] is convert and ("convert(upstream)" in report["title"]) is convert
+    rows = {r["backend"]: r for r in report["results"]}
     assert rows["eager"]["images_per_s"] > 0 and rows["eager"]["speedup_vs_eager"] == 1.0
     ref = rows["reference"]
     assert ref["status"] == "ok", ref["message"]

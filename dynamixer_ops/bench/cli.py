@@ -150,6 +150,9 @@ examples:
     p.add_argument("--autocast", choices=sorted(DTYPES), metavar="DTYPE",
                    help="with --model: run every network's forward under torch.autocast(device, DTYPE), parameters "
                         "and input in --dtype (e.g. --autocast bfloat16: mixed-precision inference and training)")
+    p.add_argument("--convert", action="store_true",
+                   help="with --model: the fused networks are dynamixer_ops.convert(dynamixer_ops.upstream.<model>()) "
+                        "(only the DynaMixer layers swapped) instead of dynamixer_ops.models.<model>")
     p.add_argument("--img-size", type=int, default=224, metavar="PX",
                    help="with --model: input resolution; the mixing length is PX/7 in the first stage (default 224)")
     p.add_argument("--json", metavar="PATH", help="write machine, versions, settings and every figure as JSON")
@@ -231,6 +234,8 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
         p.error(f"argument --img-size: must be a positive multiple of the patch size 7, got {args.img_size}")
     if args.autocast and not args.model:
         p.error("argument --autocast: only with --model (the op's benchmark takes --dtype)")
+    if args.convert and not args.model:
+        p.error("argument --convert: only with --model")
     if args.model and args.shapes:
         p.error("argument --shapes: not allowed with --model (the network fixes its shapes)")
     args.direction = list(dict.fromkeys(args.direction or ["fwd", "fwdbwd"]))
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                      "images": args.batch, "sequences": args.sequences, "warmup_ms": args.warmup,
                      "repeat_ms": args.repeat, "rounds": args.rounds, "threads": threads, "quick": args.quick,
                      "compile_mode": compile_mode(device, args.compile_mode) or "default", "model": args.model,
-                     "autocast": args.autocast,
+                     "autocast": args.autocast, "convert": args.convert,
                      "timer": "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark.Timer"},
         "conventions": {"flops": FLOP_CONVENTION, "bytes": BYTES_CONVENTION, "roofline": ROOFLINE_CONVENTION},
     }
@@ -297,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     report["title"] = f"dynamixer-bench on {where}, {dname}, torch {torch.__version__}"
     if args.autocast:
         report["title"] += f", under autocast({args.autocast})"
+    if args.convert:
+        report["title"] += ", fused = convert(upstream)"
     load = report["machine"]["loadavg_at_start"]
     if device.type == "cpu" and load is not None:
         report["title"] += f", {threads} threads, load {load[0]:.1f} on {os.cpu_count()} cores"

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..nn import convert
 from ..testing import MODEL_TOLERANCE, relative_error
 from .op import DTYPES, compile_mode
 from .timing import BASELINES, first_line, time_side_by_side
@@ -65,6 +66,8 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
         try:
             if bname in BASELINES:
                 net = getattr(upstream, name)(**kw)
+            elif args.convert:
+                net = convert(getattr(upstream, name)(**kw), backend=bname)
             else:
                 net = getattr(models, name)(backend=bname, **kw)
             net.load_state_dict(state)

@@ -4,7 +4,8 @@
 state_dict keys (``out``, ``compress``, ``generate``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight.fc1/fc2``,
 ``proj``), so an upstream layer's state_dict loads with ``strict=True`` and gives the same output. The mixing
 step runs through :func:`dynamixer_ops.dynamic_mix`; the Linears stay ``nn.Linear`` objects (of the subclass
-:class:`dynamixer_ops.linear.Linear`, whose float32 CPU products run on oneDNN rather than MKL's sgemm).
+:class:`dynamixer_ops.linear.Linear`, whose float32 CPU products run on oneDNN rather than MKL's sgemm off
+Intel CPUs).
 
     from dynamixer_ops import convert
     model = convert(model)          # every upstream-style DynaMixerOp / DynaMixerBlock, weights kept

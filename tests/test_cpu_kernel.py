@@ -54,6 +54,7 @@ ISA_SHAPES = [
     ((3,), 1, 8, 8, 2, "contiguous"),
     ((9,), 7, 24, 1, 3, "contiguous"),        # bf16 dots: odd L and odd S*d padded to pairs
     ((2, 9), 9, 8, 4, 1, "transposed"),       # bf16 dots: segments of one channel pair, strided rows
+    ((2,), 1, 1, 1, 1, "contiguous"),         # bf16 weight packing of 1 x 1 matrices (size-1 dims' strides)
 ]
 
 

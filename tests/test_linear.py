@@ -8,10 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamixer_ops.linear import Linear, onednn_linear_available, use_onednn_linears
+from dynamixer_ops.linear import Linear, onednn_linear_enabled, use_onednn_linears
 from dynamixer_ops.testing import relative_error
 
-needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN Linear")
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """oneDNN forced on (the default is on except on Intel CPUs); skip where this torch build lacks the kernel."""
+    monkeypatch.setenv("DYNAMIXER_OPS_ONEDNN_LINEAR", "1")
+    if not onednn_linear_enabled():
+        pytest.skip("this torch build has no oneDNN Linear kernel")
 
 
 def _kernel_names(fn) -> set[str]:
@@ -33,10 +39,9 @@ INPUTS = {
 }
 
 
-@needs_onednn
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
-def test_matches_float64_linear_forward_and_gradients(make_x, bias, seed):
+def test_matches_float64_linear_forward_and_gradients(make_x, bias, onednn, seed):
     layer = _layer(bias, seed)
     x = make_x().requires_grad_()
     y = layer(x)
@@ -51,8 +56,7 @@ def test_matches_float64_linear_forward_and_gradients(make_x, bias, seed):
         assert relative_error(out, ref) < 1e-5, name
 
 
-@needs_onednn
-def test_float32_cpu_runs_on_onednn_forward_and_input_gradient(seed):
+def test_float32_cpu_runs_on_onednn_forward_and_input_gradient(onednn, seed):
     layer = _layer(True, seed)
     x = torch.randn(16, 48, requires_grad=True)
     with torch.no_grad():
@@ -62,14 +66,23 @@ def test_float32_cpu_runs_on_onednn_forward_and_input_gradient(seed):
     assert "mkldnn::_linear_pointwise" in names
 
 
+def test_switched_off_is_f_linear(monkeypatch, seed):
+    monkeypatch.setenv("DYNAMIXER_OPS_ONEDNN_LINEAR", "0")
+    layer = _layer(True, seed)
+    x = torch.randn(9, 48)
+    assert not onednn_linear_enabled()
+    assert "mkldnn::_linear_pointwise" not in _kernel_names(lambda: layer(x))
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
-def test_other_dtypes_are_f_linear(dtype, seed):
+def test_other_dtypes_are_f_linear(dtype, onednn, seed):
     layer = _layer(True, seed).to(dtype)
     x = torch.randn(9, 48, dtype=dtype)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_autocast_is_f_linear_under_autocast(seed):
+def test_autocast_is_f_linear_under_autocast(onednn, seed):
     layer = _layer(True, seed)
     x = torch.randn(9, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -78,8 +91,7 @@ def test_autocast_is_f_linear_under_autocast(seed):
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
 
 
-@needs_onednn
-def test_double_backward_matches_f_linear(seed):
+def test_double_backward_matches_f_linear(onednn, seed):
     layer = _layer(True, seed)
     x = torch.randn(6, 48, requires_grad=True)
     penalties = []

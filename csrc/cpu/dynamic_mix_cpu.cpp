@@ -352,21 +352,26 @@ DotOperands carve_dots(int32_t* base, const DotSizes& s) {
 
 // Packings of a (R, K) bfloat16 matrix W as the B operand of a bf16-dot GEMM (see bf16_gemm): rows of bf16 pairs
 // as int32, each row padded with zeros to a multiple of 16 pairs (the GEMM loads whole vectors), built with ATen's
-// (vectorized, parallel) copies.
+// (vectorized, parallel) copies. The bf16 -> int32 views need freshly allocated tensors: contiguous() may keep any
+// stride of a size-1 dimension, which view(dtype) rejects (L = d = 1 raised here).
 // pairs_along_columns: (ceil(K/2), R padded): element [kp][r] = (W[r][2kp], W[r][2kp+1]), the B of X W^T.
 at::Tensor pairs_along_columns(const at::Tensor& W) {
-  const int64_t R = W.size(0), K = W.size(1);
-  const at::Tensor even = K % 2 ? at::constant_pad_nd(W, {0, 1}) : W.contiguous();
-  at::Tensor packed = at::zeros({(K + 1) / 2, (R + 15) / 16 * 16}, W.options().dtype(at::kInt));
+  const int64_t R = W.size(0), K = W.size(1), Kp = (K + 1) / 2;
+  at::Tensor even = at::zeros({R, 2 * Kp}, W.options());  // an odd K padded with a zero column
+  even.narrow(1, 0, K).copy_(W);
+  at::Tensor packed = at::zeros({Kp, (R + 15) / 16 * 16}, W.options().dtype(at::kInt));
   packed.narrow(1, 0, R).copy_(even.view(at::kInt).t());
   return packed;
 }
 // pairs_along_rows: (ceil(R/2), K padded): element [rp][k] = (W[2rp][k], W[2rp+1][k]), the B of X W.
 at::Tensor pairs_along_rows(const at::Tensor& W) {
-  const int64_t R = W.size(0), K = W.size(1);
-  const at::Tensor even = R % 2 ? at::constant_pad_nd(W, {0, 0, 0, 1}) : W.contiguous();
-  at::Tensor packed = at::zeros({(R + 1) / 2, (K + 15) / 16 * 16}, W.options().dtype(at::kInt));
-  packed.narrow(1, 0, K).copy_(even.view({(R + 1) / 2, 2, K}).transpose(1, 2).contiguous().view(at::kInt).squeeze(-1));
+  const int64_t R = W.size(0), K = W.size(1), Rp = (R + 1) / 2;
+  at::Tensor even = at::zeros({2 * Rp, K}, W.options());  // an odd R padded with a zero row
+  even.narrow(0, 0, R).copy_(W);
+  at::Tensor interleaved = at::empty({Rp, K, 2}, W.options());
+  interleaved.copy_(even.view({Rp, 2, K}).transpose(1, 2));
+  at::Tensor packed = at::zeros({Rp, (K + 15) / 16 * 16}, W.options().dtype(at::kInt));
+  packed.narrow(1, 0, K).copy_(interleaved.view(at::kInt).squeeze(-1));
   return packed;
 }
 

@@ -147,5 +147,5 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> Backend:
     raise BackendUnavailableError(f"no backend can run {dtype} inputs on {device_type}: " + "; ".join(reasons))
 
 
-def env_flag(name: str, default: bool = False) -> bool:
-    return os.environ.get(name, "1" if default else "0").lower() not in ("", "0", "false", "no")
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")

@@ -37,6 +37,13 @@ TORCH_LIBRARY(dynamixer_ops_C, m) {
         "Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
         "Tensor(b!) grad_compress_weight, Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, "
         "Tensor(e!) grad_generate_bias) -> ()");
+  // The same, keeping P from the forward for the backward (backends that implement them: CPU).
+  m.def("mix_forward_keep(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+        "Tensor generate_bias, int num_segments, Tensor(a!) y, Tensor(b!) probs) -> ()");
+  m.def("mix_backward_kept(Tensor grad_y, Tensor x, Tensor probs, Tensor compress_weight, Tensor compress_bias, "
+        "Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
+        "Tensor(b!) grad_compress_weight, Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, "
+        "Tensor(e!) grad_generate_bias) -> ()");
 }
 
 namespace dynamixer_ops {

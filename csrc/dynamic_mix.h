@@ -55,6 +55,28 @@ using MixBackwardFn = void(const at::Tensor& grad_y, const at::Tensor& x, const 
                            at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
                            at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias);
 
+// The variants that keep the probabilities P (N*S, L, L), in the compute type (float32 for 16-bit inputs), from the
+// forward for the backward, which then skips recomputing them (a backend chooses when: dynamixer_ops/backends).
+using MixForwardKeepFn = void(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                              const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                              at::Tensor& y, at::Tensor& probs);
+using MixBackwardKeptFn = void(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& probs,
+                               const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                               const at::Tensor& generate_weight, const at::Tensor& generate_bias,
+                               int64_t num_segments, at::Tensor& grad_x, at::Tensor& grad_compress_weight,
+                               at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight,
+                               at::Tensor& grad_generate_bias);
+
+// The kept probabilities' contract: (A*B*S, L, L), contiguous, in the kernels' compute type, on x's device.
+inline void check_probs(const at::Tensor& probs, const MixShape& s, const at::Tensor& x) {
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(probs.dim() == 3 && probs.size(0) == s.sequences() * s.S && probs.size(1) == s.L &&
+                  probs.size(2) == s.L && probs.is_contiguous() && probs.scalar_type() == compute &&
+                  probs.device() == x.device(),
+              "dynamixer_ops: probs must be a contiguous (N*S, L, L) = (", s.sequences() * s.S, ", ", s.L, ", ", s.L,
+              ") ", compute, " tensor on x's device, got ", probs.sizes(), " ", probs.scalar_type());
+}
+
 inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.sizes() == x.sizes(), "dynamixer_ops: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.stride(3) == 1, "dynamixer_ops: ", name, " must have unit stride in its last dim");

@@ -114,7 +114,45 @@ def _dynamic_mix_backward_kernel(grad_y: Tensor, x: Tensor, compress_weight: Ten
     return tuple(grads)
 
 
-_KERNELS = {FORWARD_OP: _dynamic_mix_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel}
+# Backends that keep P from the forward (Backend.forward_keep) run the training step through these two instead:
+# Python-only ops, used outside torch.compile / export (traced graphs hold the two above, so an exported model
+# needs only the native library).
+KEEP_OP = "dynamixer_ops::dynamic_mix_keep"
+KEPT_BACKWARD_OP = "dynamixer_ops::dynamic_mix_backward_kept"
+
+
+def _probs_like(x: Tensor, num_segments: int) -> Tensor:
+    """The kept probabilities for a 4-D x: (A*B*S, L, L) in the kernels' compute type."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = x.shape[-2]
+    return x.new_empty((x.shape[0] * x.shape[1] * num_segments, L, L), dtype=compute)
+
+
+def _dynamic_mix_keep_kernel(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
+                             generate_bias: Tensor, num_segments: int, backend: str) -> tuple[Tensor, Tensor]:
+    y, probs = _new_like(x), _probs_like(x, num_segments)
+    if y.numel():
+        get_backend(backend).forward_keep(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                          num_segments, y, probs)
+    return y, probs
+
+
+def _dynamic_mix_backward_kept_kernel(grad_y: Tensor, x: Tensor, probs: Tensor, compress_weight: Tensor,
+                                      compress_bias: Tensor, generate_weight: Tensor, generate_bias: Tensor,
+                                      num_segments: int, backend: str
+                                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = [_new_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias)]
+    if x.numel():
+        get_backend(backend).backward_kept(grad_y, x, probs, compress_weight, compress_bias, generate_weight,
+                                           generate_bias, num_segments, *grads)
+    else:
+        for g in grads[1:]:
+            g.zero_()
+    return tuple(grads)
+
+
+_KERNELS = {FORWARD_OP: _dynamic_mix_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel,
+            KEEP_OP: _dynamic_mix_keep_kernel, KEPT_BACKWARD_OP: _dynamic_mix_backward_kept_kernel}
 
 
 def inferred_schema(qualname: str) -> str:
@@ -133,6 +171,8 @@ def _register(qualname: str) -> torch._ops.OpOverload:
 
 _dynamic_mix_op = _register(FORWARD_OP)
 _dynamic_mix_backward_op = _register(BACKWARD_OP)
+_dynamic_mix_keep_op = _register(KEEP_OP)
+_dynamic_mix_backward_kept_op = _register(KEPT_BACKWARD_OP)
 
 
 @torch.library.register_fake(FORWARD_OP)
@@ -142,6 +182,16 @@ def _(x, compress_weight, compress_bias, generate_weight, generate_bias, num_seg
 
 @torch.library.register_fake(BACKWARD_OP)
 def _(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+
+
+@torch.library.register_fake(KEEP_OP)
+def _(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    return torch.empty_like(x), _probs_like(x, num_segments)
+
+
+@torch.library.register_fake(KEPT_BACKWARD_OP)
+def _(grad_y, x, probs, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
     return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
 
 
@@ -185,6 +235,34 @@ def _double_backward(ctx, *grads):
 
 
 torch.library.register_autograd(BACKWARD_OP, _double_backward)
+
+
+def _setup_keep_context(ctx, inputs, output):
+    x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend = inputs
+    probs = output[1]
+    ctx.mark_non_differentiable(probs)
+    ctx.save_for_backward(x, probs, compress_weight, compress_bias, generate_weight, generate_bias)
+    ctx.num_segments, ctx.backend = num_segments, backend
+
+
+def _keep_backward(ctx, grad_y, grad_probs):
+    grads = _dynamic_mix_backward_kept_op(_unit_last_stride(grad_y), *ctx.saved_tensors, ctx.num_segments,
+                                          ctx.backend)
+    return (*grads, None, None)
+
+
+torch.library.register_autograd(KEEP_OP, _keep_backward, setup_context=_setup_keep_context)
+torch.library.register_autograd(KEPT_BACKWARD_OP, _double_backward)
+
+
+def _keeps_probabilities(backend, L: int, C: int, S: int, d: int, tensors) -> bool:
+    """Whether this call runs the keep-P variant: a training step (something requires grad) of a backend that keeps
+    P where that pays, outside traced graphs."""
+    if backend.forward_keep is None or not backend.keep_probabilities(L, C, S, d):
+        return False
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _to_4d(x: Tensor) -> Tensor:
@@ -235,9 +313,13 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     x4 = _to_4d(x)
     # torch.onnx translates only the ops in its own tables (or in a custom_translation_table the user would have to
     # pass): while it exports, the op is traced as its decomposition, which becomes standard ONNX ops.
-    mix = decomposition if torch.onnx.is_in_onnx_export() else _dynamic_mix_op
-    y4 = mix(x4, compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
-             generate_bias.contiguous(), S, chosen.name)
+    weights = (compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
+               generate_bias.contiguous())
+    if _keeps_probabilities(chosen, L, C, S, d, (x4, *weights)):
+        y4 = _dynamic_mix_keep_op(x4, *weights, S, chosen.name)[0]
+    else:
+        mix = decomposition if torch.onnx.is_in_onnx_export() else _dynamic_mix_op
+        y4 = mix(x4, *weights, S, chosen.name)
     if x.dim() == 3:
         return y4.squeeze(0)
     if x.dim() > 4:

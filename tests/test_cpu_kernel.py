@@ -194,3 +194,52 @@ def test_auto_and_autocast_run_the_cpu_kernel_on_16_bit_inputs(dtype, seed):
         y = dynamic_mix(*inputs, 2)
     assert y.dtype == dtype
     assert torch.equal(y, dynamic_mix(*(t.to(dtype) for t in inputs), 2, backend="cpu"))
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", [((37,), 14, 72, 3, 8, "contiguous"), ((3, 4), 7, 48, 2, 4, "transposed")],
+                         ids=["d8", "d4-transposed"])
+def test_kept_probabilities_give_the_recomputed_results_bitwise(shape, dtype, isa, monkeypatch, seed):
+    """From d = 4 the training step keeps P from the forward (dynamixer_ops::dynamic_mix_keep) instead of recomputing
+    it in the backward: the same P bit for bit (every matrix's arithmetic is independent of the blocking), so the
+    same y and gradients as the recomputing op pair."""
+    _use_isa(monkeypatch, isa)
+    batch, L, C, S, d, layout = shape
+    assert dynamixer_ops.backends.get_backend("cpu").keep_probabilities(L, C, S, d)
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=layout)
+    grad_y = torch.randn_like(inputs[0])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, grads = _run(inputs, S, grad_y)
+    names = {e.name for e in prof.events()}
+    assert "dynamixer_ops::dynamic_mix_keep" in names and "dynamixer_ops::dynamic_mix_backward_kept" in names
+    x4 = inputs[0].reshape(-1, 1, L, C) if layout == "contiguous" else inputs[0]
+    y_plain = torch.ops.dynamixer_ops.dynamic_mix(x4, *inputs[1:], S, "cpu")
+    grads_plain = torch.ops.dynamixer_ops.dynamic_mix_backward(grad_y.reshape(x4.shape), x4, *inputs[1:], S, "cpu")
+    assert torch.equal(y, y_plain.reshape(y.shape))
+    for name, kept, plain in zip(GRAD_NAMES, grads, grads_plain):
+        assert torch.equal(kept, plain.reshape(kept.shape)), name
+
+
+def test_inference_and_small_d_recompute(seed):
+    """No P is kept without autograd (inference) nor where d < 4 (recomputing it is cheap there)."""
+    backend = dynamixer_ops.backends.get_backend("cpu")
+    assert not backend.keep_probabilities(32, 192, 8, 2)
+    inputs = make_inputs((3,), 14, 72, 3, 8, dtype=torch.float32, device="cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            dynamic_mix(*inputs, 3, backend="cpu")
+        leaves = [t.requires_grad_() for t in make_inputs((3,), 14, 48, 3, 2, dtype=torch.float32, device="cpu")]
+        dynamic_mix(*leaves, 3, backend="cpu").sum().backward()
+    assert "dynamixer_ops::dynamic_mix_keep" not in {e.name for e in prof.events()}
+
+
+def test_kept_probabilities_of_the_wrong_shape_or_dtype_are_refused(seed):
+    x, wc, bc, wg, bg = make_inputs((1,), 7, 48, 2, 4, dtype=torch.bfloat16, device="cpu")
+    x4 = x.unsqueeze(0)
+    outs = [torch.empty_like(t) for t in (x4, wc, bc, wg, bg)]
+    for probs in (torch.zeros(2, 7, 7), torch.zeros(2, 7, 7, dtype=torch.bfloat16)):   # N*S = 2: right shape
+        if probs.dtype == torch.float32:
+            probs = torch.zeros(3, 7, 7)                                                # wrong shape
+        with pytest.raises(RuntimeError, match=r"probs must be a contiguous \(N\*S, L, L\) = \(2, 7, 7\) Float"):
+            torch.ops.dynamixer_ops_C.mix_backward_kept(x4, x4, probs, wc, bc, wg, bg, 2, *outs)

@@ -26,6 +26,19 @@ def test_opcheck_forward_and_backward(backend, device, layout, seed):
                           (grad_y, *(a.detach() for a in args[:5]), 2, backend))
 
 
+@pytest.mark.skipif(not any(b == "cpu" for b, _ in backend_device_pairs()), reason="the native CPU backend is not built")
+def test_opcheck_keep_variants_cpu(seed):
+    """The training-step pair that keeps P (used by backends with forward_keep: cpu, from d = 4)."""
+    x, wc, bc, wg, bg = make_inputs((2, 3), 7, 48, 2, 4, dtype=torch.float32, device="cpu", layout="transposed")
+    args = (x.requires_grad_(), wc.requires_grad_(), bc.requires_grad_(), wg.requires_grad_(), bg.requires_grad_(),
+            2, "cpu")
+    torch.library.opcheck(torch.ops.dynamixer_ops.dynamic_mix_keep.default, args)
+    _, probs = torch.ops.dynamixer_ops.dynamic_mix_keep(*(a.detach() if torch.is_tensor(a) else a for a in args))
+    grad_y = torch.randn_like(x).detach()
+    torch.library.opcheck(torch.ops.dynamixer_ops.dynamic_mix_backward_kept.default,
+                          (grad_y, x.detach(), probs, *(a.detach() for a in args[1:5]), 2, "cpu"))
+
+
 class _Mixer(torch.nn.Module):
     def __init__(self, L, C, S, d, backend):
         super().__init__()

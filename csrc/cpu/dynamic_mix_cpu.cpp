@@ -65,6 +65,8 @@ template <class T> struct MixArgs {
   int64_t wcp_ld = 0;
   const uint32_t* WcR = nullptr;  // pairs along S*d
   int64_t wcr_ld = 0;
+  // Backward with P kept by the forward: the block's probabilities, (nb*S, L, L) from its first sequence on.
+  const T* probs = nullptr;
 };
 
 // The block-local bf16-pair operands when every product of bfloat16 inputs runs on AVX512-BF16's dots (C/S even,
@@ -445,9 +447,21 @@ template <class P, class R> void point_at_rows(P& p, int64_t& sA, int64_t& sB, i
   p = rows; sA = 0; sB = L * C; sL = C;
 }
 
+// P[m][i][j] = E[m][i][j] * inv[m][j] for a block's M matrices, as the backward's softmax computes it.
+template <class T> void keep_probabilities(const BlockBuffers<T>& w, int64_t M, int64_t L, T* probs) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < L; ++i) {
+      const T* e = w.g + (m * L + i) * L;
+      const T* inv = w.inv + m * L;
+      T* p = probs + (m * L + i) * L;
+      for (int64_t j = 0; j < L; ++j) p[j] = e[j] * inv[j];
+    }
+}
+
+// probs: nullptr, or (N*S, L, L) in T to keep P in for the backward.
 template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::Tensor& x, const at::Tensor& Wc,
                                          const at::Tensor& bc, const at::Tensor& Wg, const at::Tensor& bg,
-                                         at::Tensor& y) {
+                                         at::Tensor& y, typename ComputeOf<H>::type* probs) {
   using T = typename ComputeOf<H>::type;
   constexpr bool kStaged = !std::is_same_v<H, T>;
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C;
@@ -490,6 +504,7 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
       } else {
         run_forward_block<T>(isa, a, n0, n1, w);
       }
+      if (probs) keep_probabilities(w, (n1 - n0) * sh.S, L, probs + n0 * sh.S * L * L);
     }
   });
 }
@@ -503,14 +518,32 @@ void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, con
   if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
   const Isa isa = chosen_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
-    mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y);
+    mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
+                               nullptr);
+  });
+}
+
+void mix_forward_keep_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                          const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                          at::Tensor& y, at::Tensor& probs) {
+  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
+                                         num_segments);
+  check_like(y, x, "y");
+  check_probs(probs, sh, x);
+  if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
+  const Isa isa = chosen_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward_keep (cpu)", [&] {
+    using T = typename ComputeOf<scalar_t>::type;
+    mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
+                               probs.data_ptr<T>());
   });
 }
 
 template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
                                           const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
                                           const at::Tensor& bg, at::Tensor& grad_x, at::Tensor& grad_Wc,
-                                          at::Tensor& grad_bc, at::Tensor& grad_Wg, at::Tensor& grad_bg) {
+                                          at::Tensor& grad_bc, at::Tensor& grad_Wg, at::Tensor& grad_bg,
+                                          const typename ComputeOf<H>::type* probs) {
   using T = typename ComputeOf<H>::type;
   constexpr bool kStaged = !std::is_same_v<H, T>;
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
@@ -564,11 +597,12 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
       const int64_t first = chunk * nblocks / nchunks, last = (chunk + 1) * nblocks / nchunks;
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
+        MixArgs<T> ab = a;
+        ab.probs = probs ? probs + n0 * S * LL : nullptr;
         if (all_dots) {
-          run_backward_block<T>(isa, a, n0, n1, w, p);
+          run_backward_block<T>(isa, ab, n0, n1, w, p);
           if constexpr (kStaged) gxs.narrow(isa, n0, n1, ops.rows);
         } else if constexpr (kStaged) {
-          MixArgs<T> ab = a;
           xs.widen(isa, n0, n1, x_rows);
           dys.widen(isa, n0, n1, dy_rows);
           point_at_rows(ab.x, ab.xA, ab.xB, ab.xL, x_rows, L, C);
@@ -578,7 +612,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
           run_backward_block<T>(isa, ab, 0, n1 - n0, w, p);
           gxs.narrow(isa, n0, n1, gx_rows);
         } else {
-          run_backward_block<T>(isa, a, n0, n1, w, p);
+          run_backward_block<T>(isa, ab, n0, n1, w, p);
         }
         depth += n1 - n0;
         if (spill && depth >= kMaxSumSequences && blk + 1 < last) {
@@ -627,13 +661,15 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   }
 }
 
-void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
-                      const at::Tensor& compress_bias, const at::Tensor& generate_weight,
-                      const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
-                      at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
-                      at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+// probs: undefined (recompute P), or the forward's kept P.
+void mix_backward_checked(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor* probs,
+                          const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                          const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                          at::Tensor& grad_x, at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                          at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
+  if (probs) check_probs(*probs, sh, x);
   check_like(grad_y, x, "grad_y");
   check_like(grad_x, x, "grad_x");
   const std::pair<const at::Tensor*, const at::Tensor*> weight_grads[] = {
@@ -651,10 +687,31 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   }
   const Isa isa = chosen_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&] {
+    using T = typename ComputeOf<scalar_t>::type;
     mix_backward_impl<scalar_t>(isa, sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
                                 grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
-                                grad_generate_bias);
+                                grad_generate_bias, probs ? probs->data_ptr<T>() : nullptr);
   });
+}
+
+void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
+                      const at::Tensor& compress_bias, const at::Tensor& generate_weight,
+                      const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
+                      at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                      at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+  mix_backward_checked(grad_y, x, nullptr, compress_weight, compress_bias, generate_weight, generate_bias,
+                       num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
+                       grad_generate_bias);
+}
+
+void mix_backward_kept_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& probs,
+                           const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                           const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                           at::Tensor& grad_x, at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
+                           at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+  mix_backward_checked(grad_y, x, &probs, compress_weight, compress_bias, generate_weight, generate_bias,
+                       num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
+                       grad_generate_bias);
 }
 
 }  // namespace
@@ -663,4 +720,6 @@ void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
   m.impl("mix_forward", static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cpu));
   m.impl("mix_backward", static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cpu));
+  m.impl("mix_forward_keep", static_cast<dynamixer_ops::MixForwardKeepFn*>(&dynamixer_ops::mix_forward_keep_cpu));
+  m.impl("mix_backward_kept", static_cast<dynamixer_ops::MixBackwardKeptFn*>(&dynamixer_ops::mix_backward_kept_cpu));
 }

@@ -46,6 +46,12 @@ class Backend:
     unavailable_reason: Callable[[], str | None] = lambda: None
     # Not chosen by "auto" even when available (e.g. the Triton interpreter: exact but slow).
     auto: Callable[[str], bool] = lambda device_type: True
+    # Backends that can keep the probabilities P (N*S, L, L) from the forward for the backward: the out-variants
+    # ``forward_keep(..., y, probs)`` / ``backward_kept(grad_y, x, probs, ...)`` and when keeping pays,
+    # ``keep_probabilities(L, C, S, d) -> bool`` (recomputing P is the default: no memory beyond x and the weights).
+    forward_keep: Callable | None = None
+    backward_kept: Callable | None = None
+    keep_probabilities: Callable[[int, int, int, int], bool] = lambda L, C, S, d: False
 
     def why_not(self, device_type: str, dtype: torch.dtype) -> str | None:
         reason = self.unavailable_reason()

@@ -199,50 +199,37 @@ Isa chosen_isa() {
   return isa;
 }
 
+// The kernels compiled for `isa`: `call` names the instruction set's namespace as `ns`.
+#ifdef DMX_X86_MULTIVERSION
+#define DMX_ISA_CASES(call)                                           \
+  case Isa::avx512bf16: { namespace ns = isa_avx512bf16; call; return; } \
+  case Isa::avx512: { namespace ns = isa_avx512; call; return; }         \
+  case Isa::avx2: { namespace ns = isa_avx2; call; return; }
+#else
+#define DMX_ISA_CASES(call)
+#endif
+#define DMX_ON_ISA(isa, call)                                        \
+  switch (isa) {                                                      \
+    DMX_ISA_CASES(call)                                               \
+    default: { namespace ns = isa_generic; call; return; }            \
+  }
+
 template <class T> void run_forward_block(Isa isa, const MixArgs<T>& a, int64_t n0, int64_t n1,
                                           const BlockBuffers<T>& w) {
-  switch (isa) {
-#ifdef DMX_X86_MULTIVERSION
-    case Isa::avx512bf16: isa_avx512bf16::forward_block(a, n0, n1, w); return;
-    case Isa::avx512: isa_avx512::forward_block(a, n0, n1, w); return;
-    case Isa::avx2: isa_avx2::forward_block(a, n0, n1, w); return;
-#endif
-    default: isa_generic::forward_block(a, n0, n1, w); return;
-  }
+  DMX_ON_ISA(isa, ns::forward_block(a, n0, n1, w))
 }
 
 template <class T> void run_backward_block(Isa isa, const MixArgs<T>& a, int64_t n0, int64_t n1,
                                            const BlockBuffers<T>& w, const Partials<T>& p) {
-  switch (isa) {
-#ifdef DMX_X86_MULTIVERSION
-    case Isa::avx512bf16: isa_avx512bf16::backward_block(a, n0, n1, w, p); return;
-    case Isa::avx512: isa_avx512::backward_block(a, n0, n1, w, p); return;
-    case Isa::avx2: isa_avx2::backward_block(a, n0, n1, w, p); return;
-#endif
-    default: isa_generic::backward_block(a, n0, n1, w, p); return;
-  }
+  DMX_ON_ISA(isa, ns::backward_block(a, n0, n1, w, p))
 }
 
 template <class H> void run_widen(Isa isa, const H* src, float* dst, int64_t n) {
-  switch (isa) {
-#ifdef DMX_X86_MULTIVERSION
-    case Isa::avx512bf16: isa_avx512bf16::widen(src, dst, n); return;
-    case Isa::avx512: isa_avx512::widen(src, dst, n); return;
-    case Isa::avx2: isa_avx2::widen(src, dst, n); return;
-#endif
-    default: isa_generic::widen(src, dst, n); return;
-  }
+  DMX_ON_ISA(isa, ns::widen(src, dst, n))
 }
 
 template <class H> void run_narrow(Isa isa, const float* src, H* dst, int64_t n) {
-  switch (isa) {
-#ifdef DMX_X86_MULTIVERSION
-    case Isa::avx512bf16: isa_avx512bf16::narrow(src, dst, n); return;
-    case Isa::avx512: isa_avx512::narrow(src, dst, n); return;
-    case Isa::avx2: isa_avx2::narrow(src, dst, n); return;
-#endif
-    default: isa_generic::narrow(src, dst, n); return;
-  }
+  DMX_ON_ISA(isa, ns::narrow(src, dst, n))
 }
 
 // The type the block kernels compute in: float32 for 16-bit storage.

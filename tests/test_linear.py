@@ -56,13 +56,16 @@ def test_matches_float64_linear_forward_and_gradients(make_x, bias, onednn, seed
         assert relative_error(out, ref) < 1e-5, name
 
 
-def test_float32_cpu_runs_on_onednn_forward_and_input_gradient(onednn, seed):
+def test_float32_cpu_runs_on_onednn_forward_and_both_gradients(onednn, seed):
     layer = _layer(True, seed)
     x = torch.randn(16, 48, requires_grad=True)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in _kernel_names(lambda: layer(x))
     y = layer(x)
     names = _kernel_names(lambda: torch.autograd.grad(y, x, torch.randn_like(y)))
+    assert "mkldnn::_linear_pointwise" in names
+    y = layer(x.detach())    # only the weight (and bias) need gradients: dW = grad^T x on oneDNN too
+    names = _kernel_names(lambda: torch.autograd.grad(y, layer.weight, torch.randn_like(y)))
     assert "mkldnn::_linear_pointwise" in names
 
 

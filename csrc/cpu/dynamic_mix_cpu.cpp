@@ -366,24 +366,26 @@ at::Tensor pairs_along_rows(const at::Tensor& W) {
 
 // The weights in the compute type T (a view of the caller's for float32/float64, a float32 copy for 16-bit inputs;
 // all tiny), their transposes (the GEMMs read B operands row by row), and Wg packed for the bf16 dots if used.
+// `generate`: whether the generate GEMM runs (not in a backward that reads the forward's kept P): only then is
+// Wg^T (or its bf16 packing, L*L x L*d values) needed.
 template <class T> struct ComputeWeights {
   at::Tensor Wc, WcT, bc, Wg, WgT, bg, WgP, WgR, WcP, WcR;
 };
 
 template <class T> ComputeWeights<T> compute_weights(const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
                                                      const at::Tensor& bg, bool bf16_pairs, bool all_dots,
-                                                     bool backward) {
+                                                     bool backward, bool generate) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   ComputeWeights<T> w;
   w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous(); w.bg = bg.to(st).contiguous();
   w.WcT = w.Wc.t().contiguous();
   if (!bf16_pairs) {
     w.Wg = Wg.to(st).contiguous();
-    w.WgT = w.Wg.t().contiguous();
+    w.WgT = generate ? w.Wg.t().contiguous() : at::empty({0}, Wc.options().dtype(st));
     return w;
   }
   w.Wg = w.WgT = at::empty({0}, Wc.options().dtype(st));  // unused on this path: the GEMMs read WgP and WgR
-  w.WgP = pairs_along_columns(Wg);
+  if (generate) w.WgP = pairs_along_columns(Wg);
   if (backward) w.WgR = pairs_along_rows(Wg);
   if (all_dots) {
     w.WcP = pairs_along_columns(Wc);
@@ -453,7 +455,7 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   constexpr bool kStaged = !std::is_same_v<H, T>;
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C;
   const bool dots = uses_bf16_dots<H>(isa), all_dots = all_products_on_dots<H>(isa, sh);
-  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, false);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, false, /*generate=*/true);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
     a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
@@ -496,34 +498,33 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   });
 }
 
-void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                     const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                     at::Tensor& y) {
+// probs: null (the plain forward), or the kept-P output of mix_forward_keep.
+void mix_forward_checked(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                         const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                         at::Tensor& y, at::Tensor* probs) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(y, x, "y");
+  if (probs) check_probs(*probs, sh, x);
   if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
   const Isa isa = chosen_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
+    using T = typename ComputeOf<scalar_t>::type;
     mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
-                               nullptr);
+                               probs ? probs->data_ptr<T>() : nullptr);
   });
+}
+
+void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
+                     const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
+                     at::Tensor& y) {
+  mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, nullptr);
 }
 
 void mix_forward_keep_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
                           const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
                           at::Tensor& y, at::Tensor& probs) {
-  const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
-                                         num_segments);
-  check_like(y, x, "y");
-  check_probs(probs, sh, x);
-  if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
-  const Isa isa = chosen_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward_keep (cpu)", [&] {
-    using T = typename ComputeOf<scalar_t>::type;
-    mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
-                               probs.data_ptr<T>());
-  });
+  mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, &probs);
 }
 
 template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
@@ -536,7 +537,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C, S = sh.S, d = sh.d;
   const int64_t Sd = S * d, Ld = L * d, LL = L * L;
   const bool dots = uses_bf16_dots<H>(isa), all_dots = all_products_on_dots<H>(isa, sh);
-  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, true);
+  const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, true, /*generate=*/!probs);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
     a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);

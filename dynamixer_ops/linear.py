@@ -1,67 +1,76 @@
-"""float32 Linear layers on the CPU with oneDNN's GEMM, for the fused modules.
+"""float32 Linear products on the CPU with oneDNN's GEMM: an internal fast path of the fused modules.
 
 torch runs a float32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD EPYC (Zen 5) machines this project is
 measured on that reaches ~180-210 GFLOP/s on two cores, while oneDNN's float32 kernel behind
 ``torch.ops.mkldnn._linear_pointwise`` (the one Inductor lowers frozen CPU Linears to) reaches ~400 on the same
-shapes (benchmarks/RESULTS.md). Outside the mixing op, a DynaMixer block is mostly Linears, so the fused modules run
-theirs here: :class:`Linear` is an ``nn.Linear`` (same parameters, state_dict keys, hooks, ``isinstance``) whose
-forward and input gradient take that kernel where it computes exactly ``F.linear`` (float32 CPU tensors, no
-autocast, not under torch.compile / export / tracing) and ``F.linear`` everywhere else; the weight gradient runs there too.
+shapes (benchmarks/RESULTS.md). The fused modules call their own Linears through :func:`linear`, which takes that
+kernel only where it computes exactly what calling the layer would (a plain ``nn.Linear`` without hooks, see
+:mod:`dynamixer_ops.plain`; float32 CPU tensors; no autocast, no torch.func transform, no forward-mode AD; not
+under torch.compile, export or tracing) and calls the layer everywhere else. The layers stay ``nn.Linear``: nothing
+changes their class, so quantization, LoRA, hooks and torch.func see exactly the layers they would upstream.
 
 MKL picks its fast code paths by CPU vendor: on Intel CPUs it is tuned (this project's Xeon box: 394 GFLOP/s sgemm),
-so by default oneDNN is used on other vendors' CPUs only; an Intel CPU is not measured with oneDNN here. ``DYNAMIXER_OPS_ONEDNN_LINEAR=1`` / ``=0`` forces it
+so by default oneDNN is used on other vendors' CPUs only. ``DYNAMIXER_OPS_ONEDNN_LINEAR=1`` / ``=0`` forces it
 on / off (read at every call).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
-__all__ = ["Linear", "use_onednn_linears", "onednn_linear_enabled"]
+from .plain import plain_linear
 
-
-@functools.cache
-def _kernel_exists() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+__all__ = ["linear", "onednn_linear_enabled"]
 
 
-@functools.cache
-def _intel_cpu() -> bool:
+def _probe() -> tuple[bool, bool]:
+    exists = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
     except OSError:
-        return False
+        intel = False
+    return exists, intel
+
+
+# Read once at import: a constant, so that torch.compile never traces the probe.
+_KERNEL_EXISTS, _INTEL_CPU = _probe()
 
 
 def onednn_linear_enabled() -> bool:
-    """Whether :class:`Linear` runs float32 CPU products on oneDNN now: the kernel exists in this torch build, and
+    """Whether :func:`linear` runs float32 CPU products on oneDNN now: the kernel exists in this torch build, and
     ``DYNAMIXER_OPS_ONEDNN_LINEAR`` says so (``1`` / ``0``) or, unset, the CPU is not an Intel one."""
-    if not _kernel_exists():
+    if not _KERNEL_EXISTS:
         return False
     flag = os.environ.get("DYNAMIXER_OPS_ONEDNN_LINEAR", "")
     if flag:
         return flag.lower() not in ("0", "false", "no")
-    return not _intel_cpu()
+    return not _INTEL_CPU
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0 or not onednn_linear_enabled():
+def _onednn_applies(layer: nn.Module, x: Tensor) -> bool:
+    # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); the checks after this one are
+    # eager-only, and torch.compile must not trace them.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0:
         return False
-    # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); autocast casts inside F.linear.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if not plain_linear(layer) or layer.weight.dtype != torch.float32 or not onednn_linear_enabled():
         return False
-    return not torch.is_autocast_enabled("cpu")
+    if torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled("cpu"):
+        return False
+    # torch.func transforms and forward-mode AD: the autograd.Function below has neither a vmap nor a jvp rule.
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(forward_ad.unpack_dual(t).tangent is None for t in (x, layer.weight))
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -95,22 +104,11 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU products run on oneDNN (see the module docstring); same parameters."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not _applies(x, self.weight, self.bias):
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            return _OneDnnLinear.apply(x, self.weight, self.bias)
-        return _onednn(x, self.weight, self.bias)
-
-
-def use_onednn_linears(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` in ``module`` (exactly that class, not subclasses) a :class:`Linear`, in place:
-    the objects, their parameters and hooks are kept, only their class changes. Returns ``module``."""
-    for layer in module.modules():
-        if type(layer) is nn.Linear:
-            layer.__class__ = Linear
-    return module
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``, with a plain float32 ``nn.Linear``'s products on oneDNN where that is exact (module docstring)."""
+    if not _onednn_applies(layer, x):
+        return layer(x)
+    if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad
+                                    or (layer.bias is not None and layer.bias.requires_grad)):
+        return _OneDnnLinear.apply(x, layer.weight, layer.bias)
+    return _onednn(x, layer.weight, layer.bias)

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from . import upstream
-from .linear import use_onednn_linears
 from .nn import DynaMixerBlock
 
 __all__ = ["dynamixer_s", "dynamixer_m", "dynamixer_l", "create", "load_checkpoint", "default_cfgs"]
@@ -60,7 +59,6 @@ def create(variant: str, *, num_classes: int = 1000, img_size: int = 224, in_cha
     model = upstream.build(variant, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                            drop_path_rate=drop_path_rate, mlp_fn=functools.partial(DynaMixerBlock, backend=backend),
                            mlp_layer=Mlp, drop_path_layer=DropPath, init_fn=trunc_normal_, **kwargs)
-    use_onednn_linears(model)   # every Linear of the network, the MLPs' and the head's too
     model.default_cfg = model.pretrained_cfg = dict(default_cfgs[f"dynamixer_{variant}"],
                                                     num_classes=num_classes, input_size=(in_chans, img_size, img_size))
     return model

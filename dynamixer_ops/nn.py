@@ -1,28 +1,54 @@
 """Drop-in fused modules for DynaMixer, and :func:`convert` to swap them into an existing model.
 
-:class:`DynaMixerOp` and :class:`DynaMixerBlock` have the upstream constructors, parameter names and
-state_dict keys (``out``, ``compress``, ``generate``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight.fc1/fc2``,
-``proj``), so an upstream layer's state_dict loads with ``strict=True`` and gives the same output. The mixing
-step runs through :func:`dynamixer_ops.dynamic_mix`; the Linears stay ``nn.Linear`` objects (of the subclass
-:class:`dynamixer_ops.linear.Linear`, whose float32 CPU products run on oneDNN rather than MKL's sgemm off
-Intel CPUs).
+:class:`DynaMixerOp` and :class:`DynaMixerBlock` are subclasses of the upstream layers
+(:mod:`dynamixer_ops.upstream`): same constructors, submodules, parameter names and state_dict keys (``out``,
+``compress``, ``generate``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight.fc1/fc2``, ``proj``), so an upstream layer's
+state_dict loads with ``strict=True`` and gives the same output. The mixing step runs through
+:func:`dynamixer_ops.dynamic_mix` where that computes exactly what the upstream code would (the checks are in
+:mod:`dynamixer_ops.plain`); anywhere else (a LoRA-wrapped or quantized ``compress``, a hook on ``generate``, a
+pruned weight, ...) the layer runs the upstream code itself and says so once with a warning. The Linears stay the
+user's ``nn.Linear`` objects; the fused path runs its own Linears' float32 CPU products on oneDNN where that is
+exact (:func:`dynamixer_ops.linear.linear`).
 
     from dynamixer_ops import convert
     model = convert(model)          # every upstream-style DynaMixerOp / DynaMixerBlock, weights kept
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from .linear import use_onednn_linears
+from . import upstream
+from .linear import linear
 from .ops import dynamic_mix
-from .upstream import Mlp
+from .plain import has_hooks, plain_linear
 
 __all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
 
+_WARNED: set[str] = set()
 
-class DynaMixerOp(nn.Module):
+
+def _say_once(message: str) -> None:
+    """One warning per distinct fallback in a process: the fallback is correct, only slower."""
+    if message not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _why_not_plain(module: nn.Module, names) -> str:
+    for name in names:
+        layer = getattr(module, name)
+        if type(layer) is not nn.Linear:
+            return f"{name} is a {type(layer).__module__}.{type(layer).__qualname__}, not a plain nn.Linear"
+        if has_hooks(layer):
+            return f"{name} has hooks (or global module hooks are registered)"
+        return f"{name}'s parameters are tensor subclasses ({type(layer.weight).__name__})"
+    return ""
+
+
+class DynaMixerOp(upstream.DynaMixerOp):
     """Fused ``DynaMixerOp(dim, seq_len, num_head, reduced_dim=2)``: ``out(dynamic_mix(x))`` on x (..., L, C).
 
     Args:
@@ -31,52 +57,49 @@ class DynaMixerOp(nn.Module):
     """
 
     def __init__(self, dim, seq_len, num_head, reduced_dim=2, *, backend="auto"):
-        super().__init__()
         if dim % num_head:
             raise ValueError(f"DynaMixerOp: dim={dim} must be divisible by num_head={num_head}")
-        self.dim = dim
-        self.seq_len = seq_len
-        self.num_head = num_head
-        self.reduced_dim = reduced_dim
+        super().__init__(dim, seq_len, num_head, reduced_dim)
         self.backend = backend
-        self.out = nn.Linear(dim, dim)
-        self.compress = nn.Linear(dim, num_head * reduced_dim)
-        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
-        use_onednn_linears(self)
+
+    def fuses(self) -> bool:
+        """Whether :meth:`mix` runs the fused op now: ``compress`` and ``generate`` are plain Linears."""
+        return plain_linear(self.compress) and plain_linear(self.generate)
 
     def mix(self, x: Tensor) -> Tensor:
-        """The fused step without ``out``; y has x's shape and (for a dense x) x's layout."""
-        return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight, self.generate.bias,
-                           self.num_head, backend=self.backend)
+        """The mixing step without ``out``; y has x's shape and (for a dense x on the fused path) x's layout."""
+        if self.fuses():
+            return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
+                               self.generate.bias, self.num_head, backend=self.backend)
+        _say_once(f"DynaMixerOp runs the upstream (unfused) mixing: "
+                  f"{_why_not_plain(self, [n for n in ('compress', 'generate') if not plain_linear(getattr(self, n))])}")
+        if x.dim() == 3:
+            return super().mix(x)
+        return super().mix(x.reshape(-1, *x.shape[-2:])).reshape(x.shape)   # upstream takes (B, L, C) only
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.mix(x))
+        return linear(self.out, self.mix(x))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, seq_len={self.seq_len}, num_head={self.num_head}, "
                 f"reduced_dim={self.reduced_dim}, backend={self.backend!r}")
 
 
-class DynaMixerBlock(nn.Module):
+class DynaMixerBlock(upstream.DynaMixerBlock):
     """Fused ``DynaMixerBlock``: mixing along H and W, a channel Linear and their learned reweighting.
 
     On x (B, H, W, C) with H = W = ``resolution``. Mixing along H hands :func:`dynamic_mix` the transposed view
     ``x.transpose(1, 2)`` (no copy); the result keeps that layout, so transposing it back is free and ``out``
-    sees a contiguous tensor. ``qk_scale`` and ``attn_drop`` are accepted and unused, as upstream.
+    sees a contiguous tensor. ``qk_scale`` and ``attn_drop`` are accepted and unused, as upstream. Where a mixer
+    is not a fused :class:`DynaMixerOp` that fuses (or has hooks of its own, which the transposed-view path would
+    skip), the block runs the upstream forward.
     """
+    mixer = DynaMixerOp
 
     def __init__(self, dim, resolution=32, num_head=8, reduced_dim=2, qkv_bias=False, qk_scale=None,
                  attn_drop=0., proj_drop=0., *, backend="auto"):
-        super().__init__()
-        self.resolution = resolution
-        self.num_head = num_head
-        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim, backend=backend)
-        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim, backend=backend)
-        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
-        self.reweight = Mlp(dim, dim // 4, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        use_onednn_linears(self)
+        super().__init__(dim, resolution, num_head, reduced_dim, qkv_bias, qk_scale, attn_drop, proj_drop)
+        self.backend = backend
 
     @property
     def backend(self) -> str:
@@ -86,17 +109,23 @@ class DynaMixerBlock(nn.Module):
     def backend(self, name: str) -> None:
         self.mix_h.backend = self.mix_w.backend = name
 
+    def fuses(self) -> bool:
+        """Whether :meth:`forward` runs the fused path: both mixers are fused ops that fuse, without hooks."""
+        return all(type(m) is DynaMixerOp and not has_hooks(m) and m.fuses() for m in (self.mix_h, self.mix_w))
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"DynaMixerBlock: x must be (B, H, W, C) with H = W = resolution = {self.resolution}, "
                              f"got shape {tuple(x.shape)}")
+        if not self.fuses():
+            return super().forward(x)
         B, H, W, C = x.shape
-        h = self.mix_h.out(self.mix_h.mix(x.transpose(1, 2)).transpose(1, 2))
+        h = linear(self.mix_h.out, self.mix_h.mix(x.transpose(1, 2)).transpose(1, 2))
         w = self.mix_w(x)
-        c = self.mlp_c(x)
+        c = linear(self.mlp_c, x)
         a = self.reweight((h + w + c).mean(dim=(1, 2)))                    # (B, 3C)
         a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
-        return self.proj_drop(self.proj(h * a[0] + w * a[1] + c * a[2]))
+        return self.proj_drop(linear(self.proj, h * a[0] + w * a[1] + c * a[2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +170,7 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     with torch.device("meta"):      # a shell: its Linears are replaced by op's own
         fused = DynaMixerOp(C, L, S, d, backend=backend)
     fused.out, fused.compress, fused.generate = op.out, op.compress, op.generate
-    return use_onednn_linears(fused).train(op.training)
+    return fused.train(op.training)
 
 
 def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
@@ -160,7 +189,7 @@ def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
     fused.mix_h, fused.mix_w = mix_h, mix_w
     fused.mlp_c, fused.reweight, fused.proj = block.mlp_c, block.reweight, block.proj
     fused.proj_drop = getattr(block, "proj_drop", nn.Identity())
-    return use_onednn_linears(fused).train(block.training)
+    return fused.train(block.training)
 
 
 def _fuse(module: nn.Module, backend: str, where: str):
@@ -194,9 +223,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     Layers are recognised by class name and checked by structure (``out``, ``compress``, ``generate``,
     ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
     convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules: the
-    Parameters (and an optimizer that holds them), device, dtype, hooks and train/eval mode are kept; their plain
-    ``nn.Linear`` objects become :class:`dynamixer_ops.linear.Linear` (a subclass: float32 CPU products on oneDNN). Layers that are
-    already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
+    Parameters (and an optimizer that holds them), device, dtype, hooks and train/eval mode are kept; no other
+    module changes class. Layers that are already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
 
     Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).
     """

@@ -8,14 +8,21 @@ Their schemas live in the native library, which also runs them without Python (s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _library  # noqa: F401  (loads the native library, which defines the ops' schemas)
 from .backends import env_flag, resolve_backend, get_backend
-from .reference import mix_forward
+from .reference import mix_backward, mix_forward
 
-__all__ = ["dynamic_mix", "check_inputs", "decomposition"]
+__all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -195,14 +202,15 @@ def _(grad_y, x, probs, compress_weight, compress_bias, generate_weight, generat
     return tuple(torch.empty_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
 
 
-def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
-                  generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,
+                  generate_bias: Tensor | None, num_segments: int, backend: str) -> Tensor:
     """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.mix_forward`, with float16 /
     bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is the op's
     entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
     ``backend`` is ignored: every backend computes this function."""
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    inputs = (t.to(compute) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
+    inputs = (t if t is None else t.to(compute)
+              for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
     return mix_forward(*inputs, num_segments).to(x.dtype)
 
 
@@ -219,7 +227,23 @@ def _setup_context(ctx, inputs, output):
     ctx.num_segments, ctx.backend = num_segments, backend
 
 
+def _differentiable_backward(grad_y: Tensor, inputs, num_segments: int):
+    """The five gradients in differentiable ATen ops (:func:`dynamixer_ops.reference.mix_backward`, half types in
+    float32 as every backend computes them), for a backward that is itself differentiated: under
+    ``create_graph=True`` (a gradient penalty, double backward) and under ``torch.func.grad``, which always builds
+    the graph of the gradient."""
+    compute = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
+    grads = mix_backward(*(t.to(compute) for t in (grad_y, *inputs)), num_segments)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
+def _backward_is_differentiated(grad_y: Tensor, saved) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, *saved))
+
+
 def _backward(ctx, grad_y):
+    if _backward_is_differentiated(grad_y, ctx.saved_tensors):
+        return (*_differentiable_backward(grad_y, ctx.saved_tensors, ctx.num_segments), None, None)
     grad_y = _unit_last_stride(grad_y)    # e.g. the expanded gradient of y.sum(): kernels read rows of C
     grads = _dynamic_mix_backward_op(grad_y, *ctx.saved_tensors, ctx.num_segments, ctx.backend)
     return (*grads, None, None)
@@ -228,13 +252,14 @@ def _backward(ctx, grad_y):
 torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
 
 
-def _double_backward(ctx, *grads):
-    # Without this, torch's message names the internal op and asks the user to register an autograd formula.
-    raise RuntimeError("dynamic_mix: double backward (differentiating a gradient of dynamic_mix, e.g. "
-                       "torch.autograd.grad(..., create_graph=True) followed by another backward) is not supported")
+def _not_differentiable(ctx, *grads):
+    # Reached only when the backward op itself is recorded in a graph, which _backward avoids (a differentiated
+    # backward runs in ATen ops): a call of the internal op by hand.
+    raise RuntimeError("dynamixer_ops::dynamic_mix_backward is not differentiable: differentiate dynamic_mix "
+                       "(torch.autograd.grad(..., create_graph=True)) instead of calling the backward op")
 
 
-torch.library.register_autograd(BACKWARD_OP, _double_backward)
+torch.library.register_autograd(BACKWARD_OP, _not_differentiable)
 
 
 def _setup_keep_context(ctx, inputs, output):
@@ -246,21 +271,122 @@ def _setup_keep_context(ctx, inputs, output):
 
 
 def _keep_backward(ctx, grad_y, grad_probs):
+    x, probs, *weights = ctx.saved_tensors
+    if _backward_is_differentiated(grad_y, (x, *weights)):
+        return (*_differentiable_backward(grad_y, (x, *weights), ctx.num_segments), None, None)
     grads = _dynamic_mix_backward_kept_op(_unit_last_stride(grad_y), *ctx.saved_tensors, ctx.num_segments,
                                           ctx.backend)
     return (*grads, None, None)
 
 
 torch.library.register_autograd(KEEP_OP, _keep_backward, setup_context=_setup_keep_context)
-torch.library.register_autograd(KEPT_BACKWARD_OP, _double_backward)
+torch.library.register_autograd(KEPT_BACKWARD_OP, _not_differentiable)
+
+
+# torch.vmap: a vmapped x is just more sequences for the forward; anything else (vmapped weights, or any vmapped
+# argument of the backward, whose weight gradients must stay per vmapped slice) runs the op once per slice.
+def _slice(args, in_dims, i: int):
+    out = []
+    for a, dim in zip(args, in_dims):
+        if dim is not None:
+            a = a.select(dim, i)
+            a = _unit_last_stride(a) if a.dim() == 4 else a.contiguous()   # the kernel contract, per slice
+        out.append(a)
+    return out
+
+
+def _per_slice(op, info, in_dims, args):
+    results = [op(*_slice(args, in_dims, i)) for i in range(info.batch_size)]
+    if isinstance(results[0], Tensor):
+        return torch.stack(results), 0
+    stacked = tuple(torch.stack(r) for r in zip(*results))
+    return stacked, (0,) * len(stacked)
+
+
+@torch.library.register_vmap(FORWARD_OP)
+def _(info, in_dims, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend):
+    args = (x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, backend)
+    if in_dims[0] is not None and all(dim is None for dim in in_dims[1:]):
+        xb = x.movedim(in_dims[0], 0)                                    # (V, A, B, L, C)
+        y = _dynamic_mix_op(_unit_last_stride(xb.flatten(0, 1)), *args[1:])
+        return y.unflatten(0, xb.shape[:2]), 0
+    return _per_slice(_dynamic_mix_op, info, in_dims, args)
+
+
+@torch.library.register_vmap(BACKWARD_OP)
+def _(info, in_dims, *args):
+    return _per_slice(_dynamic_mix_backward_op, info, in_dims, args)
+
+
+# FlopCounterMode: the multiply-adds of the upstream layer's three products (compress, generate, apply), so a
+# model's count matches the paper's; the backward computes every gradient: two products per forward product.
+def _forward_flops(x_shape, compress_weight_shape, generate_weight_shape) -> int:
+    *lead, L, C = x_shape
+    sequences = math.prod(lead)
+    Sd = compress_weight_shape[0]
+    LL, Ld = generate_weight_shape
+    num_segments_times_Ld = Ld * (Sd // (Ld // L))                      # S * L*d
+    macs = sequences * (L * C * Sd + num_segments_times_Ld * LL + C * L * L)
+    return 2 * macs
+
+
+@register_flop_formula(torch.ops.dynamixer_ops.dynamic_mix)
+def _(x_shape, compress_weight_shape, compress_bias_shape, generate_weight_shape, *args, **kwargs) -> int:
+    return _forward_flops(x_shape, compress_weight_shape, generate_weight_shape)
+
+
+@register_flop_formula(torch.ops.dynamixer_ops.dynamic_mix_keep)
+def _(x_shape, compress_weight_shape, compress_bias_shape, generate_weight_shape, *args, **kwargs) -> int:
+    return _forward_flops(x_shape, compress_weight_shape, generate_weight_shape)
+
+
+@register_flop_formula(torch.ops.dynamixer_ops.dynamic_mix_backward)
+def _(grad_y_shape, x_shape, compress_weight_shape, compress_bias_shape, generate_weight_shape, *args, **kwargs):
+    return 2 * _forward_flops(x_shape, compress_weight_shape, generate_weight_shape)
+
+
+@register_flop_formula(torch.ops.dynamixer_ops.dynamic_mix_backward_kept)
+def _(grad_y_shape, x_shape, probs_shape, compress_weight_shape, compress_bias_shape, generate_weight_shape,
+      *args, **kwargs):
+    return 2 * _forward_flops(x_shape, compress_weight_shape, generate_weight_shape)
+
+
+def decomposition_reason(tensors) -> str | None:
+    """Why a call with these inputs must run :func:`decomposition` (the op's math in ATen ops, which every
+    transform and tensor subclass understands) instead of the op, or ``None`` when the op computes exactly that.
+
+    The op has no forward-mode formula, its autograd formula is not one torch.func can transform, and its kernels
+    read plain dense memory, so: ``torch.func.grad`` / ``jvp`` / ``jacrev`` (any transform but ``vmap``, which has
+    a rule), an input with a forward-mode tangent (``torch.autograd.forward_ad``), a tensor subclass that wraps
+    other tensors (quantized weights, DTensor, ...), and the meta device. Inside a compiled graph the op is always kept (the
+    graph is traced with plain fake tensors)."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # The op's autograd formula is not one torch.func's grad / jvp can transform; vmap has the rule above.
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if kinds - {TransformType.Vmap}:
+            return "a torch.func transform other than vmap"
+    for t in tensors:
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            return f"an input is a {type(t).__name__}"
+        if forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD"
+        if t.device.type == "meta":
+            return "the meta device"
+    return None
 
 
 def _keeps_probabilities(backend, L: int, C: int, S: int, d: int, tensors) -> bool:
     """Whether this call runs the keep-P variant: a training step (something requires grad) of a backend that keeps
-    P where that pays, outside traced graphs."""
-    if backend.forward_keep is None or not backend.keep_probabilities(L, C, S, d):
+    P where that pays, outside traced graphs and torch.func transforms (the keep ops have no vmap rule)."""
+    if torch.compiler.is_compiling() or backend.forward_keep is None or not backend.keep_probabilities(L, C, S, d):
         return False
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled():
+    if torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
@@ -299,12 +425,15 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
         ``y`` with the shape of ``x``. Differentiable in ``x`` and all four weights; under
         ``torch.autocast`` the inputs are cast to the autocast dtype.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, compress_weight, compress_bias, generate_weight, generate_bias = (
             t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
             for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
     L, C, S, d = check_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
+    if decomposition_reason((x, compress_weight, compress_bias, generate_weight, generate_bias)) is not None:
+        return decomposition(x, compress_weight, compress_bias, generate_weight, generate_bias, S, backend)
     chosen = resolve_backend(backend, x.device.type, x.dtype)
     if compress_bias is None:
         compress_bias = compress_weight.new_zeros(S * d)

@@ -7,8 +7,9 @@ Three things live here and nowhere else:
 * :func:`mix_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates: :func:`backward_terms`).
   The ``reference`` backend uses it, and the tests check it against autograd of :func:`mix_forward`, so the
   formula itself is verified.
-* :func:`upstream_mix` — a faithful restatement of the upstream eager layer's permute chain (without its
-  ``out`` projection): the baseline of every benchmark.
+* :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its
+  ``out`` projection), calling the two Linears as the upstream code does; :func:`upstream_mix` is the same chain
+  on bare weights, the baseline of every benchmark.
 """
 from __future__ import annotations
 
@@ -77,12 +78,20 @@ def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bi
     return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
 
 
-def upstream_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
-                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
-    """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op."""
+def upstream_chain(x: Tensor, compress, generate, num_segments: int) -> Tensor:
+    """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op; ``compress`` and
+    ``generate`` are called as the upstream code calls its two Linears (modules, or any callables)."""
     B, L, C = x.shape
     S = num_segments
-    d = compress_weight.shape[0] // S
-    w = F.linear(x, compress_weight, compress_bias).reshape(B, L, S, d).permute(0, 2, 1, 3).reshape(B, S, L * d)
-    P = F.linear(w, generate_weight, generate_bias).reshape(B, S, L, L).softmax(dim=-2)
+    r = compress(x)
+    d = r.shape[-1] // S
+    w = r.reshape(B, L, S, d).permute(0, 2, 1, 3).reshape(B, S, L * d)
+    P = generate(w).reshape(B, S, L, L).softmax(dim=-2)
     return (x.reshape(B, L, S, C // S).permute(0, 2, 3, 1) @ P).permute(0, 3, 1, 2).reshape(B, L, C)
+
+
+def upstream_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
+    """:func:`upstream_chain` with the two Linears as ``F.linear`` of these weights."""
+    return upstream_chain(x, lambda t: F.linear(t, compress_weight, compress_bias),
+                          lambda t: F.linear(t, generate_weight, generate_bias), num_segments)

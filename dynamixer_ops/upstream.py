@@ -1,4 +1,6 @@
-"""The upstream eager DynaMixer, restated in plain PyTorch: the baseline that tests and benchmarks compare with.
+"""The upstream eager DynaMixer, restated in plain PyTorch: the baseline that tests and benchmarks compare with, and
+the semantics the fused layers (:mod:`dynamixer_ops.nn`, subclasses of these) fall back to wherever their fused
+path would not compute exactly this code.
 
 Restates ``models/dynamixer.py``, ``models/vision_model.py``, ``models/utils.py`` and
 ``models/configs/conf_dynamixer.py`` of https://github.com/ziyuwwang/DynaMixer (MIT License, Copyright (c) 2022
@@ -7,8 +9,9 @@ same module tree, parameter names, state_dict keys, initialisation and forward a
 
 Differences from the upstream files, none of which changes a parameter or an output:
 
-* :class:`DynaMixerOp` runs the mixing step through :func:`dynamixer_ops.reference.upstream_mix` (the upstream
-  permute chain, op for op) so that chain is written once in this project;
+* :class:`DynaMixerOp` runs the mixing step through :func:`dynamixer_ops.reference.upstream_chain` (the upstream
+  permute chain, op for op, calling ``compress`` and ``generate`` as modules) so that chain is written once in
+  this project;
 * the stage resolutions (the mixing length L) follow ``img_size`` (``img_size // patch_size``, halved at each
   transition) where upstream hard-codes 32/16 for 224x224 input: at 224 they are the same;
 * :class:`VisionModel` takes the layers of a block (``mlp_fn``, ``mlp_layer``, ``drop_path_layer``, ``init_fn``)
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .reference import upstream_mix
+from .reference import upstream_chain
 
 __all__ = ["DynaMixerOp", "DynaMixerBlock", "Mlp", "DropPath", "PatchEmbed", "Downsample", "VisionBlock",
            "VisionModel", "CONFIGS", "stage_resolutions", "dynamixer_s", "dynamixer_m", "dynamixer_l"]
@@ -88,7 +91,7 @@ class Downsample(nn.Module):
 
 
 class DynaMixerOp(nn.Module):
-    """Dynamic mixing of L tokens, eager: ``out(upstream_mix(x))`` on x (B, L, C).
+    """Dynamic mixing of L tokens, eager: ``out(mix(x))`` on x (B, L, C).
 
     ``compress``: C -> num_head * reduced_dim; ``generate``: seq_len * reduced_dim -> seq_len**2 logits per
     segment; softmax over the source token; ``out``: Linear(C, C).
@@ -104,22 +107,25 @@ class DynaMixerOp(nn.Module):
         self.compress = nn.Linear(dim, num_head * reduced_dim)
         self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
 
+    def mix(self, x: Tensor) -> Tensor:
+        """The mixing step without ``out``, on x (B, L, C); ``compress`` and ``generate`` are called as modules."""
+        return upstream_chain(x, self.compress, self.generate, self.num_head)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = upstream_mix(x, self.compress.weight, self.compress.bias, self.generate.weight, self.generate.bias,
-                         self.num_head)
-        return self.out(y)
+        return self.out(self.mix(x))
 
 
 class DynaMixerBlock(nn.Module):
     """Mixing along H and W, a channel Linear, and a learned softmax reweighting of the three; on (B, H, W, C)."""
+    mixer = DynaMixerOp     # the class of mix_h / mix_w (the fused block's is the fused op)
 
     def __init__(self, dim, resolution=32, num_head=8, reduced_dim=2, qkv_bias=False, qk_scale=None,
                  attn_drop=0., proj_drop=0.):
         super().__init__()
         self.resolution = resolution
         self.num_head = num_head
-        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim)
-        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim)
+        self.mix_h = self.mixer(dim, resolution, num_head, reduced_dim=reduced_dim)
+        self.mix_w = self.mixer(dim, resolution, num_head, reduced_dim=reduced_dim)
         self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)

@@ -1,6 +1,7 @@
-"""dynamixer_ops.linear.Linear: an nn.Linear whose float32 CPU products run on oneDNN. It must compute F.linear
-(forward, all three gradients, double backward), keep everything nn.Linear has, and step aside wherever oneDNN's
-kernel is not the same computation (other dtypes, autocast)."""
+"""dynamixer_ops.linear.linear(layer, x): ``layer(x)``, with a plain float32 nn.Linear's CPU products on oneDNN. It
+must compute F.linear (forward, all three gradients, double backward) and call the layer itself wherever oneDNN's
+kernel is not the same computation (other dtypes, autocast, a layer that is not a plain nn.Linear, hooks, torch.func
+transforms, forward-mode AD)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamixer_ops.linear import Linear, onednn_linear_enabled, use_onednn_linears
+from dynamixer_ops.linear import linear, onednn_linear_enabled
 from dynamixer_ops.testing import relative_error
 
 
@@ -26,9 +27,28 @@ def _kernel_names(fn) -> set[str]:
     return {e.name for e in prof.events()}
 
 
-def _layer(bias: bool, seed: int) -> Linear:
+class _Through(nn.Module):
+    """A layer whose calls go through linear(): the way the fused modules call their Linears."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return linear(self.layer, x)
+
+    @property
+    def weight(self):
+        return self.layer.weight
+
+    @property
+    def bias(self):
+        return self.layer.bias
+
+
+def _layer(bias: bool, seed: int) -> _Through:
     torch.manual_seed(seed)
-    return use_onednn_linears(nn.Linear(48, 40, bias=bias))
+    return _Through(nn.Linear(48, 40, bias=bias))
 
 
 INPUTS = {
@@ -104,18 +124,35 @@ def test_double_backward_matches_f_linear(onednn, seed):
     assert relative_error(penalties[0], penalties[1]) < 1e-5
 
 
-def test_use_onednn_linears_keeps_objects_parameters_hooks_and_subclasses(seed):
-    class Custom(nn.Linear):
-        pass
+def test_layers_that_are_not_plain_are_called(onednn, seed):
+    """A subclass, a hooked layer, a parametrized weight: linear() calls the layer (hooks run, subclass forward
+    runs), never oneDNN on the bare weight."""
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
 
-    model = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), Custom(40, 8))
-    first, weight = model[0], model[0].weight
-    keys = list(model.state_dict())
-    seen = []
-    first.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    assert use_onednn_linears(model) is model
-    assert model[0] is first and type(first) is Linear and isinstance(first, nn.Linear) and first.weight is weight
-    assert type(model[2]) is Custom
-    assert list(model.state_dict()) == keys
-    model(torch.randn(3, 48))
-    assert seen == [torch.Size([3, 40])]
+    x = torch.randn(5, 48)
+    sub = Doubled(48, 40)
+    assert torch.equal(linear(sub, x), sub(x))
+    hooked, seen = nn.Linear(48, 40), []
+    hooked.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert "mkldnn::_linear_pointwise" not in _kernel_names(lambda: linear(hooked, x))
+    assert seen == [torch.Size([5, 40])]
+    scaled = nn.Linear(48, 40)
+    torch.nn.utils.parametrize.register_parametrization(scaled, "weight", _Half())
+    assert torch.equal(linear(scaled, x), F.linear(x, scaled.weight, scaled.bias))
+
+
+class _Half(nn.Module):
+    def forward(self, w):
+        return w / 2
+
+
+def test_func_transforms_and_forward_ad_call_the_layer(onednn, seed):
+    layer = _layer(True, seed)
+    x, t = torch.randn(4, 48), torch.randn(4, 48)
+    _, tangent = torch.func.jvp(layer, (x,), (t,))
+    assert relative_error(tangent, F.linear(t, layer.weight)) < 1e-6
+    per_sample = torch.func.vmap(torch.func.grad(lambda w, xi: F.linear(xi, w).sum() + linear(layer.layer, xi).sum()),
+                                 in_dims=(None, 0))(layer.weight.detach(), x)
+    assert per_sample.shape == (4, 40, 48)

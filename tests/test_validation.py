@@ -13,6 +13,7 @@ import dynamixer_ops
 import dynamixer_ops.nn
 from dynamixer_ops import BackendUnavailableError, dynamic_mix
 from dynamixer_ops.backends import get_backend, registered_backends
+from dynamixer_ops.reference import mix_forward as reference_mix
 
 from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
                      supported_dtypes, tolerance, torch_threads)
@@ -233,18 +234,26 @@ def test_gradients_only_for_the_inputs_that_require_them(backend, device, with_b
 # ---- double backward, in-place changes, no_grad, inference_mode ----
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())
-def test_double_backward_says_it_is_not_supported(backend, device, seed):
+def test_double_backward_matches_float64_autograd(backend, device, seed):
+    """A gradient penalty: the first-order gradients under create_graph and the gradients of a function of them
+    are those of float64 autograd through the reference math."""
     dtype = _dtype(backend, device)
     inputs = [t.requires_grad_() for t in make_inputs((2,), 7, 24, 2, 2, dtype=dtype, device=device)]
-    y = dynamic_mix(*inputs, 2, backend=backend)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, inputs, grad_y, create_graph=True)
-    first_order = torch.autograd.grad(dynamic_mix(*inputs, 2, backend=backend), inputs, grad_y)
-    for name, g, expected in zip(GRAD_NAMES, grads, first_order):   # create_graph alone changes nothing
-        assert torch.equal(g.detach(), expected), name
-    for g in (grads[0], grads[3]):      # dx (through a view of the backward's output) and d generate_weight
-        with pytest.raises(RuntimeError, match="dynamic_mix: double backward .* is not supported"):
-            torch.autograd.grad((g * g).sum(), inputs)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    grad_y = torch.randn(inputs[0].shape, dtype=torch.float64, device=device)
+    results = []
+    for args, mix in ((inputs, lambda *a: dynamic_mix(*a, 2, backend=backend)),
+                      (ref_inputs, lambda *a: reference_mix(*a, 2))):
+        y = mix(*args)
+        grads = torch.autograd.grad(y, args, grad_y.to(y.dtype), create_graph=True)
+        penalty = sum((g * g).sum() for g in (grads[0], grads[3]))    # dx and d generate_weight
+        results.append((grads, torch.autograd.grad(penalty, args)))
+    tol = tolerance(dtype, device)
+    for (grads, second), (ref_grads, ref_second) in zip([results[0]], [results[1]]):
+        for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+            assert_close_rel(g, ref, tol, f"first order, create_graph: {name}")
+        for name, g, ref in zip(GRAD_NAMES, second, ref_second):
+            assert_close_rel(g, ref, 10 * tol, f"gradient of the penalty: {name}")
 
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())

@@ -242,10 +242,11 @@ def _backward_is_differentiated(grad_y: Tensor, saved) -> bool:
 
 
 def _backward(ctx, grad_y):
-    if _backward_is_differentiated(grad_y, ctx.saved_tensors):
-        return (*_differentiable_backward(grad_y, ctx.saved_tensors, ctx.num_segments), None, None)
+    saved = ctx.saved_tensors             # once: activation checkpointing unpacks each saved tensor only once
+    if _backward_is_differentiated(grad_y, saved):
+        return (*_differentiable_backward(grad_y, saved, ctx.num_segments), None, None)
     grad_y = _unit_last_stride(grad_y)    # e.g. the expanded gradient of y.sum(): kernels read rows of C
-    grads = _dynamic_mix_backward_op(grad_y, *ctx.saved_tensors, ctx.num_segments, ctx.backend)
+    grads = _dynamic_mix_backward_op(grad_y, *saved, ctx.num_segments, ctx.backend)
     return (*grads, None, None)
 
 
@@ -274,7 +275,7 @@ def _keep_backward(ctx, grad_y, grad_probs):
     x, probs, *weights = ctx.saved_tensors
     if _backward_is_differentiated(grad_y, (x, *weights)):
         return (*_differentiable_backward(grad_y, (x, *weights), ctx.num_segments), None, None)
-    grads = _dynamic_mix_backward_kept_op(_unit_last_stride(grad_y), *ctx.saved_tensors, ctx.num_segments,
+    grads = _dynamic_mix_backward_kept_op(_unit_last_stride(grad_y), x, probs, *weights, ctx.num_segments,
                                           ctx.backend)
     return (*grads, None, None)
 

@@ -60,7 +60,8 @@ def assert_same_training_step(fused, eager, x, what, tol=TOL, params=None):
         xi = x.clone().requires_grad_()
         out = net(xi)
         out.backward(torch.ones_like(out) / out.numel() ** 0.5 + out.detach())
-        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad and (params is None or params(n))]
+        named = [(n.removeprefix("_orig_mod."), p) for n, p in net.named_parameters()     # torch.compile's prefix
+                 if p.requires_grad and (params is None or params(n))]
         outs.append(out.detach())
         grads.append({"input": xi.grad, **{n: p.grad for n, p in named}})
     assert_close(outs[0], outs[1], f"{what}: output", tol)

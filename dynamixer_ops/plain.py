@@ -11,11 +11,21 @@ torch.compile without a graph break.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "plain_linear"]
+__all__ = ["has_hooks", "plain_linear", "plain_tensor"]
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
+# What torch.export and AOTAutograd trace with in place of plain tensors (parameters included).
+_TRACING_TENSORS = (FakeTensor, FunctionalTensor)
+
+
+def plain_tensor(t: Tensor) -> bool:
+    """A plain tensor or parameter (or the stand-in that export traces with), not a subclass with semantics of its
+    own."""
+    return type(t) in _PLAIN_TENSORS or isinstance(t, _TRACING_TENSORS)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -30,4 +40,4 @@ def plain_linear(layer: nn.Module) -> bool:
     """Whether ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)`` on plain tensors."""
     if type(layer) is not nn.Linear or has_hooks(layer):
         return False
-    return type(layer.weight) in _PLAIN_TENSORS and (layer.bias is None or type(layer.bias) in _PLAIN_TENSORS)
+    return plain_tensor(layer.weight) and (layer.bias is None or plain_tensor(layer.bias))

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _library  # noqa: F401  (loads the native library, which defines the ops' schemas)
 from .backends import env_flag, resolve_backend, get_backend
+from .plain import plain_tensor
 from .reference import mix_backward, mix_forward
 
 __all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason"]
@@ -368,15 +369,16 @@ def decomposition_reason(tensors) -> str | None:
         kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
         if kinds - {TransformType.Vmap}:
             return "a torch.func transform other than vmap"
+    dual = forward_ad._current_level >= 0      # inside a dual level (torch.func.jvp enters one too)
     for t in tensors:
         if t is None:
             continue
-        if is_traceable_wrapper_subclass(t):
+        if not plain_tensor(t) and is_traceable_wrapper_subclass(t):
             return f"an input is a {type(t).__name__}"
-        if forward_ad.unpack_dual(t).tangent is not None:
+        if dual and forward_ad.unpack_dual(t).tangent is not None:
             return "forward-mode AD"
-        if t.device.type == "meta":
-            return "the meta device"
+    if tensors[0].device.type == "meta":        # check_inputs put every input on x's device
+        return "the meta device"
     return None
 
 

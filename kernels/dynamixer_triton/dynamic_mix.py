@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 
 import torch
@@ -63,8 +62,9 @@ from triton.runtime.errors import OutOfResources
 __all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
            "INTERPRET", "STATIC_LOOP_BOUNDS", "interpreter_needs_static_loop_bounds"]
 
-# Triton decides at decoration time whether @triton.jit kernels are interpreted; read the flag the same way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# Triton decides at decoration time whether @triton.jit kernels are interpreted: take its own reading of
+# TRITON_INTERPRET (dynamixer_ops.backends.env_flag reads every flag by the same rule).
+INTERPRET = triton.knobs.runtime.interpret
 
 # CUDA's limit on grid dim 0; a launch over more programs is split into chunks of sequences.
 MAX_GRID = 2**31 - 1

@@ -268,7 +268,7 @@ def test_flop_convention_matches_torch_flop_counter():
     assert bench.work("fwd", N, shape, torch.float32)[1] == fwd_counter.get_total_flops()
     assert bench.work("bwd", N, shape, torch.float32)[1] == bwd_counter.get_total_flops()
     assert bench.work("fwdbwd", N, shape, torch.float32)[1] == 3 * fwd_counter.get_total_flops()
-    # the issue-3 shape, by hand: reduce 50.3M + generate 268.4M + apply 100.7M
+    # s1 at 256 sequences (the CPU acceptance shape), by hand: reduce 50.3M + generate 268.4M + apply 100.7M
     assert bench.forward_flops(256, bench.parse_shape("s1")) == 50_331_648 + 268_435_456 + 100_663_296
 
 
@@ -325,16 +325,23 @@ def _make_results_module():
     return module
 
 
-def test_make_results_files_sections_by_device_and_replaces_reruns(quick_run):
+def test_make_results_keeps_the_latest_per_configuration_and_the_history(quick_run):
     make_results = _make_results_module()
     _, report = quick_run
     text = make_results.update(make_results.HEADER, report)
-    cpu_at, gpu_at = text.index("## CPU"), text.index("## GPU")
-    assert text.index(report["command"]) > cpu_at > gpu_at            # a CPU run lands under CPU only
+    cpu_at, gpu_at, history_at = (text.index(h) for h in ("## Latest on CPU", "## Latest on GPU", "## History"))
+    assert gpu_at < cpu_at < text.index(report["command"]) < history_at    # a CPU run lands under CPU only
     assert "_No GPU run recorded yet._" in text and "_No CPU run recorded yet._" not in text
-    assert make_results.update(text, report) == text                   # the same command replaces its section
-    other = dict(report, command=report["command"] + " --rounds 3")
-    assert make_results.update(text, other).count("<!-- /dynamixer-bench") == 2
+    assert make_results.update(text, report) == text                   # filing the same JSON again: no change
+    # a later run of the same configuration (only the output options differ) replaces it; the old one moves to
+    # the top of the history
+    rerun = dict(report, created_utc="2999-01-01T00:00:00Z", command=report["command"] + " --plain --json x.json")
+    again = make_results.update(text, rerun)
+    latest, history = again[:again.index("## History")], again[again.index("## History"):]
+    assert "2999-01-01T00:00:00Z" in latest and report["created_utc"] not in latest
+    assert report["created_utc"] in history and "2999-01-01T00:00:00Z" not in history
+    other = dict(report, command=report["command"] + " --rounds 3")         # another configuration: its own
+    assert make_results.update(text, other).count("<!-- /dynamixer-bench ") == 2
     fake_gpu = dict(report, settings=dict(report["settings"], device="cuda:0"))
     with pytest.raises(ValueError, match="records no GPU"):            # GPU tables only from GPU runs
         make_results.update(text, fake_gpu)

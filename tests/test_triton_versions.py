@@ -51,4 +51,8 @@ def test_env_flag_reads_flags_as_triton_does(value, monkeypatch):
     from dynamixer_ops.backends import env_flag
     triton = pytest.importorskip("triton")
     monkeypatch.setenv("DYNAMIXER_OPS_TEST_FLAG", value)
-    assert env_flag("DYNAMIXER_OPS_TEST_FLAG") == triton.knobs.env_bool("DYNAMIXER_OPS_TEST_FLAG").get()
+    for default in (False, True):
+        assert (env_flag("DYNAMIXER_OPS_TEST_FLAG", default)
+                == triton.knobs.env_bool("DYNAMIXER_OPS_TEST_FLAG", default).get())
+    monkeypatch.delenv("DYNAMIXER_OPS_TEST_FLAG")
+    assert env_flag("DYNAMIXER_OPS_TEST_FLAG", True) and not env_flag("DYNAMIXER_OPS_TEST_FLAG")

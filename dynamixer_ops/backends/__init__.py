@@ -158,6 +158,8 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> Backend:
 TRUE_ENV_VALUES = ("1", "true", "on", "yes", "y")
 
 
-def env_flag(name: str) -> bool:
-    """Whether the environment variable ``name`` is on, by :data:`TRUE_ENV_VALUES` (``TRITON_INTERPRET`` too)."""
-    return os.environ.get(name, "").lower() in TRUE_ENV_VALUES
+def env_flag(name: str, default: bool = False) -> bool:
+    """Whether the environment variable ``name`` is on, by :data:`TRUE_ENV_VALUES` (``TRITON_INTERPRET`` too);
+    ``default`` where it is not set."""
+    value = os.environ.get(name)
+    return default if value is None else value.lower() in TRUE_ENV_VALUES

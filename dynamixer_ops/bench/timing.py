@@ -130,10 +130,10 @@ def time_side_by_side(runs: dict[str, Callable], rows: dict[str, dict], device: 
 
     Each run is warmed up, then all are timed in ``rounds`` interleaved rounds (every run once per round, in
     turn), so that a load change on a shared machine hits all of them alike; each round gets
-    ``repeat_ms / rounds`` per run (``blocks`` timer blocks on a CPU), each sample taken in ``mode``. A run that raises, in its warm-up or in
-    any round, gets ``status="ERROR"`` with the message and is timed no further. The others get ``median_ms``,
-    ``p20_ms``, ``p80_ms`` and ``samples``; then every row gets its speedups over the baselines. Returns the
-    median seconds per call of each run that finished."""
+    ``repeat_ms / rounds`` per run (``blocks`` timer blocks on a CPU), each sample taken in ``mode``. A run
+    that raises, in its warm-up or in any round, gets ``status="ERROR"`` with the message and is timed no
+    further. The others get ``median_ms``, ``p20_ms``, ``p80_ms`` and ``samples``; then every row gets its
+    speedups over the baselines. Returns the median seconds per call of each run that finished."""
     threads = torch.get_num_threads()
     samplers = {}
     for name, run in runs.items():

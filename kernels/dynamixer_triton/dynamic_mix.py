@@ -42,9 +42,9 @@ channels and sequences are never stored; padded weight rows/columns load as 0 so
 Index math: sequence indices and every offset into x, y, dy, dx and dr are int64 (sequence ``n`` times a
 batch stride overflows int32 long before memory runs out); weight offsets are < (L*L)*(L*d) and stay int32.
 
-Where these kernels have run: README.md, "What has run where". ``tools/triton_resource_usage.py`` compiles them for sm_90 at every model shape (Triton's own compiler and ptxas, no
-GPU needed; a test runs it): the GPU launch table (:func:`gpu_config`) fits shared memory there, and its
-registers and spills are printed, but no speed has been measured. The ``tl.dot`` paths carry
+Where these kernels have run: README.md, "What has run where". ``tools/triton_resource_usage.py`` compiles them
+for sm_90 at every model shape (Triton's own compiler and ptxas, no GPU needed; a test runs it): the GPU launch
+table (:func:`gpu_config`) fits shared memory there, and its registers and spills are printed. The ``tl.dot`` paths carry
 ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
 """
 from __future__ import annotations

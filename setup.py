@@ -43,8 +43,8 @@ def _cuda_plan() -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        sys.exit("dynamixer_ops: torch must be installed before building (pip install torch==2.14.1), and the "
-                 "build must see it: pip install --no-build-isolation -e .")
+        sys.exit("dynamixer_ops: torch must be installed before building (the version README.md's commands pin), "
+                 "and the build must see it: pip install --no-build-isolation -e .")
     wanted = os.environ.get("DYNAMIXER_OPS_BUILD_CUDA", "auto").lower()
     if wanted in ("0", "false", "no", "off"):
         return False, "DYNAMIXER_OPS_BUILD_CUDA=0"

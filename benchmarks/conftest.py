@@ -5,9 +5,10 @@
 """
 import os
 
-# The Triton interpreter must be chosen before anything that defines a kernel is imported (docs/kernel_design.md).
-if os.environ.get("DYNAMIXER_BENCH_TRITON_INTERPRET") == "1":
-    os.environ["TRITON_INTERPRET"] = "1"
+# The Triton interpreter must be chosen before anything that defines a kernel is imported (docs/kernel_design.md);
+# the value passes through unread, for Triton to read.
+if "DYNAMIXER_BENCH_TRITON_INTERPRET" in os.environ:
+    os.environ["TRITON_INTERPRET"] = os.environ["DYNAMIXER_BENCH_TRITON_INTERPRET"]
 
 
 def pytest_addoption(parser):

@@ -7,11 +7,11 @@ the DynaMixer-S training step under bf16 autocast, and a sweep over the Triton l
 
 Each prints one line per case as it goes (a step stopped by its timeout keeps what it printed) and a table at the
 end; ``--json`` is rewritten after every case. ``--dry-run`` shrinks every size so that the same code runs on a CPU
-(the Triton kernels through the interpreter: set TRITON_INTERPRET=1 before starting Python). Nothing here has
-run on a GPU yet.
+(the Triton kernels through the interpreter: set TRITON_INTERPRET=1 before starting Python). Where this has run:
+README.md, "What has run where".
 
 check: forward and all five gradients of every backend that runs on the device (``reference`` aside) in fp32,
-bf16 and fp16 against the float64 reference, with the test suite's comparison (tests/helpers.py), at the six
+bf16 and fp16 against the float64 reference, with the test suite's pass rule (dynamixer_ops.testing), at the six
 model shapes (a few images each) and the odd ones (L = 7/14, C/S = 24, d = 1/3/8, a transposed input, N = 1).
 The cases are split over ``--workers`` processes: compiling the Triton kernels for each shape and dtype is the
 slow part, and it runs on the CPU.
@@ -22,20 +22,19 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import dynamixer_ops
+from dynamixer_ops.backends import get_backend
+from dynamixer_ops.bench import DTYPE_BY_NAME, timing
+from dynamixer_ops.testing import MODEL_SHAPES, assert_matches_reference, make_inputs, tolerance
 
-import dynamixer_ops  # noqa: E402
-from dynamixer_ops.bench import SHAPES  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtypes `check` runs, by their short names (dynamixer_ops.bench.DTYPE_BY_NAME).
+CHECK_DTYPES = ("fp32", "bf16", "fp16")
 
 # name -> (sequence batch shape, L, C, S, d, layout); the model shapes get `images` images: L sequences each.
 ODD_CASES = {
@@ -73,20 +72,9 @@ def _sync(device):
 
 
 def median_seconds(fn, device, budget_ms=200.0):
-    """Median time of ``fn()``: CUDA events through triton.testing.do_bench on a GPU, perf_counter on a CPU."""
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=max(10.0, budget_ms / 8), rep=budget_ms, return_mode="median") / 1e3
-    fn()
-    times = []
-    deadline = time.perf_counter() + budget_ms / 1e3
-    while len(times) < 3 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 50:
-            break
-    return statistics.median(times)
+    """Median seconds per call of ``fn()`` through the one timing pipeline (dynamixer_ops.bench.timing, wall mode:
+    CUDA events on a GPU, timer blocks on a CPU)."""
+    return timing.median_seconds(fn, device, warmup_ms=max(10.0, budget_ms / 8), repeat_ms=budget_ms)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,16 +82,15 @@ def median_seconds(fn, device, budget_ms=200.0):
 
 def check_cases(device, images, dry_run):
     backends = [b for b in dynamixer_ops.available_backends(device.type) if b != "reference"]
-    shapes = {f"model-{k}": ((images * v[0],), *v, "contiguous") for k, v in SHAPES.items()}
+    shapes = {f"model-{k}": ((images * v[0],), *v, "contiguous") for k, v in MODEL_SHAPES.items()}
     if dry_run:    # the interpreter runs every program in Python: two small cases per backend and dtype
         shapes, odd = {}, {k: ODD_CASES[k] for k in ("L7-e24-d2-N1", "L7-e24-d2-transposed")}
     else:
         odd = ODD_CASES
-    from helpers import supported_dtypes
     cases = []
     for backend in backends:
-        for dname, dtype in DTYPES.items():
-            if dtype not in supported_dtypes(backend, device.type):
+        for dname in CHECK_DTYPES:
+            if get_backend(backend).why_not(device.type, DTYPE_BY_NAME[dname]) is not None:
                 continue
             for name, case in {**shapes, **odd}.items():
                 cases.append((backend, dname, name, case))
@@ -111,9 +98,8 @@ def check_cases(device, images, dry_run):
 
 
 def run_check_case(device, backend, dname, name, case, seed):
-    from helpers import assert_matches_reference, make_inputs, tolerance
     batch, L, C, S, d, layout = case
-    dtype = DTYPES[dname]
+    dtype = DTYPE_BY_NAME[dname]
     torch.manual_seed(seed)
     inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device=device.type, layout=layout)
     leaves = [t.detach().requires_grad_() for t in inputs]
@@ -145,7 +131,7 @@ def cmd_check(args, device):
         return 0
     workers = max(1, min(args.workers, len(cases)))
     print(f"check: {len(cases)} cases ({', '.join(sorted({c[0] for c in cases}))} x "
-          f"{', '.join(DTYPES)}) on {device}, {workers} worker process(es)", flush=True)
+          f"{', '.join(CHECK_DTYPES)}) on {device}, {workers} worker process(es)", flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), "check", "--device", str(device), "--images",
            str(args.images), "--seed", str(args.seed)] + (["--dry-run"] if args.dry_run else [])
     procs = [subprocess.Popen(cmd + ["--worker", str(i), str(workers)], stdout=subprocess.PIPE, text=True)
@@ -290,7 +276,7 @@ def cmd_tune(args, device):
     deadline = time.monotonic() + args.budget
     dtype = torch.bfloat16
     images = 1 if args.dry_run else args.images
-    shapes = {"L7": (7, 48, 2, 2)} if args.dry_run else SHAPES
+    shapes = {"L7": (7, 48, 2, 2)} if args.dry_run else MODEL_SHAPES
     rows, best = [], {}
     for index, (shape, (L, C, S, d)) in enumerate(shapes.items()):
         # an equal share of what is left for each shape still to come (each candidate compiles four kernels)

@@ -12,6 +12,8 @@ import torch
 from dynamixer_ops import backends as registry
 from dynamixer_ops import bench
 from dynamixer_ops.reference import mix_backward, mix_forward, upstream_mix
+from dynamixer_ops.testing import (MODEL_SHAPES, assert_matches_reference, linear_init_inputs, reference_floors,
+                                   reference_outputs)
 
 # A tiny odd shape and few sequences, so that a whole run takes seconds on a busy CPU.
 TINY = ["--device", "cpu", "--quick", "--shapes", "7,48,2,1", "--sequences", "5", "--warmup", "1",
@@ -35,7 +37,7 @@ def test_help_explains_every_option(capsys):
                    "--threads", "--warmup", "--repeat", "--rounds", "--json", "--plot", "--quick", "--model",
                    "--compile-mode", "--autocast", "--convert", "--img-size"):
         assert option in out
-    for shape in bench.SHAPES:            # the presets and the conventions are documented in the help
+    for shape in MODEL_SHAPES:            # the presets and the conventions are documented in the help
         assert shape in out
     assert "GFLOP/s" in out and "IMAGES * L" in out
 
@@ -105,7 +107,11 @@ def test_quick_run_writes_valid_json(quick_run):
     assert report["mode"] == "op" and report["command"].startswith("dynamixer-bench")
     assert report["machine"]["cpu"] and report["machine"]["cpu_count"] >= 1
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["dynamixer_ops"]
-    assert report["roofline"]["copy_GBps"] > 0 and report["roofline"]["gemm_GFLOPs"] > 0
+    roofline = report["roofline"]
+    assert roofline["copy_GBps"] > 0 and roofline["gemm_GFLOPs"] > 0
+    # the machine's best GEMM rate: every candidate measured (torch.mm, oneDNN) or computed (FMA peak) is stated
+    assert roofline["gemm_GFLOPs"] == pytest.approx(max(roofline["gemm_candidates"].values()), rel=1e-3)
+    assert roofline["gemm"] in roofline["gemm_candidates"]
     assert report["shapes"] == [{"name": "custom", "L": 7, "C": 48, "S": 2, "d": 1}]
     rows = report["results"]
     assert {r["direction"] for r in rows} == {"fwd", "bwd", "fwdbwd"}
@@ -253,7 +259,7 @@ def test_flop_convention_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
     shape = bench.Shape("custom", 7, 48, 2, 3)
     N = 5
-    inputs, dy = bench.make_inputs(N, shape, torch.float32, torch.device("cpu"))
+    inputs, dy = linear_init_inputs(N, *shape.dims, torch.float32, torch.device("cpu"))
     leaves = [t.requires_grad_() for t in inputs]
     with FlopCounterMode(display=False) as fwd_counter:
         y = upstream_mix(*leaves, shape.S)
@@ -262,7 +268,7 @@ def test_flop_convention_matches_torch_flop_counter():
     assert bench.work("fwd", N, shape, torch.float32)[1] == fwd_counter.get_total_flops()
     assert bench.work("bwd", N, shape, torch.float32)[1] == bwd_counter.get_total_flops()
     assert bench.work("fwdbwd", N, shape, torch.float32)[1] == 3 * fwd_counter.get_total_flops()
-    # the issue-3 shape, by hand: reduce 50.3M + generate 268.4M + apply 100.7M
+    # s1 at 256 sequences (the CPU acceptance shape), by hand: reduce 50.3M + generate 268.4M + apply 100.7M
     assert bench.forward_flops(256, bench.parse_shape("s1")) == 50_331_648 + 268_435_456 + 100_663_296
 
 
@@ -319,16 +325,23 @@ def _make_results_module():
     return module
 
 
-def test_make_results_files_sections_by_device_and_replaces_reruns(quick_run):
+def test_make_results_keeps_the_latest_per_configuration_and_the_history(quick_run):
     make_results = _make_results_module()
     _, report = quick_run
     text = make_results.update(make_results.HEADER, report)
-    cpu_at, gpu_at = text.index("## CPU"), text.index("## GPU")
-    assert text.index(report["command"]) > cpu_at > gpu_at            # a CPU run lands under CPU only
+    cpu_at, gpu_at, history_at = (text.index(h) for h in ("## Latest on CPU", "## Latest on GPU", "## History"))
+    assert gpu_at < cpu_at < text.index(report["command"]) < history_at    # a CPU run lands under CPU only
     assert "_No GPU run recorded yet._" in text and "_No CPU run recorded yet._" not in text
-    assert make_results.update(text, report) == text                   # the same command replaces its section
-    other = dict(report, command=report["command"] + " --rounds 3")
-    assert make_results.update(text, other).count("<!-- /dynamixer-bench") == 2
+    assert make_results.update(text, report) == text                   # filing the same JSON again: no change
+    # a later run of the same configuration (only the output options differ) replaces it; the old one moves to
+    # the top of the history
+    rerun = dict(report, created_utc="2999-01-01T00:00:00Z", command=report["command"] + " --plain --json x.json")
+    again = make_results.update(text, rerun)
+    latest, history = again[:again.index("## History")], again[again.index("## History"):]
+    assert "2999-01-01T00:00:00Z" in latest and report["created_utc"] not in latest
+    assert report["created_utc"] in history and "2999-01-01T00:00:00Z" not in history
+    other = dict(report, command=report["command"] + " --rounds 3")         # another configuration: its own
+    assert make_results.update(text, other).count("<!-- /dynamixer-bench ") == 2
     fake_gpu = dict(report, settings=dict(report["settings"], device="cuda:0"))
     with pytest.raises(ValueError, match="records no GPU"):            # GPU tables only from GPU runs
         make_results.update(text, fake_gpu)
@@ -350,3 +363,25 @@ def test_progress_bar_only_on_a_terminal():
         assert "a message\n" in out
         assert ("[######" in out and "3/12 s1 fwd cpu" in out) == shows_bar, repr(out)
         assert out.endswith("\r") == shows_bar     # the bar is erased at the end: the table starts on a clean line
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-7, 1e-3], ids=["exact", "rounding", "wrong"])
+def test_check_gives_the_test_suites_verdict(scale):
+    """bench.check and the tests' assert_matches_reference judge the same outputs alike, also where an exact
+    gradient cancels (one sequence: the bias gradients sum few terms), since both apply dynamixer_ops.testing's
+    floors."""
+    shape, tol = bench.Shape("custom", 7, 48, 2, 2), 1e-5
+    inputs, dy = linear_init_inputs(1, *shape.dims, torch.float32, torch.device("cpu"), seed=3)
+    ref_y, ref_grads = reference_outputs(inputs, shape.S, dy)
+    g = torch.Generator().manual_seed(0)
+    noisy = [(t + scale * t.abs().max() * torch.randn(t.shape, generator=g, dtype=t.dtype)).float()
+             for t in (ref_y, *ref_grads)]
+    err = bench.check(lambda: (noisy[0], noisy[1:]), "fwdbwd", ref_y, ref_grads,
+                      reference_floors(inputs, shape.S, dy))
+    try:
+        assert_matches_reference(noisy[0], noisy[1:], inputs, shape.S, dy, tol)
+        passed = True
+    except AssertionError:
+        passed = False
+    assert (err <= tol) == passed
+    assert passed == (scale < 1e-3)

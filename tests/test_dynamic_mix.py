@@ -2,20 +2,18 @@
 gradients, against the float64 reference. A backend that registers itself is picked up here automatically."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from helpers import (assert_close_rel, assert_matches_reference, backend_device_pairs, make_inputs, reference_outputs,
-                     supported_dtypes, tolerance)
+from helpers import (assert_close_rel, assert_matches_reference, backend_device_pairs, is_interpreted, make_inputs,
+                     reference_outputs, supported_dtypes, tolerance)
 
 # (batch shape, L, C, S, d): L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence,
 # several hundred sequences (ragged against any block size), C/S = 1.
-SHAPES = {
+GRID_SHAPES = {
     "L7-e24-d1-N1": ((1,), 7, 48, 2, 1),
     "L14-e24-d2": ((3,), 14, 96, 4, 2),
     "L16-e32-d2": ((2, 3), 16, 128, 4, 2),
@@ -33,14 +31,14 @@ INTERPRETER_SKIP = {"L7-e32-d2-N300", "L32-e32-d8"}
 def _cases():
     for backend, device in backend_device_pairs():
         for dtype in supported_dtypes(backend, device):
-            for name, shape in SHAPES.items():
+            for name, shape in GRID_SHAPES.items():
                 yield pytest.param(backend, device, dtype, shape, "contiguous", id=f"{backend}-{device}-{str(dtype)[6:]}-{name}")
             for layout, shape in LAYOUT_SHAPES.items():
                 yield pytest.param(backend, device, dtype, shape, layout, id=f"{backend}-{device}-{str(dtype)[6:]}-{layout}")
 
 
 def _skip_if_too_slow(backend, device, case_id):
-    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if is_interpreted(backend, device):
         if any(case_id.endswith(s) for s in INTERPRETER_SKIP):
             pytest.skip("too slow under the Triton interpreter; runs on a GPU")
 

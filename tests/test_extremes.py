@@ -157,7 +157,7 @@ def test_inputs_near_the_dtype_limits(backend, device, dtype, magnitude, seed):
     ref_y, ref_grads = reference_outputs(inputs, S, grad_y)
     tol = tolerance(dtype, device)
     # 16-bit kernels may round their products' operands (the CPU's bf16 dots round dG), and a cancelling gradient is
-    # then held to its rounding scale (helpers.cancellation_floor; seen: dbc 1.7e-2 of ||ref||, seed 1905887809).
+    # then held to its rounding scale (testing.cancellation_floor; seen: dbc 1.7e-2 of ||ref||, seed 1905887809).
     # Only there: a float32/float64 scale near those types' limits overflows float64.
     half = dtype in (torch.float16, torch.bfloat16)
     scales = rounding_scales(inputs, S, grad_y) if half else [0.0] * 6

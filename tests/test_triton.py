@@ -13,6 +13,7 @@ import torch
 
 from helpers import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs, tolerance
 
+from dynamixer_ops.backends import env_flag
 from dynamixer_ops.testing import MODEL_SHAPES
 
 kernels = pytest.importorskip("dynamixer_triton.dynamic_mix", reason="triton is not installed")
@@ -106,8 +107,8 @@ def test_kernels_compile_for_sm90_within_its_shared_memory():
     """tools/triton_resource_usage.py: every kernel of the GPU launch table, at every model shape and dtype, compiled
     for sm_90 by Triton's compiler and ptxas (no GPU needed, nothing run); fails where a kernel does not compile
     or needs more shared memory than an H100 block may have (as d = 8 did before its table was cut)."""
-    if os.environ.get("DYNAMIXER_OPS_TEST_TRITON_COMPILE", "1") == "0":
-        pytest.skip("DYNAMIXER_OPS_TEST_TRITON_COMPILE=0")
+    if not env_flag("DYNAMIXER_OPS_TEST_TRITON_COMPILE", default=True):
+        pytest.skip("DYNAMIXER_OPS_TEST_TRITON_COMPILE is off")
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         get_ptxas(90).path

@@ -42,3 +42,17 @@ def test_both_loop_bound_branches(static, monkeypatch, seed):
         return
     kernels.mix_backward(grad_y, *inputs, S, *grads, config=config)
     assert_matches_reference(y, grads, inputs, S, grad_y, 1e-5 if DEVICE == "cpu" else 2e-3)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "Yes", "y", "0", "false", "off", "no", "", "2", " 1"])
+def test_env_flag_reads_flags_as_triton_does(value, monkeypatch):
+    """dynamixer_ops reads TRITON_INTERPRET (and its own flags) by Triton's rule, so the tests, the backend and
+    the kernels (which take Triton's own reading) never disagree on whether the interpreter is on."""
+    from dynamixer_ops.backends import env_flag
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("DYNAMIXER_OPS_TEST_FLAG", value)
+    for default in (False, True):
+        assert (env_flag("DYNAMIXER_OPS_TEST_FLAG", default)
+                == triton.knobs.env_bool("DYNAMIXER_OPS_TEST_FLAG", default).get())
+    monkeypatch.delenv("DYNAMIXER_OPS_TEST_FLAG")
+    assert env_flag("DYNAMIXER_OPS_TEST_FLAG", True) and not env_flag("DYNAMIXER_OPS_TEST_FLAG")

@@ -23,20 +23,20 @@ import subprocess
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-    sys.exit("tools/triton_resource_usage.py: unset TRITON_INTERPRET (the interpreter replaces the kernels at import)")
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+if triton.knobs.runtime.interpret:     # Triton's own reading of TRITON_INTERPRET, before any kernel is defined
+    sys.exit("tools/triton_resource_usage.py: unset TRITON_INTERPRET (the interpreter replaces the kernels at import)")
 
 # The source tree's kernels, not an installed copy: first on the path, before dynamixer_ops imports them.
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 sys.path.insert(0, SOURCE)
 from dynamixer_triton import dynamic_mix as dm  # noqa: E402
 
-from dynamixer_ops.testing import MODEL_SHAPES as SHAPES  # noqa: E402
+from dynamixer_ops.testing import MODEL_SHAPES  # noqa: E402
 
 if not os.path.abspath(dm.__file__).startswith(SOURCE + os.sep):
     sys.exit(f"tools/triton_resource_usage.py: imported {dm.__file__}, not the source tree's kernels under {SOURCE}")
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
                    help="input dtypes; each has its own launch table (default: bfloat16)")
     p.add_argument("--tf32", action="store_true",
                    help="float32 dots as tf32, as with torch.backends.cuda.matmul.allow_tf32 = True")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE",
-                   help=f"model shapes (default: all of {' '.join(SHAPES)})")
+    p.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES), metavar="SHAPE",
+                   help=f"model shapes (default: all of {' '.join(MODEL_SHAPES)})")
     p.add_argument("--images", type=int, default=128, help="images per call: L sequences each (default 128)")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32      # read by the launchers (dm._dot_operands)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     failures = 0
     for dtype_name in args.dtype:
         for shape in args.shapes:
-            L, C, S, d = SHAPES[shape]
+            L, C, S, d = MODEL_SHAPES[shape]
             row = f"{dtype_name:9} {shape:6}"
             for fn, grid, launch_args, kwargs in record_launches(L, C, S, d, args.images * L,
                                                                  getattr(torch, dtype_name)):

@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["Backend", "register_backend", "unregister_backend", "record_load_error", "registered_backends",
            "load_errors", "available_backends", "unavailable_backends", "get_backend", "resolve_backend",
-           "BackendUnavailableError"]
+           "BackendUnavailableError", "env_flag", "TRUE_ENV_VALUES"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -153,5 +153,13 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> Backend:
     raise BackendUnavailableError(f"no backend can run {dtype} inputs on {device_type}: " + "; ".join(reasons))
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+# Triton's own reading of a boolean variable (``getenv_bool``, which decides TRITON_INTERPRET): these values,
+# in any case, are on; anything else is off. Every flag of this project is read the same way.
+TRUE_ENV_VALUES = ("1", "true", "on", "yes", "y")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Whether the environment variable ``name`` is on, by :data:`TRUE_ENV_VALUES` (``TRITON_INTERPRET`` too);
+    ``default`` where it is not set."""
+    value = os.environ.get(name)
+    return default if value is None else value.lower() in TRUE_ENV_VALUES

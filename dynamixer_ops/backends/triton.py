@@ -54,8 +54,8 @@ else:
         # CPU tensors only through the interpreter (compiled kernels need device pointers).
         devices=("cuda", "cpu") if _kernels.INTERPRET else ("cuda",),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        # After the native CUDA kernels until a GPU measurement says otherwise (neither has run on a GPU; the
-        # reason for the order is at the `cuda` backend's registration, dynamixer_ops/backends/native.py).
+        # After the native CUDA kernels until a GPU measurement says otherwise (none exists: README.md, "What has
+        # run where"; the reason for the order is at the `cuda` backend's registration, backends/native.py).
         priority={"cuda": 20, "cpu": 50},
         unavailable_reason=_unavailable_reason,
         auto=lambda device_type: not _kernels.INTERPRET,

@@ -26,10 +26,10 @@ import sys
 
 import torch
 
-from ..testing import TOLERANCE
+from ..testing import MODEL_SHAPES, TOLERANCE
 from .machine import loadavg, machine_info, measure_roofline, versions
 from .model import MODELS, BenchError, run_model
-from .op import (BYTES_CONVENTION, DIRECTIONS, DTYPES, FLOP_CONVENTION, ROOFLINE_CONVENTION, SHAPES, Shape,
+from .op import (BYTES_CONVENTION, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION, Shape,
                  compile_mode, parse_shape, resolve_backends, run_op_sweep)
 from .report import case_label, json_safe, plot, print_table
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "whole network), after checking each against the float64 reference.",
         epilog=f"""\
 shapes (L, C, S, d), from the upstream model configs:
-  {'  '.join(f'{k}={v}' for k, v in SHAPES.items())}
+  {'  '.join(f'{k}={v}' for k, v in MODEL_SHAPES.items())}
   or a custom 'L,C,S,d'. One call mixes N sequences of L tokens of C channels.
 
 conventions:
@@ -94,9 +94,10 @@ conventions:
   saved   MiB the autograd graph of one forward keeps for the backward (bwd/fwdbwd rows; each storage counted
           once, inputs included; not measured for compile, whose graph saves outside autograd's hooks).
   check   every backend is first run on the timed inputs and compared with dynamixer_ops.reference.mix_forward
-          in float64 (and its autograd gradients for bwd/fwdbwd), as ||out - ref|| / ||ref||; above the
-          tolerance it is reported WRONG and not timed; an exception is reported as ERROR. Tolerances:
-          {_TOLERANCES}.
+          in float64 (and its autograd gradients for bwd/fwdbwd) by the test suite's rule
+          (dynamixer_ops.testing): ||out - ref|| / max(||ref||, floor), the floor a fraction of the output's
+          rounding scale where its exact result cancels; above the tolerance it is reported WRONG and not
+          timed; an exception is reported as ERROR. Tolerances: {_TOLERANCES}.
 
 examples:
   dynamixer-bench --quick
@@ -123,8 +124,8 @@ examples:
                            "With --model: images per forward / training step")
     size.add_argument("--sequences", type=int, metavar="N",
                       help="sequences per call, instead of --batch (e.g. 256 at s1, the CPU acceptance shape)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), metavar="DTYPE",
-                   help=f"one of {', '.join(sorted(DTYPES))} (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BY_NAME), metavar="DTYPE",
+                   help=f"one of {', '.join(sorted(DTYPE_BY_NAME))} (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--direction", nargs="+", choices=DIRECTIONS, metavar="DIR",
                    help="one or more of fwd, bwd, fwdbwd (default: fwd fwdbwd). With --model: fwd = inference, "
                         "fwdbwd = a training step (forward, cross-entropy, backward, SGD step)")
@@ -147,7 +148,7 @@ examples:
                    help="time the whole network instead of the op: images/s for inference and a training step, "
                         "dynamixer_ops.models.<model>(backend=...) against dynamixer_ops.upstream.<model>() "
                         "with the same weights")
-    p.add_argument("--autocast", choices=sorted(DTYPES), metavar="DTYPE",
+    p.add_argument("--autocast", choices=sorted(DTYPE_BY_NAME), metavar="DTYPE",
                    help="with --model: run every network's forward under torch.autocast(device, DTYPE), parameters "
                         "and input in --dtype (e.g. --autocast bfloat16: mixed-precision inference and training)")
     p.add_argument("--convert", action="store_true",
@@ -219,7 +220,7 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
         p.error("argument --device: cuda was requested but no CUDA device is visible")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPE_BY_NAME[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     gpu = device.type == "cuda"
     for name, value in (("--batch", args.batch), ("--sequences", args.sequences), ("--threads", args.threads),
                         ("--rounds", args.rounds)):
@@ -246,9 +247,9 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
     args.warmup = args.warmup or (5 if args.quick else (25 if gpu else 100))
     args.repeat = args.repeat or (40 if args.quick else (200 if gpu else 1000))
     args.rounds = args.rounds or (2 if args.quick else 5)
-    names = args.shapes or (["s1", "s2"] if args.quick else list(SHAPES))
+    names = args.shapes or (["s1", "s2"] if args.quick else list(MODEL_SHAPES))
     if "all" in names:
-        names = list(SHAPES) + [n for n in names if n not in SHAPES and n != "all"]
+        names = list(MODEL_SHAPES) + [n for n in names if n not in MODEL_SHAPES and n != "all"]
     shapes = []
     for text in names:
         try:

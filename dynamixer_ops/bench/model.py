@@ -9,7 +9,7 @@ import torch
 
 from ..nn import convert
 from ..testing import MODEL_TOLERANCE, relative_error
-from .op import DTYPES, compile_mode
+from .op import DTYPE_BY_NAME, compile_mode
 from .timing import BASELINES, first_line, time_side_by_side
 
 MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
@@ -53,7 +53,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     del ref_net
 
     # --autocast: parameters and input stay in --dtype, the forward runs under torch.autocast (as users train)
-    amp_dtype = DTYPES[args.autocast] if args.autocast else None
+    amp_dtype = DTYPE_BY_NAME[args.autocast] if args.autocast else None
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     nets, results = {}, []
     for bname in backends:

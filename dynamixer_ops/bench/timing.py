@@ -1,5 +1,15 @@
-"""The one timing pipeline of dynamixer-bench, shared by the op sweep and the network benchmark: warm-up,
-interleaved rounds, quantiles, speedups, and what happens when a timed call raises."""
+"""The one timing pipeline: warm-up, interleaved rounds, quantiles, speedups, and what happens when a timed call
+raises. dynamixer-bench's op sweep and network benchmark, the pytest-benchmark suite (``benchmarks/``),
+``benchmarks/cpu_time_ratios.py`` and ``benchmarks/gpu_tasks.py`` all time through it.
+
+Modes (what one sample is):
+
+* ``"wall"``: on a CPU, the mean wall-clock time per call of a ``torch.utils.benchmark.Timer`` block (with the
+  program's thread count); on a GPU, one call timed by CUDA events (``triton.testing.do_bench``, L2 flushed).
+* ``"thread_cpu"``: the CPU time of the calling thread per call of a block (``time.thread_time``; CPU only). Far
+  less sensitive than wall time to other processes on a shared machine, but it counts no other thread: only
+  single-threaded runs are measured whole.
+"""
 from __future__ import annotations
 
 import math
@@ -10,6 +20,7 @@ import torch
 
 # The providers every speedup is relative to: the upstream eager step and torch.compile of it.
 BASELINES = ("eager", "compile")
+MODES = ("wall", "thread_cpu")
 
 
 def first_line(exc: BaseException) -> str:
@@ -22,6 +33,23 @@ def first_line(exc: BaseException) -> str:
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synchronized(run: Callable, device: torch.device) -> Callable:
+    """``run`` followed by a device synchronize (on a GPU), for timers that read a host clock."""
+    if device.type != "cuda":
+        return run
+
+    def call():
+        out = run()
+        sync(device)
+        return out
+    return call
+
+
+def calls_within(budget_ms: float, per_call_s: float) -> int:
+    """How many calls of ``per_call_s`` seconds fit in ``budget_ms`` (at least one)."""
+    return max(1, round(budget_ms / 1e3 / max(per_call_s, 1e-7)))
 
 
 def warm_up(run: Callable, device: torch.device, warmup_ms: float) -> float:
@@ -39,10 +67,14 @@ def warm_up(run: Callable, device: torch.device, warmup_ms: float) -> float:
 
 
 class Sampler:
-    """Collects per-call times (seconds) for one backend in rounds."""
+    """Collects per-call times (seconds) for one run in rounds, in one of :data:`MODES`."""
 
-    def __init__(self, run: Callable, device: torch.device, threads: int, per_call_s: float):
-        self.run, self.device, self.threads, self.per_call_s = run, device, threads, per_call_s
+    def __init__(self, run: Callable, device: torch.device, threads: int, per_call_s: float, mode: str = "wall"):
+        if mode not in MODES:
+            raise ValueError(f"timing mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "thread_cpu" and device.type != "cpu":
+            raise ValueError(f"timing mode 'thread_cpu' measures CPU work; the device is {device}")
+        self.run, self.device, self.threads, self.per_call_s, self.mode = run, device, threads, per_call_s, mode
         self.samples: list[float] = []
         self._timer = None
 
@@ -50,11 +82,18 @@ class Sampler:
         if self.device.type == "cuda":
             self.samples += _do_bench_samples(self.run, budget_ms)
             return
+        number = calls_within(budget_ms / blocks, self.per_call_s)
+        if self.mode == "thread_cpu":
+            for _ in range(blocks):
+                start = time.thread_time()
+                for _ in range(number):
+                    self.run()
+                self.samples.append((time.thread_time() - start) / number)
+            return
         from torch.utils import benchmark
         if self._timer is None:
             # Timer defaults to one thread: run with the threads the rest of the program uses.
             self._timer = benchmark.Timer(stmt="run()", globals={"run": self.run}, num_threads=self.threads)
-        number = max(1, round(budget_ms / 1e3 / blocks / max(self.per_call_s, 1e-7)))
         for _ in range(blocks):
             self.samples.append(self._timer.timeit(number).mean)
 
@@ -85,22 +124,22 @@ def add_speedups(rows: dict[str, dict]) -> None:
 
 
 def time_side_by_side(runs: dict[str, Callable], rows: dict[str, dict], device: torch.device, *, warmup_ms: float,
-                      repeat_ms: float, rounds: int, blocks: int = 4,
+                      repeat_ms: float, rounds: int, blocks: int = 4, mode: str = "wall",
                       on_round: Callable[[int], None] | None = None) -> dict[str, float]:
     """Time ``runs`` (name -> a call) against each other and write the figures into ``rows[name]``.
 
     Each run is warmed up, then all are timed in ``rounds`` interleaved rounds (every run once per round, in
     turn), so that a load change on a shared machine hits all of them alike; each round gets
-    ``repeat_ms / rounds`` per run (``blocks`` timer blocks on a CPU). A run that raises, in its warm-up or in
-    any round, gets ``status="ERROR"`` with the message and is timed no further. The others get ``median_ms``,
-    ``p20_ms``, ``p80_ms`` and ``samples``; then every row gets its speedups over the baselines. Returns the
-    median seconds per call of each run that finished."""
+    ``repeat_ms / rounds`` per run (``blocks`` timer blocks on a CPU), each sample taken in ``mode``. A run
+    that raises, in its warm-up or in any round, gets ``status="ERROR"`` with the message and is timed no
+    further. The others get ``median_ms``, ``p20_ms``, ``p80_ms`` and ``samples``; then every row gets its
+    speedups over the baselines. Returns the median seconds per call of each run that finished."""
     threads = torch.get_num_threads()
     samplers = {}
     for name, run in runs.items():
         try:
             per_call = warm_up(run, device, warmup_ms)
-            samplers[name] = Sampler(run, device, threads, per_call)
+            samplers[name] = Sampler(run, device, threads, per_call, mode)
         except Exception as exc:
             rows[name].update(status="ERROR", message=first_line(exc))
     for rnd in range(rounds):
@@ -120,3 +159,13 @@ def time_side_by_side(runs: dict[str, Callable], rows: dict[str, dict], device: 
                           p80_ms=quantile(t, 0.8) * 1e3, samples=len(t))
     add_speedups(rows)
     return medians
+
+
+def median_seconds(run: Callable, device: torch.device, *, warmup_ms: float, repeat_ms: float, rounds: int = 1,
+                   mode: str = "wall") -> float:
+    """The median seconds per call of one ``run`` (warm-up, then :class:`Sampler` rounds); an exception
+    propagates."""
+    sampler = Sampler(run, device, torch.get_num_threads(), warm_up(run, device, warmup_ms), mode)
+    for _ in range(rounds):
+        sampler.round(repeat_ms / rounds)
+    return quantile(sampler.samples, 0.5)

@@ -42,17 +42,15 @@ channels and sequences are never stored; padded weight rows/columns load as 0 so
 Index math: sequence indices and every offset into x, y, dy, dx and dr are int64 (sequence ``n`` times a
 batch stride overflows int32 long before memory runs out); weight offsets are < (L*L)*(L*d) and stay int32.
 
-GPU status: **run only under the Triton interpreter (TRITON_INTERPRET=1) on a CPU; never run on a GPU.**
-``tools/triton_resource_usage.py`` compiles them for sm_90 at every model shape (Triton's own compiler and ptxas, no
-GPU needed; a test runs it): the GPU launch table (:func:`gpu_config`) fits shared memory there, and its
-registers and spills are printed, but no speed has been measured. The ``tl.dot`` paths carry
+Where these kernels have run: README.md, "What has run where". ``tools/triton_resource_usage.py`` compiles them
+for sm_90 at every model shape (Triton's own compiler and ptxas, no GPU needed; a test runs it): the GPU launch
+table (:func:`gpu_config`) fits shared memory there, and its registers and spills are printed. The ``tl.dot`` paths carry
 ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 
 import torch
@@ -63,8 +61,9 @@ from triton.runtime.errors import OutOfResources
 __all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
            "INTERPRET", "STATIC_LOOP_BOUNDS", "interpreter_needs_static_loop_bounds"]
 
-# Triton decides at decoration time whether @triton.jit kernels are interpreted; read the flag the same way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# Triton decides at decoration time whether @triton.jit kernels are interpreted: take its own reading of
+# TRITON_INTERPRET (dynamixer_ops.backends.env_flag reads every flag by the same rule).
+INTERPRET = triton.knobs.runtime.interpret
 
 # CUDA's limit on grid dim 0; a launch over more programs is split into chunks of sequences.
 MAX_GRID = 2**31 - 1

@@ -301,11 +301,11 @@ def cmd_tune(args, device):
             grads = [torch.empty_like(x)] + [torch.empty_like(t) for t in w]
 
             def fwd(cfg=cfg, y=y):
-                km.mix_forward(x, *w, S, y, config=cfg)
+                km.launch_forward(x, *w, S, y, config=cfg)
 
             def fwdbwd(cfg=cfg, y=y, grads=grads):
-                km.mix_forward(x, *w, S, y, config=cfg)
-                km.mix_backward(gy, x, *w, S, *grads, config=cfg)
+                km.launch_forward(x, *w, S, y, config=cfg)
+                km.launch_backward(gy, x, *w, S, *grads, config=cfg)
             try:
                 fwdbwd()
                 _sync(device)

@@ -15,13 +15,12 @@ on / off (read at every call).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .backends import env_flag
 from .plain import plain_linear
 
 __all__ = ["linear", "onednn_linear_enabled"]
@@ -43,13 +42,9 @@ _KERNEL_EXISTS, _INTEL_CPU = _probe()
 
 def onednn_linear_enabled() -> bool:
     """Whether :func:`linear` runs float32 CPU products on oneDNN now: the kernel exists in this torch build, and
-    ``DYNAMIXER_OPS_ONEDNN_LINEAR`` says so (``1`` / ``0``) or, unset, the CPU is not an Intel one."""
-    if not _KERNEL_EXISTS:
-        return False
-    flag = os.environ.get("DYNAMIXER_OPS_ONEDNN_LINEAR", "")
-    if flag:
-        return flag.lower() not in ("0", "false", "no")
-    return not _INTEL_CPU
+    ``DYNAMIXER_OPS_ONEDNN_LINEAR`` says so (read as every flag is, :func:`dynamixer_ops.backends.env_flag`) or,
+    unset, the CPU is not an Intel one."""
+    return _KERNEL_EXISTS and env_flag("DYNAMIXER_OPS_ONEDNN_LINEAR", default=not _INTEL_CPU)
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

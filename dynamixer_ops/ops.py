@@ -1,10 +1,13 @@
 """``dynamic_mix``: one op, registered once with ``torch.library``; every backend is an implementation of it.
 
 The forward and backward are two custom ops (``dynamixer_ops::dynamic_mix`` and
-``dynamixer_ops::dynamic_mix_backward``) with one fake kernel each and one autograd formula. The backend is
-a string argument resolved by :mod:`dynamixer_ops.backends` before the op is called, so
-``torch.compile(fullgraph=True)``, ``torch.export`` and AOTInductor see one opaque op whatever runs inside it.
-Their schemas live in the native library, which also runs them without Python (see :mod:`dynamixer_ops.deploy`).
+``dynamixer_ops::dynamic_mix_backward``) with one fake kernel each and one autograd formula; a backend that keeps
+the mixing matrices for the backward runs an eager training step through a second pair (``dynamic_mix_keep`` /
+``dynamic_mix_backward_kept``, defined here only). Which ops exist, who defines each schema and which kernel runs in
+which process: docs/backends.md, "The ops, who defines them, what runs where". The backend is a string argument
+resolved by :mod:`dynamixer_ops.backends` before the op is called, so ``torch.compile(fullgraph=True)``,
+``torch.export`` and AOTInductor see one opaque op whatever runs inside it. Where the op would not compute what its
+ATen decomposition computes (:func:`decomposition_reason`), :func:`dynamic_mix` runs the decomposition instead.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 from . import _library  # noqa: F401  (loads the native library, which defines the ops' schemas)
 from .backends import env_flag, resolve_backend, get_backend
 from .plain import plain_tensor
-from .reference import mix_backward, mix_forward
+from .reference import reference_backward, reference_forward
 
 __all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason"]
 
@@ -205,14 +208,14 @@ def _(grad_y, x, probs, compress_weight, compress_bias, generate_weight, generat
 
 def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,
                   generate_bias: Tensor | None, num_segments: int, backend: str) -> Tensor:
-    """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.mix_forward`, with float16 /
+    """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.reference_forward`, with float16 /
     bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is the op's
     entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
     ``backend`` is ignored: every backend computes this function."""
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     inputs = (t if t is None else t.to(compute)
               for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
-    return mix_forward(*inputs, num_segments).to(x.dtype)
+    return reference_forward(*inputs, num_segments).to(x.dtype)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -229,12 +232,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _differentiable_backward(grad_y: Tensor, inputs, num_segments: int):
-    """The five gradients in differentiable ATen ops (:func:`dynamixer_ops.reference.mix_backward`, half types in
+    """The five gradients in differentiable ATen ops (:func:`dynamixer_ops.reference.reference_backward`, half types in
     float32 as every backend computes them), for a backward that is itself differentiated: under
     ``create_graph=True`` (a gradient penalty, double backward) and under ``torch.func.grad``, which always builds
     the graph of the gradient."""
     compute = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
-    grads = mix_backward(*(t.to(compute) for t in (grad_y, *inputs)), num_segments)
+    grads = reference_backward(*(t.to(compute) for t in (grad_y, *inputs)), num_segments)
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
@@ -357,11 +360,15 @@ def decomposition_reason(tensors) -> str | None:
     """Why a call with these inputs must run :func:`decomposition` (the op's math in ATen ops, which every
     transform and tensor subclass understands) instead of the op, or ``None`` when the op computes exactly that.
 
-    The op has no forward-mode formula, its autograd formula is not one torch.func can transform, and its kernels
+    ONNX export; and, since the op has no forward-mode formula, its autograd formula is not one torch.func can transform, and its kernels
     read plain dense memory, so: ``torch.func.grad`` / ``jvp`` / ``jacrev`` (any transform but ``vmap``, which has
     a rule), an input with a forward-mode tangent (``torch.autograd.forward_ad``), a tensor subclass that wraps
     other tensors (quantized weights, DTensor, ...), and the meta device. Inside a compiled graph the op is always kept (the
     graph is traced with plain fake tensors)."""
+    if torch.onnx.is_in_onnx_export():
+        # torch.onnx translates only the ops in its own tables (or in a custom_translation_table the user would have
+        # to pass): the decomposition becomes standard ONNX ops.
+        return "ONNX export"
     if torch.compiler.is_compiling():
         return None
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -443,15 +450,12 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     if generate_bias is None:
         generate_bias = generate_weight.new_zeros(L * L)
     x4 = _to_4d(x)
-    # torch.onnx translates only the ops in its own tables (or in a custom_translation_table the user would have to
-    # pass): while it exports, the op is traced as its decomposition, which becomes standard ONNX ops.
     weights = (compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
                generate_bias.contiguous())
     if _keeps_probabilities(chosen, L, C, S, d, (x4, *weights)):
         y4 = _dynamic_mix_keep_op(x4, *weights, S, chosen.name)[0]
     else:
-        mix = decomposition if torch.onnx.is_in_onnx_export() else _dynamic_mix_op
-        y4 = mix(x4, *weights, S, chosen.name)
+        y4 = _dynamic_mix_op(x4, *weights, S, chosen.name)
     if x.dim() == 3:
         return y4.squeeze(0)
     if x.dim() > 4:

@@ -2,10 +2,10 @@
 
 Three things live here and nowhere else:
 
-* :func:`mix_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
+* :func:`reference_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
   (through autograd) as the truth every backend is compared with.
-* :func:`mix_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates: :func:`backward_terms`).
-  The ``reference`` backend uses it, and the tests check it against autograd of :func:`mix_forward`, so the
+* :func:`reference_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates: :func:`backward_terms`).
+  The ``reference`` backend uses it, and the tests check it against autograd of :func:`reference_forward`, so the
   formula itself is verified.
 * :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its
   ``out`` projection), calling the two Linears as the upstream code does; :func:`upstream_mix` is the same chain
@@ -40,7 +40,7 @@ def unsegment(t: Tensor) -> Tensor:
     return t.transpose(-3, -2).reshape(*lead, L, S * e0)
 
 
-def mix_forward(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+def reference_forward(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
                 generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
     """``y[..., j, s*e0+e] = sum_i P[..., s, i, j] x[..., i, s*e0+e]``; differentiable with autograd."""
     _, P = _mixing_matrices(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments)
@@ -62,7 +62,7 @@ def backward_terms(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_
     return z, P, dG, dr, dys
 
 
-def mix_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
+def reference_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
                  generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int):
     """Closed-form gradients ``(dx, d compress_weight, d compress_bias, d generate_weight, d generate_bias)``."""
     L, C = x.shape[-2:]

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .reference import backward_terms, mix_forward, segments, unsegment
+from .reference import backward_terms, reference_forward, segments, unsegment
 from .upstream import CONFIGS, stage_resolutions
 
 __all__ = ["MODEL_SHAPES", "model_shapes", "TOLERANCE", "MODEL_TOLERANCE", "tolerance", "make_inputs",
@@ -98,9 +98,9 @@ def linear_init_inputs(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtyp
 
 def reference_outputs(inputs, num_segments: int, grad_y):
     """``y`` and the gradients of the inputs that are not None, by autograd of the reference math
-    (:func:`dynamixer_ops.reference.mix_forward`) in float64 on the CPU."""
+    (:func:`dynamixer_ops.reference.reference_forward`) in float64 on the CPU."""
     leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in inputs]
-    y = mix_forward(*leaves, num_segments)
+    y = reference_forward(*leaves, num_segments)
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y.double().cpu())
     return y.detach(), grads
 

@@ -84,13 +84,13 @@ def test_without_the_native_library_python_defines_the_ops():
         stub.LIBRARY_PATH, stub.LOAD_ERROR = None, "hidden by the test"
         sys.modules["dynamixer_ops._library"] = stub
         import dynamixer_ops
-        from dynamixer_ops.reference import mix_forward
+        from dynamixer_ops.reference import reference_forward
         assert dynamixer_ops.unavailable_backends()["cpu"] == "hidden by the test"
         args = (torch.randn(6, 48), torch.randn(6), torch.randn(49, 21), torch.randn(49), 2)
         x = torch.randn(3, 7, 48, requires_grad=True)
         y = dynamixer_ops.dynamic_mix(x, *args)
         y.sum().backward()
-        assert torch.allclose(y, mix_forward(x, *args), rtol=1e-5, atol=1e-5) and x.grad is not None
+        assert torch.allclose(y, reference_forward(x, *args), rtol=1e-5, atol=1e-5) and x.grad is not None
         print(torch.ops.dynamixer_ops.dynamic_mix.default._schema)
     """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

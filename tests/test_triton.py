@@ -28,10 +28,10 @@ def _run(inputs, S, config, dtype):
     """Both launchers on NaN-poisoned outputs; returns y and the five gradients, and grad_y."""
     x = inputs[0]
     y = torch.full_like(x, float("nan"))
-    kernels.mix_forward(*inputs, S, y, config=config)
+    kernels.launch_forward(*inputs, S, y, config=config)
     grad_y = torch.randn(x.shape, dtype=dtype, device=x.device)
     grads = [torch.full_like(t, float("nan")) for t in inputs]
-    kernels.mix_backward(grad_y, *inputs, S, *grads, config=config)
+    kernels.launch_backward(grad_y, *inputs, S, *grads, config=config)
     return [y, *grads], grad_y
 
 
@@ -99,7 +99,7 @@ def test_a_launch_that_does_not_fit_the_gpu_is_a_clear_error(monkeypatch):
     inputs = make_inputs((1, 2), 7, 24, 2, 2, dtype=torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"the kernels for L=7, C/S=12, d=2 in float32 do not fit this GPU .*"
                                            r"Required: 300000.*use backend='cuda'"):
-        kernels.mix_forward(*inputs, 2, torch.empty_like(inputs[0]))
+        kernels.launch_forward(*inputs, 2, torch.empty_like(inputs[0]))
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_sequence_indices_past_int32(monkeypatch, seed):
     L, E, S, d, N = 7, 24, 2, 2, 2**31 + 1    # seq0 = 2**31 - 4 fits int32, the indices do not
     x1, wc, bc, wg, bg = make_inputs((1, 1), L, E * S, S, d, dtype=torch.float32, device=DEVICE)
     y1 = torch.full_like(x1, float("nan"))
-    kernels.mix_forward(x1.expand(1, N, L, E * S), wc, bc, wg, bg, S, y1.expand(1, N, L, E * S),
+    kernels.launch_forward(x1.expand(1, N, L, E * S), wc, bc, wg, bg, S, y1.expand(1, N, L, E * S),
                         config=_cfg(block_n=4, block_j=8, block_jw=8, block_c=32, partitions=1))
     ref_y, _ = reference_outputs((x1, wc, bc, wg, bg), S, torch.ones_like(x1))
     assert_close_rel(y1, ref_y, 1e-5, "y")

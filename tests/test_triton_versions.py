@@ -32,15 +32,15 @@ def test_both_loop_bound_branches(static, monkeypatch, seed):
     inputs = list(make_inputs((3, 3), 7, 24 * S, S, 2, dtype=torch.float32, device=DEVICE))
     config = kernels.MixConfig(block_n=1, block_j=4, block_jw=4, block_c=32, dot=False, partitions=4)
     y = torch.full_like(inputs[0], float("nan"))
-    kernels.mix_forward(*inputs, S, y, config=config)
+    kernels.launch_forward(*inputs, S, y, config=config)
     grad_y = torch.randn_like(inputs[0])
     grads = [torch.full_like(t, float("nan")) for t in inputs]
     if kernels.INTERPRET and not static and kernels.interpreter_needs_static_loop_bounds(
             __import__("triton").__version__, __import__("numpy").__version__):
         with pytest.raises(Exception, match="only 0-dimensional arrays can be converted to Python scalars"):
-            kernels.mix_backward(grad_y, *inputs, S, *grads, config=config)
+            kernels.launch_backward(grad_y, *inputs, S, *grads, config=config)
         return
-    kernels.mix_backward(grad_y, *inputs, S, *grads, config=config)
+    kernels.launch_backward(grad_y, *inputs, S, *grads, config=config)
     assert_matches_reference(y, grads, inputs, S, grad_y, 1e-5 if DEVICE == "cpu" else 2e-3)
 
 

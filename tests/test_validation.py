@@ -13,7 +13,7 @@ import dynamixer_ops
 import dynamixer_ops.nn
 from dynamixer_ops import BackendUnavailableError, dynamic_mix
 from dynamixer_ops.backends import get_backend, registered_backends
-from dynamixer_ops.reference import mix_forward as reference_mix
+from dynamixer_ops.reference import reference_forward as reference_mix
 
 from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
                      supported_dtypes, tolerance, torch_threads)

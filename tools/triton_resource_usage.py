@@ -70,8 +70,8 @@ def record_launches(L, C, S, d, sequences, dtype):
         weights = (torch.empty(S * d, C, **meta), torch.empty(S * d, **meta), torch.empty(L * L, L * d, **meta),
                    torch.empty(L * L, **meta))
         config = dm.gpu_config(sequences, L, C, S, d, dtype)
-        dm.mix_forward(x, *weights, S, torch.empty_like(x), config=config)
-        dm.mix_backward(torch.empty_like(x), x, *weights, S, torch.empty_like(x),
+        dm.launch_forward(x, *weights, S, torch.empty_like(x), config=config)
+        dm.launch_backward(torch.empty_like(x), x, *weights, S, torch.empty_like(x),
                         *(torch.empty_like(w) for w in weights), config=config)
     finally:
         for name, fn in originals.items():

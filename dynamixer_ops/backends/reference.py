@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import Backend, register_backend
-from ..reference import mix_backward, mix_forward
+from ..reference import reference_backward, reference_forward
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -14,12 +14,12 @@ def _upcast(*tensors):
 
 
 def _forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y):
-    y.copy_(mix_forward(*_upcast(x, compress_weight, compress_bias, generate_weight, generate_bias), num_segments))
+    y.copy_(reference_forward(*_upcast(x, compress_weight, compress_bias, generate_weight, generate_bias), num_segments))
 
 
 def _backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, *grads):
     inputs = _upcast(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias)
-    for out, value in zip(grads, mix_backward(*inputs, num_segments)):
+    for out, value in zip(grads, reference_backward(*inputs, num_segments)):
         out.copy_(value)
 
 

@@ -50,7 +50,7 @@ if _IMPORT_ERROR:
     record_load_error("triton", _IMPORT_ERROR)
 else:
     register_backend(Backend(
-        name="triton", forward=_kernels.mix_forward, backward=_kernels.mix_backward,
+        name="triton", forward=_kernels.launch_forward, backward=_kernels.launch_backward,
         # CPU tensors only through the interpreter (compiled kernels need device pointers).
         devices=("cuda", "cpu") if _kernels.INTERPRET else ("cuda",),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),

@@ -93,7 +93,7 @@ conventions:
   % roof  {ROOFLINE_CONVENTION}
   saved   MiB the autograd graph of one forward keeps for the backward (bwd/fwdbwd rows; each storage counted
           once, inputs included; not measured for compile, whose graph saves outside autograd's hooks).
-  check   every backend is first run on the timed inputs and compared with dynamixer_ops.reference.mix_forward
+  check   every backend is first run on the timed inputs and compared with dynamixer_ops.reference.reference_forward
           in float64 (and its autograd gradients for bwd/fwdbwd) by the test suite's rule
           (dynamixer_ops.testing): ||out - ref|| / max(||ref||, floor), the floor a fraction of the output's
           rounding scale where its exact result cancels; above the tolerance it is reported WRONG and not

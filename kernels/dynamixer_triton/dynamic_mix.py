@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-__all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "mix_forward", "mix_backward",
+__all__ = ["MixConfig", "default_config", "gpu_config", "interpreter_config", "launch_forward", "launch_backward",
            "INTERPRET", "STATIC_LOOP_BOUNDS", "interpreter_needs_static_loop_bounds"]
 
 # Triton decides at decoration time whether @triton.jit kernels are interpreted: take its own reading of
@@ -536,7 +536,7 @@ def _explain_resource_errors(p: _Plan, dtype: torch.dtype):
 # Launchers (the backend contract of dynamixer_ops.backends).
 # ----------------------------------------------------------------------------------------------------------------
 
-def mix_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y,
+def launch_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y,
                 config: MixConfig | None = None):
     """Write ``dynamic_mix(x, ...)`` into ``y``. ``x``, ``y``: ``(A, B, L, C)``, unit last stride, any other
     strides; weights contiguous; one dtype (fp32/fp16/bf16) and device. One program per (tile, segment)."""
@@ -551,7 +551,7 @@ def mix_forward(x, compress_weight, compress_bias, generate_weight, generate_bia
                 **dots, **p.common)
 
 
-def mix_backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
+def launch_backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
                  grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight, grad_generate_bias,
                  config: MixConfig | None = None):
     """Write the five gradients of ``dynamic_mix``. Three launches: dxm and dr (per tile and segment), the dWg

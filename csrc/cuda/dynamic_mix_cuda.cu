@@ -15,8 +15,9 @@
 // and tiles so that the shared memory fits, and owns every allocation.
 //
 // The same source also compiles as plain C++ against tools/cuda_emu/emu.h (DMX_EMULATE), which runs every
-// block's threads as CPU threads with real barriers and emulates nvcuda::wmma: the only GPU-specific spellings
-// that this needs are the two macros below (dynamic shared memory, launch).
+// block's threads on the CPU one at a time, in several orders, with real barriers (a missing one changes the
+// results: racecheck), and emulates nvcuda::wmma: the only GPU-specific spellings that this needs are the two
+// macros below (dynamic shared memory, launch).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #ifndef DMX_EMULATE
@@ -342,7 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
                    },
                    [&](int64_t off, float v) { yb[off] = from_f<T>(v); });
     }
-    __syncthreads();                                            // gs and pb are overwritten by the next rows
+    // No barrier: the next rows first write gs (their logits), which nothing since the last barrier reads; pb, which
+    // this step reads, is rewritten only after the barrier inside tc_generate_softmax.
   }
 #endif
 }
@@ -455,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
                    },
                    [&](int64_t off, float v) { dr_out[off] = v; });
     }
-    __syncthreads();                                            // gs and pb are overwritten by the next rows
+    // No barrier: as in the forward, the next rows first write gs, which the dz product does not read; pb is
+    // rewritten only after the barrier inside tc_generate_softmax, dbg_sum only after the next round's barrier.
   }
   for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) dbg_partial[blockIdx.x * dm.LL + q] = dbg_sum[q];
 #endif

@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
   generate_logits(dm, wgT, bg, tv, zs, ps);
   __syncthreads();
   softmax_columns(dm, tv, ps);
-  __syncthreads();
+  // No barrier: the first chunk's staging writes only xs, and the barrier after it comes before any read of P.
 
   // y[n0+t, j, s*e0 + e] = sum_i P[t][i][j] x[n0+t, i, s*e0 + e]: lanes over e, each warp JB targets j.
   constexpr int JB = 4;
@@ -542,7 +542,8 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
   for (int64_t idx = threadIdx.x; idx < tv * dm.L * dm.LP; idx += kThreads) ds[idx] = 0.f;
   __syncthreads();
   softmax_columns(dm, tv, ps);
-  __syncthreads();
+  // No barrier: the first chunk's staging writes only xs and dys, and the barrier after it comes before any read
+  // of P.
 
   // dP[t][i][j] = sum_e x[i, e] dy[j, e] and dx_mix[t][i, e] = sum_j P[t][i][j] dy[j, e], a channel chunk
   // at a time.
@@ -657,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
 #pragma unroll
       for (int r = 0; r < kTile / kWarps; ++r) acc[r] += as[kk][ty + kWarps * r] * bv;
     }
-    __syncthreads();                                  // as, bs and boff are overwritten next step
+    // No barrier: the next step writes boff (which this one no longer reads), then as and bs after its first barrier.
   }
   float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
 #pragma unroll
@@ -710,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
     }
     __syncthreads();
     mma_k<T, wmma::col_major, wmma::row_major>(acc, as + wq, AP, KS * AP, bs + wc, BP, KS * BP, kAtbK / KS);
-    __syncthreads();                                  // as, bs and boff are overwritten next step
+    // No barrier: the next step writes boff (which this one no longer reads), then as and bs after its first barrier.
   }
   float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
   scatter_tile(acc, st.scratch + warp * 256,

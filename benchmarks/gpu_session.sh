@@ -194,11 +194,11 @@ find_sanitizer() {   # compute-sanitizer: PATH, the toolkit (CUDA_HOME or nvcc's
   return 1
 }
 
-sanitize_all() {   # each tool over the workload; any report fails the step (--error-exitcode)
-  local cs rc=0 tool
-  if [ "$MODE" = dry-run ]; then
+sanitize_all() {   # sanitize_all MODE DEVICE: each tool over the workload; any report fails the step (--error-exitcode)
+  local mode=$1 device=$2 cs rc=0 tool
+  if [ "$mode" = dry-run ]; then
     cs=$(find_sanitizer) || cs="compute-sanitizer (not found here)"
-    in_build "$PY" -c "$SANITIZE_WORKLOAD" "$DEVICE" || rc=1
+    in_build "$PY" -c "$SANITIZE_WORKLOAD" "$device" || rc=1
     for tool in memcheck racecheck synccheck initcheck; do
       echo "dry-run: on the GPU: PYTORCH_NO_CUDA_MEMORY_CACHING=1 $cs --tool $tool --error-exitcode 1" \
            "--print-limit 20 $PY -c \"\$SANITIZE_WORKLOAD\" cuda"
@@ -219,7 +219,7 @@ sanitize_all() {   # each tool over the workload; any report fails the step (--e
 }
 
 step_sanitize() {
-  run_step sanitize 120 "${FN[@]}" sanitize_all
+  run_step sanitize 120 "${FN[@]}" sanitize_all "$MODE" "$DEVICE"
 }
 
 BENCH_SIZE=(--batch 128 --shapes all --dtype bfloat16)

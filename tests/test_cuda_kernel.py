@@ -11,10 +11,8 @@ Two halves:
   GPU itself. They run wherever the CUDA headers are found (CI included: the kernels' logic runs there, not
   only their compile); building the emulator takes about a minute on two cores (cached afterwards);
   ``DYNAMIXER_OPS_TEST_CUDA_EMU=0`` skips them. ``DYNAMIXER_OPS_TEST_CUDA_EMU=asan`` builds it with
-  AddressSanitizer (every out-of-bounds access to shared memory or a tensor is an error); run it as
-  ``LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
-  ASAN_OPTIONS=detect_leaks=0 DYNAMIXER_OPS_TEST_CUDA_EMU=asan pytest tests/test_cuda_kernel.py`` (libstdc++
-  preloaded too: without it ASan cannot intercept the C++ exception that importing triton throws, and aborts).
+  AddressSanitizer and UBSan (every out-of-bounds access to shared memory or a tensor is an error); .ci/sanitize
+  runs these tests so (docs/checking_gpu_code.md).
 * ``test_gpu_*`` run the real kernels through ``dynamic_mix(..., backend="cuda")`` and need a GPU.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ Two halves:
   CUDA thread, one at a time, real barriers, NaN-filled shared memory and workspaces), against the float64
   reference, and with racecheck: every call runs under three thread and block orders (ascending, descending, a
   seeded shuffle) that must give bitwise identical outputs and identical shared memory at every barrier, so a
-  missing ``__syncthreads`` fails deterministically (tests/test_cuda_barriers.py shows that for every barrier).
+  missing ``__syncthreads`` fails deterministically (tests/test_cuda_barriers.py shows it for every barrier).
   They check the index arithmetic, the tiling, the barriers' placement and the math without a GPU, not the
   GPU itself. They run wherever the CUDA headers are found (CI included: the kernels' logic runs there, not
   only their compile); building the emulator takes about a minute on two cores (cached afterwards);

@@ -19,6 +19,9 @@
 #             CPU-kernels-only build, so that the Triton steps still run         ~60-180 s (cap 240)
 #   check     benchmarks/gpu_tasks.py check: every GPU backend, fp32/bf16/fp16, forward + five gradients vs
 #             float64, six model shapes + odd ones, 12 processes (Triton compiles)  ~60-120 s (cap 180)
+#   sanitize  NVIDIA compute-sanitizer, memcheck, racecheck, synccheck and initcheck, each over one small forward +
+#             backward per kernel family (CUDA tensor cores bf16 and tf32, CUDA SIMT fp32, Triton bf16 and fp32),
+#             PyTorch's caching allocator off so that memcheck sees each tensor's own bounds  ~60-90 s (cap 120)
 #   bench     dynamixer-bench: every backend vs eager and torch.compile (COMPILE_MODE, default 'default'),
 #             bf16, 128 images, six shapes, fwd and fwd+bwd                       ~60-120 s (cap 150)
 #   train     benchmarks/gpu_tasks.py train: DynaMixer-S training step, bf16 autocast, 128 images  ~30-60 s (cap 90)
@@ -88,7 +91,7 @@ run_step() {   # run_step NAME CAP_SECONDS COMMAND...: log to $WORK/NAME.log, bo
   [ $rc -eq 124 ] && status="TIMEOUT"
   [ $rc -ne 0 ] && failed=$((failed + 1))
   local gist   # the one line of the log that says how it went
-  gist=$(grep -m1 -E '^(check summary|[0-9]+ (passed|failed)|=+ .*(passed|failed)|every kernel|[0-9]+ kernel)' \
+  gist=$(grep -m1 -E '^(check summary|[0-9]+ (passed|failed)|=+ .*(passed|failed)|every kernel|[0-9]+ kernel|no compute-san)' \
          "$WORK/$name.log" | cut -c1-150)
   printf '%-9s %-8s %5s s  %s\n' "$name" "$status" "$took" "$gist" >> "$SUMMARY"
   tail -n 30 "$WORK/$name.log"
@@ -149,6 +152,74 @@ import sys, torch, triton
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
 print('gpu:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"; } > "$WORK/machine.txt" 2>&1
   grep -E "^python|^gpu" "$WORK/machine.txt" | tee -a "$SUMMARY"
+}
+
+# One small forward + backward per kernel family, for compute-sanitizer: N = 7 sequences of L = 14, S = 3 (the
+# tensor-core kernels' two row tiles and a ragged last block), the five gradients.
+SANITIZE_WORKLOAD='
+import sys, torch, dynamixer_ops
+from dynamixer_ops import dynamic_mix
+device = sys.argv[1]
+available = dynamixer_ops.available_backends(device)
+N, L, C, S, d = 7, 14, 48, 3, 2
+for backend, dtype, tf32 in [("cuda", torch.bfloat16, False), ("cuda", torch.float32, True),
+                             ("cuda", torch.float32, False), ("triton", torch.bfloat16, False),
+                             ("triton", torch.float32, False)]:
+    name = f"{backend} {str(dtype)[6:]}" + (" tf32" if tf32 else "")
+    if backend not in available:
+        print(f"{name}: backend not available here, skipped")
+        continue
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    g = torch.Generator().manual_seed(0)
+    leaves = [(torch.randn(shape, generator=g) * scale).to(device, dtype).requires_grad_()
+              for shape, scale in [((N, L, C), 1.0), ((S * d, C), C ** -0.5), ((S * d,), 0.1),
+                                   ((L * L, L * d), (L * d) ** -0.5), ((L * L,), 0.1)]]
+    y = dynamic_mix(*leaves, S, backend=backend)
+    grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"{name}: forward + backward ran, sum |y| {y.float().abs().sum().item():.4g}, "
+          f"sum |grad_x| {grads[0].float().abs().sum().item():.4g}")
+'
+
+find_sanitizer() {   # compute-sanitizer: PATH, the toolkit (CUDA_HOME or nvcc's), the nvidia wheels
+  local top
+  command -v compute-sanitizer && return 0
+  top=${CUDA_HOME:-$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)}
+  for c in "$top/bin/compute-sanitizer" "$top/compute-sanitizer/compute-sanitizer" \
+           $("$PY" -c "import nvidia, os; print(*nvidia.__path__)" 2>/dev/null | xargs -I{} sh -c \
+             'ls {}/*/bin/compute-sanitizer {}/*/compute-sanitizer/compute-sanitizer 2>/dev/null'); do
+    [ -x "$c" ] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+sanitize_all() {   # sanitize_all MODE DEVICE: each tool over the workload; any report fails the step (--error-exitcode)
+  local mode=$1 device=$2 cs rc=0 tool
+  if [ "$mode" = dry-run ]; then
+    cs=$(find_sanitizer) || cs="compute-sanitizer (not found here)"
+    in_build "$PY" -c "$SANITIZE_WORKLOAD" "$device" || rc=1
+    for tool in memcheck racecheck synccheck initcheck; do
+      echo "dry-run: on the GPU: PYTORCH_NO_CUDA_MEMORY_CACHING=1 $cs --tool $tool --error-exitcode 1" \
+           "--print-limit 20 $PY -c \"\$SANITIZE_WORKLOAD\" cuda"
+    done
+    [ $rc -eq 0 ] && echo "every kernel family ran (dry run: no compute-sanitizer on a CPU)"
+    return $rc
+  fi
+  cs=$(find_sanitizer) || { echo "no compute-sanitizer (PATH, the CUDA toolkit, the nvidia wheels)"; return 3; }
+  echo "$cs: $("$cs" --version 2>&1 | tail -n1)"
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "--- $tool"
+    in_build env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+      "$PY" -c "$SANITIZE_WORKLOAD" cuda 2>&1 | tail -n 40
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "$tool: FAILED"; rc=1; }
+  done
+  [ $rc -eq 0 ] && echo "every kernel family clean under memcheck, racecheck, synccheck and initcheck"
+  return $rc
+}
+
+step_sanitize() {
+  run_step sanitize 120 "${FN[@]}" sanitize_all "$MODE" "$DEVICE"
 }
 
 BENCH_SIZE=(--batch 128 --shapes all --dtype bfloat16)
@@ -254,18 +325,19 @@ case $MODE in
     step_resources ;;
   dry-run|session)
     steps=("$@")
-    [ ${#steps[@]} -eq 0 ] && steps=(machine install check bench train tests autotune tune)
+    [ ${#steps[@]} -eq 0 ] && steps=(machine install check sanitize bench train tests autotune tune)
     for s in "${steps[@]}"; do
       case $s in
         machine) step_machine ;;
         install) step_install || { [ "$MODE" = dry-run ] && { summary; exit 1; }; } ;;
         check) step_check ;;
+        sanitize) step_sanitize ;;
         bench) step_bench ;;
         train) step_train ;;
         tests) step_tests ;;
         autotune) step_autotune ;;
         tune) step_tune ;;
-        *) echo "unknown step $s (machine install check bench train tests autotune tune)"; exit 2 ;;
+        *) echo "unknown step $s (machine install check sanitize bench train tests autotune tune)"; exit 2 ;;
       esac
     done ;;
 esac

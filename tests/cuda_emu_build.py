@@ -29,14 +29,16 @@ def cuda_header_dirs():
 def load_cuda_emulator():
     """torch.ops.dynamixer_cuda_emu, built on first use (about a minute on two cores, cached afterwards); skips
     the calling test where DYNAMIXER_OPS_TEST_CUDA_EMU=0 or no CUDA headers are found. The one place the
-    emulator is built: DYNAMIXER_OPS_TEST_CUDA_EMU=asan builds it with AddressSanitizer."""
+    emulator is built: DYNAMIXER_OPS_TEST_CUDA_EMU=asan builds it with AddressSanitizer and UBSan (run by
+    .ci/sanitize, which says how to load it)."""
     mode = os.environ.get("DYNAMIXER_OPS_TEST_CUDA_EMU", "1")
     if mode in ("", "0"):
         pytest.skip("DYNAMIXER_OPS_TEST_CUDA_EMU=0: the CPU emulation of the CUDA kernels is not built")
     headers = cuda_header_dirs()
     if not headers:
         pytest.skip("no CUDA toolkit headers found (cuda_fp16.h and crt/host_defines.h)")
-    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode == "asan" else []
+    asan = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer"] if mode == "asan" else []
     # In this checkout's build/jit/, per torch version, under a lock that a dead build cannot leave behind.
     load_extension(name="dynamixer_cuda_emu" + ("_asan" if asan else ""),
                    sources=[os.path.join(ROOT, "tools", "cuda_emu", "emu_ops.cpp")],

@@ -2,16 +2,17 @@
 
 Two halves:
 
-* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tools/cuda_emu/emu.h (a std::thread
-  per CUDA thread, real barriers, NaN-filled shared memory and workspaces), against the float64 reference.
+* ``test_emulated_*`` run the CUDA kernels' own source on the CPU through tools/cuda_emu/emu.h (a fiber per
+  CUDA thread, one at a time, real barriers, NaN-filled shared memory and workspaces), against the float64
+  reference, and with racecheck: every call runs under three thread and block orders (ascending, descending, a
+  seeded shuffle) that must give bitwise identical outputs and identical shared memory at every barrier, so a
+  missing ``__syncthreads`` fails deterministically (tests/test_cuda_barriers.py shows it for every barrier).
   They check the index arithmetic, the tiling, the barriers' placement and the math without a GPU, not the
   GPU itself. They run wherever the CUDA headers are found (CI included: the kernels' logic runs there, not
   only their compile); building the emulator takes about a minute on two cores (cached afterwards);
   ``DYNAMIXER_OPS_TEST_CUDA_EMU=0`` skips them. ``DYNAMIXER_OPS_TEST_CUDA_EMU=asan`` builds it with
-  AddressSanitizer (every out-of-bounds access to shared memory or a tensor is an error); run it as
-  ``LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
-  ASAN_OPTIONS=detect_leaks=0 DYNAMIXER_OPS_TEST_CUDA_EMU=asan pytest tests/test_cuda_kernel.py`` (libstdc++
-  preloaded too: without it ASan cannot intercept the C++ exception that importing triton throws, and aborts).
+  AddressSanitizer and UBSan (every out-of-bounds access to shared memory or a tensor is an error); .ci/sanitize
+  runs these tests so (docs/checking_gpu_code.md).
 * ``test_gpu_*`` run the real kernels through ``dynamic_mix(..., backend="cuda")`` and need a GPU.
 """
 from __future__ import annotations
@@ -25,27 +26,11 @@ import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
 from cuda_emu_build import load_cuda_emulator
+from cuda_emu_cases import (EMU_DTYPES, H100_SMEM_OPTIN, KERNEL_SHAPES, check_case, emulate, emulated_tolerance,
+                            run_emulator, run_racechecked)
 from helpers import assert_matches_reference, make_inputs, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-H100_SMEM_OPTIN = 232448      # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
-
-# (batch shape, L, C, S, d), chosen for the CUDA kernels' own edges: SIMT channel chunks of 32 (e0 = 40 is 32 + 8,
-# e0 = 33), reduce passes of 8 reduced values (d = 9), tiles of up to 8 sequences (N = 11: a ragged last
-# tile), L = 1 (P = 1), the model shapes' L = 32 / 16 with C/S = 24 and 32.
-KERNEL_SHAPES = {
-    "L7-e40-d2-N11": ((11,), 7, 80, 2, 2),
-    "L5-e33-d9": ((2,), 5, 66, 2, 9),
-    "L1-e8-d2": ((3,), 1, 16, 2, 2),
-    "L32-e24-d2": ((2,), 32, 48, 2, 2),
-    "L16-e32-d8-N9": ((9,), 16, 64, 2, 8),
-    "L14-e24-d1-2x3": ((2, 3), 14, 48, 2, 1),
-    # The tensor-core kernels' edges: a block holds ceil(16 / S) sequences x S segments in 16-row tiles, so S = 3
-    # (6 sequences, 18 rows: a second, partial tile; N = 7: a ragged last block) and S = 20 (1 sequence, 20 rows)
-    # with N = 1 and L = 28 (padded to 32, L*L = 784).
-    "L7-S3-e24-d2-N7": ((7,), 7, 72, 3, 2),
-    "L28-S20-e8-d1-N1": ((1,), 28, 160, 20, 1),
-}
 
 
 def _check_all(out_y, out_grads, inputs, S, grad_y, dtype):
@@ -60,48 +45,10 @@ def emu():
     return load_cuda_emulator()
 
 
-def _expected_path(emu, kernel, x, S, d, smem_limit, tf32):
-    tc_bytes = emu.smem_bytes(kernel, x.shape[2], x.shape[3], S, d, x.element_size())
-    return "tensor_cores" if (x.dtype != torch.float32 or tf32) and tc_bytes <= smem_limit else "simt"
-
-
-def _emulate(emu, inputs, S, grad_y, smem_limit=H100_SMEM_OPTIN, tf32=False):
-    """y and the five gradients from the emulated kernels; outputs start as NaN. Asserts that forward and backward
-    took the tensor-core path exactly where the CUDA build takes it (fp16/bf16, and fp32 with tf32 allowed, where
-    the tiles fit)."""
-    x, gy = inputs[0], grad_y
-    if x.dim() == 3:
-        x, gy = x.unsqueeze(0), gy.unsqueeze(0)
-    weights = [t.contiguous() for t in inputs[1:]]
-    y = torch.full_like(x, float("nan"))
-    path = emu.forward(x, *weights, S, y, smem_limit, tf32)
-    assert path == _expected_path(emu, "forward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
-    grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    path = emu.backward(gy, x, *weights, S, *grads, smem_limit, tf32)
-    assert path == _expected_path(emu, "backward_tc", x, S, inputs[3].shape[1] // x.shape[2], smem_limit, tf32)
-    return y.reshape(inputs[0].shape), [grads[0].reshape(inputs[0].shape), *grads[1:]]
-
-
-# fp32 twice: exact (SIMT) and with tf32 allowed (tensor cores, tf32 tolerance as on a GPU).
-EMU_DTYPES = {"float32": (torch.float32, False), "float32-tf32": (torch.float32, True),
-              "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False)}
-
-
-def _emulated_tolerance(dtype, tf32):
-    return tolerance(dtype, "cuda" if tf32 else "cpu")
-
-
 @pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES.values()), ids=list(KERNEL_SHAPES))
 def test_emulated_kernels_match_reference(emu, shape, dtype_name, seed):
-    dtype, tf32 = EMU_DTYPES[dtype_name]
-    batch, L, C, S, d = shape
-    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu")
-    grad_y = torch.randn_like(inputs[0])
-    y, grads = _emulate(emu, inputs, S, grad_y, tf32=tf32)
-    assert y.dtype == dtype
-    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32),
-                             tf32=tf32)
+    check_case(emu, shape, dtype_name)
 
 
 @pytest.mark.parametrize("dtype_name", list(EMU_DTYPES))
@@ -113,14 +60,12 @@ def test_emulated_strided_x_and_grad_y(emu, layout, dtype_name, seed):
     inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=layout)
     x = inputs[0]
     grad_y = torch.randn(x.shape[1], x.shape[0], L, C + 3, dtype=dtype)[..., :C].transpose(0, 1)   # its own strides
-    y = torch.full_like(x, float("nan"))          # empty_like keeps a dense x's strides, as ops.py does
     weights = [t.contiguous() for t in inputs[1:]]
     path = "simt" if dtype == torch.float32 and not tf32 else "tensor_cores"
-    assert emu.forward(x, *weights, S, y, H100_SMEM_OPTIN, tf32) == path
-    grads = [torch.full_like(x, float("nan"))] + [torch.full_like(w, float("nan")) for w in weights]
-    assert emu.backward(grad_y, x, *weights, S, *grads, H100_SMEM_OPTIN, tf32) == path
+    forward_path, backward_path, (y, *grads) = run_racechecked(emu, x, grad_y, weights, S, tf32=tf32)
+    assert (forward_path, backward_path) == (path, path)
     assert y.dtype == dtype
-    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, tf32),
+    assert_matches_reference(y, grads, inputs, S, grad_y, emulated_tolerance(dtype, tf32),
                              tf32=tf32)
 
 
@@ -132,7 +77,7 @@ def test_emulated_small_shared_memory_gives_small_tiles(emu, seed):
     assert emu.smem_bytes("backward", L, 48, 2, d, 4) > backward_3
     inputs = make_inputs((13,), L, 48, 2, d, dtype=torch.float32, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    y, grads = _emulate(emu, inputs, 2, grad_y, smem_limit=backward_3)
+    y, grads = emulate(emu, inputs, 2, grad_y, smem_limit=backward_3)
     _check_all(y, grads, inputs, 2, grad_y, torch.float32)
 
 
@@ -145,26 +90,29 @@ def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype
     assert emu.smem_bytes("backward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) > limit
     inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    y, grads = _emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
-    assert_matches_reference(y, grads, inputs, S, grad_y, _emulated_tolerance(dtype, False))
+    y, grads = emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
+    assert_matches_reference(y, grads, inputs, S, grad_y, emulated_tolerance(dtype, False))
 
 
 def test_emulated_too_little_shared_memory_is_a_clear_error(emu):
     inputs = make_inputs((2,), 16, 32, 2, 2, dtype=torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match=r"needs \d+ bytes of shared memory per block for L=16 and d=2, "
                                            r"but the device allows 1000"):
-        _emulate(emu, inputs, 2, torch.randn_like(inputs[0]), smem_limit=1000)
+        emulate(emu, inputs, 2, torch.randn_like(inputs[0]), smem_limit=1000)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_emulated_outputs_are_deterministic(emu, dtype_name, seed):
+    """40 sequences, many blocks: the racechecked call runs them in three block orders (and thread orders) and
+    asserts bitwise identical outputs; a second call gives the same bits again."""
     dtype, tf32 = EMU_DTYPES[dtype_name]
     inputs = make_inputs((40,), 7, 48, 2, 2, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
-    first = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
-    second = _emulate(emu, inputs, 2, grad_y, tf32=tf32)
-    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
-        assert torch.equal(a, b)
+    first = emulate(emu, inputs, 2, grad_y, tf32=tf32)
+    x, weights = inputs[0].unsqueeze(0), [t.contiguous() for t in inputs[1:]]
+    second = run_emulator(emu, x, grad_y.unsqueeze(0), weights, 2, H100_SMEM_OPTIN, tf32)[2]
+    for a, b in zip([first[0], *first[1]], [second[0].reshape(first[0].shape), *second[1:]]):
+        assert torch.equal(a.reshape(b.shape), b)
 
 
 # ---- the real kernels, on a GPU -------------------------------------------------------------------------

@@ -15,8 +15,9 @@
 // and tiles so that the shared memory fits, and owns every allocation.
 //
 // The same source also compiles as plain C++ against tools/cuda_emu/emu.h (DMX_EMULATE), which runs every
-// block's threads as CPU threads with real barriers and emulates nvcuda::wmma: the only GPU-specific spellings
-// that this needs are the two macros below (dynamic shared memory, launch).
+// block's threads on the CPU one at a time, in several orders, with real barriers (a missing one changes the
+// results: racecheck), and emulates nvcuda::wmma: the only GPU-specific spellings that this needs are the two
+// macros below (dynamic shared memory, launch).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #ifndef DMX_EMULATE
@@ -342,7 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1) mix_forward_tc_kernel(
                    },
                    [&](int64_t off, float v) { yb[off] = from_f<T>(v); });
     }
-    __syncthreads();                                            // gs and pb are overwritten by the next rows
+    // No barrier: the next rows first write gs (their logits), which nothing since the last barrier reads; pb, which
+    // this step reads, is rewritten only after the barrier inside tc_generate_softmax.
   }
 #endif
 }
@@ -455,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1) mix_backward_tc_kernel(
                    },
                    [&](int64_t off, float v) { dr_out[off] = v; });
     }
-    __syncthreads();                                            // gs and pb are overwritten by the next rows
+    // No barrier: as in the forward, the next rows first write gs, which the dz product does not read; pb is
+    // rewritten only after the barrier inside tc_generate_softmax, dbg_sum only after the next round's barrier.
   }
   for (int64_t q = threadIdx.x; q < dm.LL; q += kThreads) dbg_partial[blockIdx.x * dm.LL + q] = dbg_sum[q];
 #endif
@@ -480,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 4) mix_forward_kernel(
   generate_logits(dm, wgT, bg, tv, zs, ps);
   __syncthreads();
   softmax_columns(dm, tv, ps);
-  __syncthreads();
+  // No barrier: the first chunk's staging writes only xs, and the barrier after it comes before any read of P.
 
   // y[n0+t, j, s*e0 + e] = sum_i P[t][i][j] x[n0+t, i, s*e0 + e]: lanes over e, each warp JB targets j.
   constexpr int JB = 4;
@@ -539,7 +542,8 @@ __global__ void __launch_bounds__(kThreads, 3) mix_backward_kernel(
   for (int64_t idx = threadIdx.x; idx < tv * dm.L * dm.LP; idx += kThreads) ds[idx] = 0.f;
   __syncthreads();
   softmax_columns(dm, tv, ps);
-  __syncthreads();
+  // No barrier: the first chunk's staging writes only xs and dys, and the barrier after it comes before any read
+  // of P.
 
   // dP[t][i][j] = sum_e x[i, e] dy[j, e] and dx_mix[t][i, e] = sum_j P[t][i][j] dy[j, e], a channel chunk
   // at a time.
@@ -654,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 4) splitk_atb_kernel(
 #pragma unroll
       for (int r = 0; r < kTile / kWarps; ++r) acc[r] += as[kk][ty + kWarps * r] * bv;
     }
-    __syncthreads();                                  // as, bs and boff are overwritten next step
+    // No barrier: the next step writes boff (which this one no longer reads), then as and bs after its first barrier.
   }
   float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
 #pragma unroll
@@ -707,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) splitk_atb_tc_kernel(
     }
     __syncthreads();
     mma_k<T, wmma::col_major, wmma::row_major>(acc, as + wq, AP, KS * AP, bs + wc, BP, KS * BP, kAtbK / KS);
-    __syncthreads();                                  // as, bs and boff are overwritten next step
+    // No barrier: the next step writes boff (which this one no longer reads), then as and bs after its first barrier.
   }
   float* out = partial + static_cast<int64_t>(blockIdx.y) * Q * cols;
   scatter_tile(acc, st.scratch + warp * 256,

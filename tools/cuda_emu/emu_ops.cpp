@@ -53,6 +53,36 @@ int64_t emu_smem_bytes(const std::string& kernel, int64_t L, int64_t C, int64_t 
   return static_cast<int64_t>(cu::tc_dims(L, C, S, d, static_cast<size_t>(tile), kernel == "backward_tc").bytes);
 }
 
+// The thread and block order of the launches that follow (emu.h) and racecheck's part in them: "record" the
+// shared memory at every barrier, "compare" it with the last record (the same launches in the same sequence), or
+// "off".
+void emu_set_schedule(const std::string& order, int64_t seed, const std::string& racecheck) {
+  emu::schedule = emu::Schedule{order, static_cast<uint64_t>(seed)};
+  (void)emu::ordered(1, 0);                                    // checks the order's name
+  emu::race_log.launches = 0;
+  if (racecheck == "record") {
+    emu::race_log.mode = emu::RaceLog::Record;
+    emu::race_log.snapshots.clear();
+    emu::race_log.recorded_by = emu::schedule.name();
+  } else if (racecheck == "compare") {
+    TORCH_CHECK(!emu::race_log.recorded_by.empty(), "set_schedule: nothing recorded to compare with");
+    emu::race_log.mode = emu::RaceLog::Compare;
+  } else {
+    TORCH_CHECK(racecheck == "off", "racecheck must be record, compare or off, got ", racecheck);
+    emu::race_log.mode = emu::RaceLog::Off;
+  }
+}
+
+// Mutation testing: the __syncthreads on `line` of dynamic_mix_cuda.cu becomes a no-op (0: none). Returns the
+// lines whose __syncthreads ran since the last call, sorted.
+std::vector<int64_t> emu_skip_barrier(int64_t line) {
+  emu::skip_barrier_line = static_cast<int>(line);
+  std::vector<int64_t> hit(emu::barrier_lines_hit.begin(), emu::barrier_lines_hit.end());
+  std::sort(hit.begin(), hit.end());
+  emu::barrier_lines_hit.clear();
+  return hit;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dynamixer_cuda_emu, m) {
@@ -62,6 +92,8 @@ TORCH_LIBRARY(dynamixer_cuda_emu, m) {
         "Tensor generate_bias, int num_segments, Tensor(a!) grad_x, Tensor(b!) grad_compress_weight, "
         "Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, Tensor(e!) grad_generate_bias, "
         "int smem_limit, bool tf32=False) -> str", &emu_backward);
+  m.def("set_schedule(str order, int seed, str racecheck) -> ()", &emu_set_schedule);
+  m.def("skip_barrier(int line) -> int[]", &emu_skip_barrier);
   m.def("smem_bytes(str kernel, int L, int C, int S, int d, int tile) -> int", &emu_smem_bytes);
   m.def("wmma_matmul(Tensor a, Tensor b, Tensor(a!) c, str kind, bool a_col_major, bool b_col_major, "
         "bool round_tf32) -> ()", &wmma_selftest::wmma_matmul);

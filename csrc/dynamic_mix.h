@@ -71,6 +71,9 @@ template <size_t N> Tensor call_aten(const char* name, const char* overload, std
 inline Tensor view_as_dtype(const Tensor& t, ScalarType dtype) {
   return call_aten<2>("aten::view", "dtype", {torch::stable::detail::from(t), torch::stable::detail::from(dtype)});
 }
+inline Tensor narrowed(Tensor t, int64_t dim, int64_t start, int64_t length) {   // a view; t by value: any expression
+  return torch::stable::narrow(t, dim, start, length);
+}
 inline Tensor t2(const Tensor& t) { return torch::stable::transpose(t, 0, 1); }   // a 2-D transpose (a view)
 inline Tensor zeros(torch::headeronly::IntHeaderOnlyArrayRef size, ScalarType dtype, const Tensor& like) {
   return torch::stable::new_zeros(like, size, dtype);

@@ -356,7 +356,7 @@ DotOperands carve_dots(int32_t* base, const DotSizes& s) {
 // stride of a size-1 dimension, which view(dtype) rejects (L = d = 1 raised here).
 // pairs_along_columns: (ceil(K/2), R padded): element [kp][r] = (W[r][2kp], W[r][2kp+1]), the B of X W^T.
 Tensor pairs_along_columns(const Tensor& W) {
-  using namespace torch::stable;
+  using torch::stable::copy_;
   const int64_t R = W.size(0), K = W.size(1), Kp = (K + 1) / 2;
   Tensor even = zeros({R, 2 * Kp}, W.scalar_type(), W);  // an odd K padded with a zero column
   Tensor even_k = narrow(even, 1, 0, K);
@@ -368,7 +368,9 @@ Tensor pairs_along_columns(const Tensor& W) {
 }
 // pairs_along_rows: (ceil(R/2), K padded): element [rp][k] = (W[2rp][k], W[2rp+1][k]), the B of X W.
 Tensor pairs_along_rows(const Tensor& W) {
-  using namespace torch::stable;
+  using torch::stable::copy_;
+  using torch::stable::transpose;
+  using torch::stable::view;
   const int64_t R = W.size(0), K = W.size(1), Rp = (R + 1) / 2;
   Tensor even = zeros({2 * Rp, K}, W.scalar_type(), W);  // an odd R padded with a zero row
   Tensor even_r = narrow(even, 0, 0, R);
@@ -377,7 +379,7 @@ Tensor pairs_along_rows(const Tensor& W) {
   copy_(interleaved, transpose(view(even, {Rp, 2, K}), 1, 2));
   Tensor packed = zeros({Rp, (K + 15) / 16 * 16}, ScalarType::Int, W);
   Tensor packed_k = narrow(packed, 1, 0, K);
-  copy_(packed_k, squeeze(view_as_dtype(interleaved, ScalarType::Int), -1));
+  copy_(packed_k, torch::stable::squeeze(view_as_dtype(interleaved, ScalarType::Int), -1));
   return packed;
 }
 

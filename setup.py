@@ -45,8 +45,8 @@ def _cuda_plan() -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        sys.exit("dynamixer_ops: torch must be installed before building (pip install torch==2.14.1), and the "
-                 "build must see it: pip install --no-build-isolation -e .")
+        sys.exit("dynamixer_ops: the build needs torch >= 2.11 (its stable-ABI headers): `pip install .` fetches it "
+                 "into the build environment; with --no-build-isolation install torch first")
     wanted = os.environ.get("DYNAMIXER_OPS_BUILD_CUDA", "auto").lower()
     if wanted in ("0", "false", "no", "off"):
         return False, "DYNAMIXER_OPS_BUILD_CUDA=0"
@@ -109,9 +109,9 @@ def _extensions():
         exts.append(cpp_extension.CUDAExtension(
             "dynamixer_ops._C_cuda", sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
             include_dirs=include_dirs + _extra_cuda_includes(), py_limited_api=True,
-            # USE_CUDA: declares the CUDA part of the stable shim (aoti_torch_get_current_cuda_stream)
+            # USE_CUDA: declares the CUDA part of the stable shim (the current stream, STD_CUDA_CHECK's helpers)
             extra_compile_args={"cxx": [*cxx_flags, "-DUSE_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *macros]},
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *macros, "-DUSE_CUDA"]},
             extra_link_args=link_flags))
     else:
         print(f"dynamixer_ops: building the CPU kernels only; CUDA kernels skipped: {why}", file=sys.stderr)

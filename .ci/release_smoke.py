@@ -22,6 +22,14 @@ for module in (dynamixer_ops, dynamixer_triton):
 assert _library.LOAD_ERROR is None, _library.LOAD_ERROR
 assert ".abi3." in os.path.basename(_library.LIBRARY_PATH), _library.LIBRARY_PATH
 assert "cpu" in dynamixer_ops.available_backends("cpu"), dynamixer_ops.unavailable_backends()
+# A wheel with the CUDA kernels: their library loads wherever torch has CUDA (a GPU or not), and is left alone
+# (with its reason) where torch is a CPU-only build.
+if any(name.startswith("_C_cuda.") for name in os.listdir(os.path.dirname(dynamixer_ops.__file__))):
+    if torch.version.cuda:
+        assert _library.CUDA_LIBRARY_PATH, _library.CUDA_LOAD_ERROR
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
+    else:
+        assert "CPU-only" in _library.CUDA_LOAD_ERROR, _library.CUDA_LOAD_ERROR
 
 torch.manual_seed(0)
 inputs = [t.requires_grad_() for t in make_inputs((3,), 7, 24, 2, 2, dtype=torch.float32, device="cpu")]

@@ -85,9 +85,8 @@ Tensor dynamic_mix_native(const Tensor& x, const Tensor& compress_weight, const 
   const Tensor xs = unit_last_stride(x);
   Tensor y = torch::stable::empty_like(xs);   // keeps x's strides: a transposed x gives a transposed y, as in Python
   if (y.numel())
-    call_native("dynamixer_ops_C::mix_forward", xs, torch::stable::contiguous(compress_weight),
-                torch::stable::contiguous(compress_bias), torch::stable::contiguous(generate_weight),
-                torch::stable::contiguous(generate_bias), num_segments, y);
+    call_native("dynamixer_ops_C::mix_forward", xs, dense(compress_weight), dense(compress_bias),
+                dense(generate_weight), dense(generate_bias), num_segments, y);
   return y;
 }
 
@@ -96,8 +95,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dynamic_mix_backward_native(
     const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments, std::string_view backend) {
   check_native_backend(backend, x);
   const Tensor xs = unit_last_stride(x), dys = unit_last_stride(grad_y);
-  const Tensor wc = torch::stable::contiguous(compress_weight), bc = torch::stable::contiguous(compress_bias);
-  const Tensor wg = torch::stable::contiguous(generate_weight), bg = torch::stable::contiguous(generate_bias);
+  const Tensor wc = dense(compress_weight), bc = dense(compress_bias);
+  const Tensor wg = dense(generate_weight), bg = dense(generate_bias);
   Tensor dx = torch::stable::empty_like(xs), dwc = torch::stable::empty_like(wc);
   Tensor dbc = torch::stable::empty_like(bc), dwg = torch::stable::empty_like(wg);
   Tensor dbg = torch::stable::empty_like(bg);

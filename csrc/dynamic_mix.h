@@ -74,6 +74,9 @@ inline Tensor view_as_dtype(const Tensor& t, ScalarType dtype) {
 inline Tensor narrowed(Tensor t, int64_t dim, int64_t start, int64_t length) {   // a view; t by value: any expression
   return torch::stable::narrow(t, dim, start, length);
 }
+inline Tensor dense(const Tensor& t) {   // t.contiguous(), without a dispatcher call when t already is
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
 inline Tensor t2(const Tensor& t) { return torch::stable::transpose(t, 0, 1); }   // a 2-D transpose (a view)
 inline Tensor zeros(torch::headeronly::IntHeaderOnlyArrayRef size, ScalarType dtype, const Tensor& like) {
   return torch::stable::new_zeros(like, size, dtype);

@@ -27,7 +27,8 @@ _BUILD = "`pip install .` (or `pip install --no-build-isolation -e .` in a check
 def _find(stem: str) -> tuple[str | None, str | None]:
     found = sorted(glob.glob(os.path.join(_HERE, f"{stem}.*so")) + glob.glob(os.path.join(_HERE, f"{stem}.*pyd")))
     if len(found) > 1:   # e.g. an old _C.cpython-*.so next to a new _C.abi3.so: loading both would clash
-        return None, f"more than one {stem} library in {_HERE}: {[os.path.basename(p) for p in found]}; delete the stale one"
+        names = [os.path.basename(p) for p in found]
+        return None, f"more than one {stem} library in {_HERE}: {names}; delete the stale one"
     return (found[0], None) if found else (None, None)
 
 

@@ -396,7 +396,9 @@ template <class T> ComputeWeights<T> compute_weights(const Tensor& Wc, const Ten
                                                      bool backward, bool generate) {
   using torch::stable::contiguous;
   const ScalarType st = scalar_type_of<T>;
-  auto in_st = [st](const Tensor& t) { return contiguous(torch::stable::to(t, st)); };  // t itself if it is already
+  auto in_st = [st](const Tensor& t) {   // t itself when it already is (no dispatcher call: the fp32/fp64 case)
+    return t.scalar_type() == st && t.is_contiguous() ? t : contiguous(torch::stable::to(t, st));
+  };
   ComputeWeights<T> w;
   w.Wc = in_st(Wc); w.bc = in_st(bc); w.bg = in_st(bg);
   w.WcT = contiguous(t2(w.Wc));

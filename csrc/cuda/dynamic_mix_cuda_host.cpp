@@ -56,7 +56,7 @@ MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
   dm.Ld = sh.L * sh.d; dm.LL = sh.L * sh.L; dm.LP = cuda::padded_row(sh.L);
   // Keeps the size arithmetic below far from overflow; the shared-memory check is the real limit.
   DMX_CHECK(sh.L <= 4096 && sh.d <= (int64_t{1} << 20),
-              "dynamixer_ops (cuda): L=", sh.L, " and d=", sh.d, " are far beyond what the kernels support");
+            "dynamixer_ops (cuda): L=", sh.L, " and d=", sh.d, " are far beyond what the kernels support");
   const int64_t limit = smem_limit;
   auto bytes = [&](int64_t ts) {
     return backward ? cuda::backward_smem_bytes(sh.L, sh.d, ts) : cuda::forward_smem_bytes(sh.L, sh.d, ts);
@@ -64,13 +64,13 @@ MixDims plan(const MixShape& sh, bool backward, int smem_limit, size_t* smem) {
   dm.ts = std::min<int64_t>(cuda::kMaxTile, dm.N);
   while (dm.ts > 1 && bytes(dm.ts) > static_cast<size_t>(limit)) --dm.ts;
   DMX_CHECK(bytes(dm.ts) <= static_cast<size_t>(limit), "dynamixer_ops (cuda): the ",
-              backward ? "backward" : "forward", " kernel needs ", bytes(dm.ts),
-              " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but the device allows ",
-              limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
+            backward ? "backward" : "forward", " kernel needs ", bytes(dm.ts),
+            " bytes of shared memory per block for L=", sh.L, " and d=", sh.d, ", but the device allows ",
+            limit, "; use a shorter sequence (smaller L or d) or the 'reference' backend");
   const int64_t blocks = (dm.N + dm.ts - 1) / dm.ts * dm.S;
   const int64_t grad_x_blocks = (dm.N * dm.L + cuda::kGradXRows - 1) / cuda::kGradXRows;
   DMX_CHECK(blocks <= INT_MAX && grad_x_blocks <= INT_MAX, "dynamixer_ops (cuda): ", dm.N, " sequences of ", dm.L,
-              " tokens in ", dm.S, " segments need more than 2^31-1 blocks; split the batch");
+            " tokens in ", dm.S, " segments need more than 2^31-1 blocks; split the batch");
   *smem = bytes(dm.ts);
   return dm;
 }
@@ -188,15 +188,15 @@ Path run_backward(const MixShape& sh, const Tensor& grad_y, const Tensor& x,
   Tensor dr = empty({dm.N * dm.L, dm.S * dm.d}, f32, x);
   Tensor dx_mix = empty({dm.N * dm.L, dm.C}, inter, x);
 #ifdef DMX_EMULATE
-  for (Tensor* t : {&z, &dg, &dr, &dx_mix}) torch::stable::fill_(*t, NAN);   // an element the kernels do not write shows
+  for (Tensor* t : {&z, &dg, &dr, &dx_mix}) torch::stable::fill_(*t, NAN);   // shows an element the kernels skip
 #endif
   if (tc_path) {
     const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, x.element_size(), /*backward=*/true);
     const PaddedWeights w = pad_weights(sh, tc, compress_weight, generate_weight, /*backward=*/true);
     Tensor dbg_partial = empty({(dm.N + tc.ts - 1) / tc.ts, dm.LL}, f32, x);
     cuda::launch_backward_tc(dtype, dm, tc, rows_of(grad_y), rows_of(x), w.wc_pad.mutable_data_ptr(),
-                             compress_bias.mutable_data_ptr(), w.wgT_pad.mutable_data_ptr(), generate_bias.mutable_data_ptr(),
-                             w.wg_pad.mutable_data_ptr(), data_of<float>(z), dg.mutable_data_ptr(), data_of<float>(dr),
+                             compress_bias.mutable_data_ptr(), w.wgT_pad.mutable_data_ptr(),
+                             generate_bias.mutable_data_ptr(), w.wg_pad.mutable_data_ptr(), data_of<float>(z), dg.mutable_data_ptr(), data_of<float>(dr),
                              dx_mix.mutable_data_ptr(), data_of<float>(dbg_partial), stream);
     copy_sum0(grad_generate_bias, dbg_partial);             // fp32 sums of fp32 dG, not of the rounded copy
   } else {

@@ -12,24 +12,24 @@ import torch
 
 import dynamixer_ops
 import dynamixer_triton  # noqa: F401  (installed as its own top-level package)
-from dynamixer_ops import _library, dynamic_mix, upstream
+from dynamixer_ops import deploy, dynamic_mix, upstream
 from dynamixer_ops.reference import mix_forward
 from dynamixer_ops.testing import make_inputs, reference_outputs, relative_error, tolerance
 
 start = time.time()
 for module in (dynamixer_ops, dynamixer_triton):
     assert "site-packages" in module.__file__, f"{module.__name__} imported from {module.__file__}, not the wheel"
-assert _library.LOAD_ERROR is None, _library.LOAD_ERROR
-assert ".abi3." in os.path.basename(_library.LIBRARY_PATH), _library.LIBRARY_PATH
+libraries = deploy.native_library_paths()     # raises if the native library did not load
+assert all(".abi3." in os.path.basename(p) for p in libraries), libraries
 assert "cpu" in dynamixer_ops.available_backends("cpu"), dynamixer_ops.unavailable_backends()
 # A wheel with the CUDA kernels: their library loads wherever torch has CUDA (a GPU or not), and is left alone
 # (with its reason) where torch is a CPU-only build.
 if any(name.startswith("_C_cuda.") for name in os.listdir(os.path.dirname(dynamixer_ops.__file__))):
     if torch.version.cuda:
-        assert _library.CUDA_LIBRARY_PATH, _library.CUDA_LOAD_ERROR
+        assert len(libraries) == 2, dynamixer_ops.unavailable_backends()["cuda"]
         assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
     else:
-        assert "CPU-only" in _library.CUDA_LOAD_ERROR, _library.CUDA_LOAD_ERROR
+        assert "CPU-only" in dynamixer_ops.unavailable_backends()["cuda"], dynamixer_ops.unavailable_backends()
 
 torch.manual_seed(0)
 inputs = [t.requires_grad_() for t in make_inputs((3,), 7, 24, 2, 2, dtype=torch.float32, device="cpu")]
@@ -66,8 +66,9 @@ with torch.no_grad():
     assert relative_error(ep.module()(images), eager(images)) <= 10 * tolerance(torch.float32, "cpu")
 
 assert shutil.which("dynamixer-bench", path=os.path.dirname(sys.executable)), "no dynamixer-bench script"
-cuda = _library.CUDA_LIBRARY_PATH and os.path.basename(_library.CUDA_LIBRARY_PATH) or f"not loaded: {_library.CUDA_LOAD_ERROR}"
+cuda = (os.path.basename(libraries[1]) if len(libraries) > 1
+        else f"not loaded: {dynamixer_ops.unavailable_backends().get('cuda')}")
 print(f"release install OK on torch {torch.__version__}, Python {sys.version.split()[0]}: dynamixer_ops "
       f"{dynamixer_ops.__version__} from {os.path.dirname(dynamixer_ops.__file__)} "
-      f"({os.path.basename(_library.LIBRARY_PATH)}; CUDA kernels {cuda}); cpu op max rel err {max(errors):.1e}; "
+      f"({os.path.basename(libraries[0])}; CUDA kernels {cuda}); cpu op max rel err {max(errors):.1e}; "
       f"tiny model forward + backward, torch.compile, torch.export ({len(calls)} op calls) in {time.time() - start:.0f} s")

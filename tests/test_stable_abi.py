@@ -9,9 +9,17 @@ import sys
 import pytest
 import torch
 
-from dynamixer_ops import _library
+from dynamixer_ops import deploy
 
-LIBRARIES = [p for p in (_library.LIBRARY_PATH, _library.CUDA_LIBRARY_PATH) if p]
+
+def _loaded():
+    try:
+        return deploy.native_library_paths()
+    except RuntimeError:   # not built
+        return []
+
+
+LIBRARIES = _loaded()
 # Mangled names in libtorch's C++ namespaces (at::, c10::, torch::, caffe2::), plain or nested / const members.
 CXX_TORCH = re.compile(r"^_ZN?K?(2at|3c10|5torch|6caffe2)")
 

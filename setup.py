@@ -7,7 +7,7 @@ tagged cp310-abi3): one build runs on every torch >= 2.11 and every Python >= 3.
 
 Environment knobs:
   DYNAMIXER_OPS_BUILD_CUDA=0|1  force the CUDA kernels off / on (default: on when possible)
-  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else "8.0;9.0+PTX")
   CUDA_HOME                     toolkit root (default: the TOP that `nvcc --dryrun` reports)
   MAX_JOBS                      parallel compile jobs (default: 2, so a 2-core machine does not run out of memory)
 """
@@ -57,7 +57,7 @@ def _cuda_plan() -> tuple[bool, str]:
         return False, "no CUDA toolkit found (no nvcc on PATH and no CUDA_HOME)"
     os.environ["CUDA_HOME"] = home   # read by torch.utils.cpp_extension at import
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     return True, f"toolkit {home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}"
 
 

@@ -872,8 +872,9 @@ void launch_grad_x_tc(DType dtype, const MixDims& dm, const void* dxm, const flo
 void launch_splitk_atb_tc(DType operand, DType a_dtype, DType b_dtype, const void* a, int64_t K, int64_t Q, RowsArg b,
                           int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
   // dWg: a = dG (operand type), b = z (fp32); dWc: a = dr (fp32), b = x (operand type); tf32: all fp32.
-  STD_TORCH_CHECK((a_dtype == DType::Float || a_dtype == operand) && (b_dtype == DType::Float || b_dtype == operand),
-              "dynamixer_ops (cuda): split-K operands must be fp32 or of the operand dtype");
+  STD_TORCH_CHECK((a_dtype == DType::Float || a_dtype == operand) &&
+                      (b_dtype == DType::Float || b_dtype == operand),
+                  "dynamixer_ops (cuda): split-K operands must be fp32 or of the operand dtype");
   const bool a32 = a_dtype == DType::Float;
   switch (operand) {
     case DType::Float:

@@ -1,11 +1,13 @@
-"""Builds dynamixer_ops/_C*.so, a torch ops library without Python symbols (metadata and packages are in
-pyproject.toml): the C++ CPU kernels always, the CUDA kernels where a CUDA toolkit and a CUDA build of torch are
-present. Install with ``pip install --no-build-isolation -e .`` (build isolation would fetch a second, unpinned
-torch to build against).
+"""Builds the native libraries (metadata and packages are in pyproject.toml), torch ops libraries without Python
+symbols written against libtorch's stable C ABI: dynamixer_ops/_C.abi3.so (the op schemas and the C++ CPU kernels,
+always) and dynamixer_ops/_C_cuda.abi3.so (the CUDA kernels, where a CUDA toolkit and a CUDA build of torch are
+present). They import no libtorch C++ symbol (TORCH_TARGET_VERSION = torch 2.11) and no Python symbol (the wheel is
+tagged cp310-abi3): one build runs on every torch >= 2.11 and every Python >= 3.10. Install with
+``pip install .`` or, for development, ``pip install --no-build-isolation -e .``.
 
 Environment knobs:
   DYNAMIXER_OPS_BUILD_CUDA=0|1  force the CUDA kernels off / on (default: on when possible)
-  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else "8.0;9.0+PTX")
   CUDA_HOME                     toolkit root (default: the TOP that `nvcc --dryrun` reports)
   MAX_JOBS                      parallel compile jobs (default: 2, so a 2-core machine does not run out of memory)
 """
@@ -43,8 +45,8 @@ def _cuda_plan() -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        sys.exit("dynamixer_ops: torch must be installed before building (the version README.md's commands pin), "
-                 "and the build must see it: pip install --no-build-isolation -e .")
+        sys.exit("dynamixer_ops: the build needs torch >= 2.11 (its stable-ABI headers): `pip install .` fetches it "
+                 "into the build environment; with --no-build-isolation install torch first")
     wanted = os.environ.get("DYNAMIXER_OPS_BUILD_CUDA", "auto").lower()
     if wanted in ("0", "false", "no", "off"):
         return False, "DYNAMIXER_OPS_BUILD_CUDA=0"
@@ -55,7 +57,7 @@ def _cuda_plan() -> tuple[bool, str]:
         return False, "no CUDA toolkit found (no nvcc on PATH and no CUDA_HOME)"
     os.environ["CUDA_HOME"] = home   # read by torch.utils.cpp_extension at import
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     return True, f"toolkit {home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}"
 
 
@@ -71,42 +73,54 @@ def _extra_cuda_includes() -> list[str]:
     return dirs
 
 
+# The oldest torch whose stable ABI the libraries target (torch/csrc/stable/version.h): the libraries load on it and
+# on every later torch. pyproject.toml's torch floor says the same.
+TORCH_TARGET_VERSION = (2, 11)
+STABLE_ABI_MACROS = [
+    ("TORCH_TARGET_VERSION", f"0x{TORCH_TARGET_VERSION[0]:02x}{TORCH_TARGET_VERSION[1]:02x}000000000000"),
+]
+
+
 def _extensions():
     build_cuda, why = _cuda_plan()      # first: it sets CUDA_HOME, which cpp_extension reads at import
     from torch.utils import cpp_extension
     os.environ.setdefault("MAX_JOBS", "2")
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    macros = [f"-D{name}={value}" for name, value in STABLE_ABI_MACROS]
+    cxx_flags = ["-O3", "-fvisibility=hidden", *macros]
     link_flags = []
     if sys.platform.startswith("linux"):
-        # The library uses no Python (a C++ AOTInductor runner loads it too): never record libtorch_python, which
-        # cpp_extension adds to every extension, as a dependency (some toolchains do not default to --as-needed).
+        # The libraries use no Python (a C++ AOTInductor runner loads them too): never record libtorch_python,
+        # which cpp_extension may add, as a dependency (some toolchains do not default to --as-needed).
         link_flags.append("-Wl,--as-needed")
-        # at::parallel_for is a header template: without -fopenmp here its `omp parallel` is compiled out and the
-        # CPU kernels run on one thread whatever torch.set_num_threads says. The libgomp this links is the one
-        # torch has already loaded (same soname), so both share one thread pool.
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-    sources = [os.path.relpath(p, ROOT) for p in
-               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+
+    def sources(*patterns):
+        return sorted(os.path.relpath(p, ROOT) for pattern in patterns for p in glob.glob(os.path.join(ROOT, pattern)))
+
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # py_limited_api: cpp_extension defines Py_LIMITED_API (3.10) and links no libtorch_python.
+    # _C: the schemas and the CPU kernels (their threads are torch's own pool: torch::stable::parallel_for).
+    exts = [cpp_extension.CppExtension("dynamixer_ops._C", sources("csrc/*.cpp", "csrc/cpu/*.cpp"),
+                                       include_dirs=include_dirs, py_limited_api=True,
+                                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     if build_cuda:
-        # *.cu: the kernels (nvcc, CUDA headers only); *.cpp: their host side (checks, ATen), host compiler.
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                                                             + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
-        include_dirs += _extra_cuda_includes()
+        # _C_cuda: *.cu the kernels (nvcc, CUDA headers only), *.cpp their host side (host compiler). A library of
+        # its own, so that a torch without CUDA, or a CUDA library that cannot load, leaves _C working.
         print(f"dynamixer_ops: building the CPU and CUDA kernels ({why})", file=sys.stderr)
-        ext = cpp_extension.CUDAExtension(
-            "dynamixer_ops._C", sources, include_dirs=include_dirs, py_limited_api=False,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=link_flags)
+        exts.append(cpp_extension.CUDAExtension(
+            "dynamixer_ops._C_cuda", sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
+            include_dirs=include_dirs + _extra_cuda_includes(), py_limited_api=True,
+            # USE_CUDA: declares the CUDA part of the stable shim (the current stream, STD_CUDA_CHECK's helpers)
+            extra_compile_args={"cxx": [*cxx_flags, "-DUSE_CUDA"],
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *macros, "-DUSE_CUDA"]},
+            extra_link_args=link_flags))
     else:
         print(f"dynamixer_ops: building the CPU kernels only; CUDA kernels skipped: {why}", file=sys.stderr)
-        ext = cpp_extension.CppExtension("dynamixer_ops._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
 ext_modules, build_ext = _extensions()
 
-# Metadata, packages and the console script are in pyproject.toml; this file only builds the extension.
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+# Metadata, packages and the console script are in pyproject.toml; this file only builds the extensions. The wheel
+# is tagged cp310-abi3: the libraries use no Python C API at all.
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext},
+      options={"bdist_wheel": {"py_limited_api": "cp310"}})

@@ -11,16 +11,15 @@
 // kernels here then only serve processes without Python.
 //
 // dynamixer_ops_C::mix_forward / mix_backward (the native kernels, out-variants): each device registers its
-// implementation in its own file (csrc/cpu/dynamic_mix_cpu.cpp, csrc/cuda/dynamic_mix_cuda_host.cpp).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
+// implementation in its own file (csrc/cpu/dynamic_mix_cpu.cpp; csrc/cuda/dynamic_mix_cuda_host.cpp, built into a
+// second library, _C_cuda, that loads after this one where a CUDA torch runs).
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "dynamic_mix.h"
 
-TORCH_LIBRARY(dynamixer_ops, m) {
+STABLE_TORCH_LIBRARY(dynamixer_ops, m) {
   // Must equal the schemas torch.library infers from the Python kernels' annotations in dynamixer_ops/ops.py
   // (tests/test_export.py checks): without this library, ops.py defines the ops from those annotations.
   m.def("dynamic_mix(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
@@ -30,7 +29,7 @@ TORCH_LIBRARY(dynamixer_ops, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY(dynamixer_ops_C, m) {
+STABLE_TORCH_LIBRARY(dynamixer_ops_C, m) {
   m.def("mix_forward(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
         "Tensor generate_bias, int num_segments, Tensor(a!) y) -> ()");
   m.def("mix_backward(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, "
@@ -44,62 +43,78 @@ TORCH_LIBRARY(dynamixer_ops_C, m) {
         "Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
         "Tensor(b!) grad_compress_weight, Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, "
         "Tensor(e!) grad_generate_bias) -> ()");
+  // Whether CUDA matmuls may run fp32 products as tf32 (torch.backends.cuda.matmul.allow_tf32), asked by the CUDA
+  // kernels at each fp32 call (x: their input, which selects the CUDA kernel). libtorch's stable ABI does not
+  // expose the flag: dynamixer_ops/backends/native.py implements the CUDA kernel in Python; without Python the
+  // kernel below answers torch's default, false (the kernels then run exact fp32).
+  m.def("cuda_matmul_allow_tf32(Tensor x) -> bool");
 }
 
 namespace dynamixer_ops {
 namespace {
 
+using torch::stable::detail::from;
+
 // The backends this library can run on x's device ("auto", which Python resolves before calling the op, is
 // accepted for C++ callers). A graph exported with another backend ("reference", "triton") needs the Python
 // package: say so instead of silently running a different implementation.
-void check_native_backend(c10::string_view backend, const at::Tensor& x) {
-  const std::string name(backend.data(), backend.size());
+void check_native_backend(std::string_view backend, const Tensor& x) {
+  const std::string name(backend);
   const std::string native = x.is_cuda() ? "cuda" : "cpu";
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dynamixer_ops::dynamic_mix: the native kernels run on CPU and CUDA "
-              "tensors, got a tensor on ", x.device());
-  TORCH_CHECK(name == native || name == "auto", "dynamixer_ops::dynamic_mix: backend '", name, "' is implemented "
-              "in Python (the dynamixer_ops package); without Python this library runs the native backend '", native,
-              "' for ", x.device().type(), " tensors. Export the model with backend='auto' or '", native, "'.");
+  DMX_CHECK(x.is_cpu() || x.is_cuda(), "dynamixer_ops::dynamic_mix: the native kernels run on CPU and CUDA "
+            "tensors, got a tensor on ", device_str(x));
+  DMX_CHECK(name == native || name == "auto", "dynamixer_ops::dynamic_mix: backend '", name, "' is implemented "
+            "in Python (the dynamixer_ops package); without Python this library runs the native backend '", native,
+            "' for ", native, " tensors. Export the model with backend='auto' or '", native, "'.");
 }
 
-at::Tensor unit_last_stride(const at::Tensor& t) {   // the kernels' contract: rows of C channels are dense
-  return t.stride(-1) == 1 ? t : t.contiguous();
+Tensor unit_last_stride(const Tensor& t) {   // the kernels' contract: rows of C channels are dense
+  return t.stride(-1) == 1 ? t : torch::stable::contiguous(t);
 }
 
-at::Tensor dynamic_mix_native(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                              const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                              c10::string_view backend) {
+// Calls a native op (its device's kernel) through the dispatcher; the ops return nothing.
+template <class... Args> void call_native(const char* op, const Args&... args) {
+  std::array<StableIValue, sizeof...(Args)> stack{from(args)...};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, "", stack.data(), TORCH_ABI_VERSION));
+}
+
+Tensor dynamic_mix_native(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                          std::string_view backend) {
   check_native_backend(backend, x);
-  static const auto forward = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("dynamixer_ops_C::mix_forward", "").typed<MixForwardFn>();
-  const at::Tensor xs = unit_last_stride(x);
-  at::Tensor y = at::empty_like(xs);     // keeps x's strides: a transposed x gives a transposed y, as in Python
+  const Tensor xs = unit_last_stride(x);
+  Tensor y = torch::stable::empty_like(xs);   // keeps x's strides: a transposed x gives a transposed y, as in Python
   if (y.numel())
-    forward.call(xs, compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
-                 generate_bias.contiguous(), num_segments, y);
+    call_native("dynamixer_ops_C::mix_forward", xs, dense(compress_weight), dense(compress_bias),
+                dense(generate_weight), dense(generate_bias), num_segments, y);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_mix_backward_native(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
-    const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
-    int64_t num_segments, c10::string_view backend) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dynamic_mix_backward_native(
+    const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+    const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments, std::string_view backend) {
   check_native_backend(backend, x);
-  static const auto backward = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("dynamixer_ops_C::mix_backward", "").typed<MixBackwardFn>();
-  const at::Tensor xs = unit_last_stride(x), dys = unit_last_stride(grad_y);
-  const at::Tensor wc = compress_weight.contiguous(), bc = compress_bias.contiguous();
-  const at::Tensor wg = generate_weight.contiguous(), bg = generate_bias.contiguous();
-  at::Tensor dx = at::empty_like(xs), dwc = at::empty_like(wc), dbc = at::empty_like(bc);
-  at::Tensor dwg = at::empty_like(wg), dbg = at::empty_like(bg);
-  backward.call(dys, xs, wc, bc, wg, bg, num_segments, dx, dwc, dbc, dwg, dbg);   // zeroes them for an empty batch
+  const Tensor xs = unit_last_stride(x), dys = unit_last_stride(grad_y);
+  const Tensor wc = dense(compress_weight), bc = dense(compress_bias);
+  const Tensor wg = dense(generate_weight), bg = dense(generate_bias);
+  Tensor dx = torch::stable::empty_like(xs), dwc = torch::stable::empty_like(wc);
+  Tensor dbc = torch::stable::empty_like(bc), dwg = torch::stable::empty_like(wg);
+  Tensor dbg = torch::stable::empty_like(bg);
+  // zeroes the weight gradients for an empty batch
+  call_native("dynamixer_ops_C::mix_backward", dys, xs, wc, bc, wg, bg, num_segments, dx, dwc, dbc, dwg, dbg);
   return {dx, dwc, dbc, dwg, dbg};
 }
+
+bool cuda_matmul_allow_tf32_default(const Tensor&) { return false; }
 
 }  // namespace
 }  // namespace dynamixer_ops
 
-TORCH_LIBRARY_IMPL(dynamixer_ops, CompositeExplicitAutograd, m) {
-  m.impl("dynamic_mix", &dynamixer_ops::dynamic_mix_native);
-  m.impl("dynamic_mix_backward", &dynamixer_ops::dynamic_mix_backward_native);
+STABLE_TORCH_LIBRARY_IMPL(dynamixer_ops_C, CompositeExplicitAutograd, m) {
+  m.impl("cuda_matmul_allow_tf32", TORCH_BOX(&dynamixer_ops::cuda_matmul_allow_tf32_default));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(dynamixer_ops, CompositeExplicitAutograd, m) {
+  m.impl("dynamic_mix", TORCH_BOX(&dynamixer_ops::dynamic_mix_native));
+  m.impl("dynamic_mix_backward", TORCH_BOX(&dynamixer_ops::dynamic_mix_backward_native));
 }

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ._library import LIBRARY_PATH, LOAD_ERROR
+from ._library import CUDA_LIBRARY_PATH, LIBRARY_PATH, LOAD_ERROR
 from .ops import FORWARD_OP, decomposition
 
-__all__ = ["decompositions", "native_library_path"]
+__all__ = ["decompositions", "native_library_path", "native_library_paths"]
 
 
 def decompositions() -> dict:
@@ -43,8 +43,14 @@ def decompositions() -> dict:
 
 def native_library_path() -> str:
     """The native library (``.../dynamixer_ops/_C*.so``) a C++ program loads (``dlopen``) to run
-    ``dynamixer_ops::dynamic_mix`` without Python. It needs libtorch (and, for CUDA kernels, libtorch_cuda)
-    of the torch version it was built with, and no libpython."""
+    ``dynamixer_ops::dynamic_mix`` without Python: the op's schema, its Python-free kernel and the CPU kernels. It
+    needs libtorch 2.11 or later (it is built on libtorch's stable ABI), and no libpython."""
     if LIBRARY_PATH is None:
         raise RuntimeError(LOAD_ERROR)
     return LIBRARY_PATH
+
+
+def native_library_paths() -> list[str]:
+    """Every native library this process loaded, in the order to ``dlopen`` them: :func:`native_library_path`, then
+    the CUDA kernels' ``.../dynamixer_ops/_C_cuda*.so`` where they loaded (it needs libtorch_cuda)."""
+    return [native_library_path(), *([CUDA_LIBRARY_PATH] if CUDA_LIBRARY_PATH else [])]

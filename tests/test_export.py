@@ -82,6 +82,7 @@ def test_without_the_native_library_python_defines_the_ops():
         import sys, types, torch
         stub = types.ModuleType("dynamixer_ops._library")
         stub.LIBRARY_PATH, stub.LOAD_ERROR = None, "hidden by the test"
+        stub.CUDA_LIBRARY_PATH, stub.CUDA_LOAD_ERROR = None, "hidden by the test"
         sys.modules["dynamixer_ops._library"] = stub
         import dynamixer_ops
         from dynamixer_ops.reference import reference_forward

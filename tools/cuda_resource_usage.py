@@ -98,7 +98,9 @@ def compile_kernels(archs, tmp):
     includes = [f"-I{p}" for p in ext.include_paths()] + [f"-I{CSRC}"]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     obj = os.path.join(tmp, "k.o")
-    out = subprocess.run(["nvcc", "-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", *gencode, *includes,
+    # -DUSE_CUDA as setup.py: the kernels' launch checks (STD_CUDA_CHECK) use the CUDA part of torch's stable shim
+    out = subprocess.run(["nvcc", "-std=c++17", "-O3", "--use_fast_math", "-DUSE_CUDA", "-Xptxas", "-v", *gencode,
+                          *includes,
                           "-c", os.path.join(CSRC, "cuda", "dynamic_mix_cuda.cu"), "-o", obj],
                          capture_output=True, text=True)
     if out.returncode:

@@ -21,14 +21,15 @@
 // layouts their products read (DotOperands). Where C/S is odd (a segment would start inside a pair) only the
 // generate-sized GEMMs run on the dots and the rest is staged. The softmax, its backward and the bias gradients stay
 // float32.
-#include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
@@ -193,8 +194,8 @@ Isa chosen_isa() {
   else if (want == "avx512") isa = Isa::avx512;
   else if (want == "avx2") isa = Isa::avx2;
   else if (want == "generic") isa = Isa::generic;
-  else TORCH_CHECK(false, "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got '", want, "'");
-  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA=", want,
+  else fail("dynamixer_ops: DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got '", want, "'");
+  DMX_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "dynamixer_ops: DYNAMIXER_OPS_CPU_ISA=", want,
               " but this CPU (or build) only supports a lower instruction set");
   return isa;
 }
@@ -244,6 +245,16 @@ template <class H> bool uses_bf16_dots(Isa isa) {
 // ... and every product: where each segment's channels start on a bf16 pair (C/S even).
 template <class H> bool all_products_on_dots(Isa isa, const MixShape& sh) {
   return uses_bf16_dots<H>(isa) && (sh.C / sh.S) % 2 == 0;
+}
+
+template <class T> constexpr ScalarType scalar_type_of = torch::headeronly::CppTypeToScalarType<T>::value;
+
+// Uninitialized scratch of n values, 64-byte aligned as torch's CPU allocator aligns (the block kernels' buffers).
+template <class V> std::unique_ptr<V, void (*)(void*)> scratch(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(V) + 63) / 64 * 64;
+  void* p = bytes ? std::aligned_alloc(64, bytes) : nullptr;
+  DMX_CHECK(bytes == 0 || p != nullptr, "dynamixer_ops (cpu): could not allocate ", bytes, " bytes of workspace");
+  return {static_cast<V*>(p), &std::free};
 }
 
 // Sequences per block: enough rows (nb*S) for the register tiles of the generate GEMM, while one block's
@@ -344,23 +355,31 @@ DotOperands carve_dots(int32_t* base, const DotSizes& s) {
 // (vectorized, parallel) copies. The bf16 -> int32 views need freshly allocated tensors: contiguous() may keep any
 // stride of a size-1 dimension, which view(dtype) rejects (L = d = 1 raised here).
 // pairs_along_columns: (ceil(K/2), R padded): element [kp][r] = (W[r][2kp], W[r][2kp+1]), the B of X W^T.
-at::Tensor pairs_along_columns(const at::Tensor& W) {
+Tensor pairs_along_columns(const Tensor& W) {
+  using torch::stable::copy_;
   const int64_t R = W.size(0), K = W.size(1), Kp = (K + 1) / 2;
-  at::Tensor even = at::zeros({R, 2 * Kp}, W.options());  // an odd K padded with a zero column
-  even.narrow(1, 0, K).copy_(W);
-  at::Tensor packed = at::zeros({Kp, (R + 15) / 16 * 16}, W.options().dtype(at::kInt));
-  packed.narrow(1, 0, R).copy_(even.view(at::kInt).t());
+  Tensor even = zeros({R, 2 * Kp}, W.scalar_type(), W);  // an odd K padded with a zero column
+  Tensor even_k = narrow(even, 1, 0, K);
+  copy_(even_k, W);
+  Tensor packed = zeros({Kp, (R + 15) / 16 * 16}, ScalarType::Int, W);
+  Tensor packed_r = narrow(packed, 1, 0, R);
+  copy_(packed_r, t2(view_as_dtype(even, ScalarType::Int)));
   return packed;
 }
 // pairs_along_rows: (ceil(R/2), K padded): element [rp][k] = (W[2rp][k], W[2rp+1][k]), the B of X W.
-at::Tensor pairs_along_rows(const at::Tensor& W) {
+Tensor pairs_along_rows(const Tensor& W) {
+  using torch::stable::copy_;
+  using torch::stable::transpose;
+  using torch::stable::view;
   const int64_t R = W.size(0), K = W.size(1), Rp = (R + 1) / 2;
-  at::Tensor even = at::zeros({2 * Rp, K}, W.options());  // an odd R padded with a zero row
-  even.narrow(0, 0, R).copy_(W);
-  at::Tensor interleaved = at::empty({Rp, K, 2}, W.options());
-  interleaved.copy_(even.view({Rp, 2, K}).transpose(1, 2));
-  at::Tensor packed = at::zeros({Rp, (K + 15) / 16 * 16}, W.options().dtype(at::kInt));
-  packed.narrow(1, 0, K).copy_(interleaved.view(at::kInt).squeeze(-1));
+  Tensor even = zeros({2 * Rp, K}, W.scalar_type(), W);  // an odd R padded with a zero row
+  Tensor even_r = narrow(even, 0, 0, R);
+  copy_(even_r, W);
+  Tensor interleaved = empty({Rp, K, 2}, W.scalar_type(), W);
+  copy_(interleaved, transpose(view(even, {Rp, 2, K}), 1, 2));
+  Tensor packed = zeros({Rp, (K + 15) / 16 * 16}, ScalarType::Int, W);
+  Tensor packed_k = narrow(packed, 1, 0, K);
+  copy_(packed_k, torch::stable::squeeze(view_as_dtype(interleaved, ScalarType::Int), -1));
   return packed;
 }
 
@@ -369,22 +388,26 @@ at::Tensor pairs_along_rows(const at::Tensor& W) {
 // `generate`: whether the generate GEMM runs (not in a backward that reads the forward's kept P): only then is
 // Wg^T (or its bf16 packing, L*L x L*d values) needed.
 template <class T> struct ComputeWeights {
-  at::Tensor Wc, WcT, bc, Wg, WgT, bg, WgP, WgR, WcP, WcR;
+  Tensor Wc, WcT, bc, Wg, WgT, bg, WgP, WgR, WcP, WcR;
 };
 
-template <class T> ComputeWeights<T> compute_weights(const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
-                                                     const at::Tensor& bg, bool bf16_pairs, bool all_dots,
+template <class T> ComputeWeights<T> compute_weights(const Tensor& Wc, const Tensor& bc, const Tensor& Wg,
+                                                     const Tensor& bg, bool bf16_pairs, bool all_dots,
                                                      bool backward, bool generate) {
-  const auto st = c10::CppTypeToScalarType<T>::value;
+  using torch::stable::contiguous;
+  const ScalarType st = scalar_type_of<T>;
+  auto in_st = [st](const Tensor& t) {   // t itself when it already is (no dispatcher call: the fp32/fp64 case)
+    return t.scalar_type() == st && t.is_contiguous() ? t : contiguous(torch::stable::to(t, st));
+  };
   ComputeWeights<T> w;
-  w.Wc = Wc.to(st).contiguous(); w.bc = bc.to(st).contiguous(); w.bg = bg.to(st).contiguous();
-  w.WcT = w.Wc.t().contiguous();
+  w.Wc = in_st(Wc); w.bc = in_st(bc); w.bg = in_st(bg);
+  w.WcT = contiguous(t2(w.Wc));
   if (!bf16_pairs) {
-    w.Wg = Wg.to(st).contiguous();
-    w.WgT = generate ? w.Wg.t().contiguous() : at::empty({0}, Wc.options().dtype(st));
+    w.Wg = in_st(Wg);
+    w.WgT = generate ? contiguous(t2(w.Wg)) : empty({0}, st, Wc);
     return w;
   }
-  w.Wg = w.WgT = at::empty({0}, Wc.options().dtype(st));  // unused on this path: the GEMMs read WgP and WgR
+  w.Wg = w.WgT = empty({0}, st, Wc);  // unused on this path: the GEMMs read WgP and WgR
   if (generate) w.WgP = pairs_along_columns(Wg);
   if (backward) w.WgR = pairs_along_rows(Wg);
   if (all_dots) {
@@ -400,11 +423,11 @@ template <class T> MixArgs<T> weight_args(const MixShape& sh, const ComputeWeigh
   a.x = nullptr; a.xA = a.xB = a.xL = 0;
   a.dy = nullptr; a.dyA = a.dyB = a.dyL = 0;
   a.out = nullptr; a.oA = a.oB = a.oL = 0;
-  a.Wc = wt.Wc.template data_ptr<T>(); a.WcT = wt.WcT.template data_ptr<T>(); a.bc = wt.bc.template data_ptr<T>();
-  a.Wg = wt.Wg.template data_ptr<T>(); a.WgT = wt.WgT.template data_ptr<T>(); a.bg = wt.bg.template data_ptr<T>();
-  auto packed = [](const at::Tensor& t, const uint32_t*& ptr, int64_t& ld) {
+  a.Wc = data_of<T>(wt.Wc); a.WcT = data_of<T>(wt.WcT); a.bc = data_of<T>(wt.bc);
+  a.Wg = data_of<T>(wt.Wg); a.WgT = data_of<T>(wt.WgT); a.bg = data_of<T>(wt.bg);
+  auto packed = [](const Tensor& t, const uint32_t*& ptr, int64_t& ld) {
     if (!t.defined()) return;
-    ptr = reinterpret_cast<const uint32_t*>(t.template data_ptr<int32_t>());
+    ptr = data_of<const uint32_t>(t);
     ld = t.size(1);
   };
   packed(wt.WgP, a.WgP, a.wgp_ld); packed(wt.WgR, a.WgR, a.wgr_ld);
@@ -417,8 +440,8 @@ template <class T> MixArgs<T> weight_args(const MixShape& sh, const ComputeWeigh
 template <class H> struct Staged {
   H* base;
   int64_t sA, sB, sL, B, L, C;
-  Staged(const at::Tensor& t, int64_t B_, int64_t L_, int64_t C_)
-      : base(t.data_ptr<H>()), sA(t.stride(0)), sB(t.stride(1)), sL(t.stride(2)), B(B_), L(L_), C(C_) {}
+  Staged(const Tensor& t, int64_t B_, int64_t L_, int64_t C_)
+      : base(data_of<H>(t)), sA(t.stride(0)), sB(t.stride(1)), sL(t.stride(2)), B(B_), L(L_), C(C_) {}
   H* row(int64_t n, int64_t l) const { return base + (n / B) * sA + (n % B) * sB + l * sL; }
   void widen(Isa isa, int64_t n0, int64_t n1, float* rows) const {
     for (int64_t n = n0; n < n1; ++n)
@@ -448,9 +471,9 @@ template <class T> void keep_probabilities(const BlockBuffers<T>& w, int64_t M, 
 }
 
 // probs: nullptr, or (N*S, L, L) in T to keep P in for the backward.
-template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::Tensor& x, const at::Tensor& Wc,
-                                         const at::Tensor& bc, const at::Tensor& Wg, const at::Tensor& bg,
-                                         at::Tensor& y, typename ComputeOf<H>::type* probs) {
+template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const Tensor& x, const Tensor& Wc,
+                                         const Tensor& bc, const Tensor& Wg, const Tensor& bg,
+                                         Tensor& y, typename ComputeOf<H>::type* probs) {
   using T = typename ComputeOf<H>::type;
   constexpr bool kStaged = !std::is_same_v<H, T>;
   const int64_t N = sh.sequences(), L = sh.L, C = sh.C;
@@ -458,10 +481,10 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, false, /*generate=*/true);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
-    a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
-    a.out = y.data_ptr<T>(); a.oA = y.stride(0); a.oB = y.stride(1); a.oL = y.stride(2);
+    a.x = data_of<T>(x); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.out = data_of<T>(y); a.oA = y.stride(0); a.oB = y.stride(1); a.oL = y.stride(2);
   } else if (all_dots) {
-    a.x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<H>()); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.x16 = reinterpret_cast<const uint16_t*>(data_of<H>(x)); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
   }
   const int64_t nb = block_size(N, sh.S, L, sizeof(T), kForwardMatrixBytes);
   const int64_t nblocks = (N + nb - 1) / nb;
@@ -469,13 +492,13 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   const DotSizes dot_words = all_dots ? dot_sizes(nb, L, C, sh.S, sh.d, false) : DotSizes{};
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x or y as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, ys{y, sh.B, L, C};
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor ws = at::empty({sizes.total() + 2 * rows}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
-    at::Tensor dot_ws = at::empty({dot_words.total()}, x.options().dtype(at::kInt));
-    const DotOperands ops = carve_dots(dot_ws.data_ptr<int32_t>(), dot_words);
-    BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+  torch::stable::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const auto ws = scratch<T>(sizes.total() + 2 * rows);
+    const auto dot_ws = scratch<int32_t>(dot_words.total());
+    const DotOperands ops = carve_dots(dot_ws.get(), dot_words);
+    BlockBuffers<T> w = carve(ws.get(), sizes);
     if (all_dots) w.dots = &ops;
-    T* const x_rows = ws.data_ptr<T>() + sizes.total();
+    T* const x_rows = ws.get() + sizes.total();
     T* const y_rows = x_rows + rows;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
@@ -498,39 +521,51 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const at::
   });
 }
 
+// f(H{}) with H the C++ type of the kernels' storage types (float32, float64, bfloat16, float16).
+template <class F> void on_storage_type(ScalarType st, const char* op, const F& f) {
+  switch (st) {
+    case ScalarType::Float: return f(float{});
+    case ScalarType::Double: return f(double{});
+    case ScalarType::BFloat16: return f(c10::BFloat16{});
+    case ScalarType::Half: return f(c10::Half{});
+    default: fail('"', op, "\" not implemented for '", st, "'");
+  }
+}
+
 // probs: null (the plain forward), or the kept-P output of mix_forward_keep.
-void mix_forward_checked(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                         const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                         at::Tensor& y, at::Tensor* probs) {
+void mix_forward_checked(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                         const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                         Tensor& y, Tensor* probs) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(y, x, "y");
   if (probs) check_probs(*probs, sh, x);
   if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
   const Isa isa = chosen_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&] {
+  on_storage_type(x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&](auto storage) {
+    using scalar_t = decltype(storage);
     using T = typename ComputeOf<scalar_t>::type;
     mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
-                               probs ? probs->data_ptr<T>() : nullptr);
+                               probs ? data_of<T>(*probs) : nullptr);
   });
 }
 
-void mix_forward_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                     const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                     at::Tensor& y) {
+void mix_forward_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                     const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                     Tensor& y) {
   mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, nullptr);
 }
 
-void mix_forward_keep_cpu(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                          const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                          at::Tensor& y, at::Tensor& probs) {
+void mix_forward_keep_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                          Tensor& y, Tensor& probs) {
   mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, &probs);
 }
 
-template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at::Tensor& grad_y, const at::Tensor& x,
-                                          const at::Tensor& Wc, const at::Tensor& bc, const at::Tensor& Wg,
-                                          const at::Tensor& bg, at::Tensor& grad_x, at::Tensor& grad_Wc,
-                                          at::Tensor& grad_bc, at::Tensor& grad_Wg, at::Tensor& grad_bg,
+template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const Tensor& grad_y, const Tensor& x,
+                                          const Tensor& Wc, const Tensor& bc, const Tensor& Wg,
+                                          const Tensor& bg, Tensor& grad_x, Tensor& grad_Wc,
+                                          Tensor& grad_bc, Tensor& grad_Wg, Tensor& grad_bg,
                                           const typename ComputeOf<H>::type* probs) {
   using T = typename ComputeOf<H>::type;
   constexpr bool kStaged = !std::is_same_v<H, T>;
@@ -540,12 +575,12 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   const ComputeWeights<T> wt = compute_weights<T>(Wc, bc, Wg, bg, dots, all_dots, true, /*generate=*/!probs);
   MixArgs<T> a = weight_args<T>(sh, wt);
   if constexpr (!kStaged) {
-    a.x = x.data_ptr<T>(); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
-    a.dy = grad_y.data_ptr<T>(); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
-    a.out = grad_x.data_ptr<T>(); a.oA = grad_x.stride(0); a.oB = grad_x.stride(1); a.oL = grad_x.stride(2);
+    a.x = data_of<T>(x); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.dy = data_of<T>(grad_y); a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
+    a.out = data_of<T>(grad_x); a.oA = grad_x.stride(0); a.oB = grad_x.stride(1); a.oL = grad_x.stride(2);
   } else if (all_dots) {
-    a.x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<H>()); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
-    a.dy16 = reinterpret_cast<const uint16_t*>(grad_y.data_ptr<H>());
+    a.x16 = reinterpret_cast<const uint16_t*>(data_of<H>(x)); a.xA = x.stride(0); a.xB = x.stride(1); a.xL = x.stride(2);
+    a.dy16 = reinterpret_cast<const uint16_t*>(data_of<H>(grad_y));
     a.dyA = grad_y.stride(0); a.dyB = grad_y.stride(1); a.dyL = grad_y.stride(2);
   }
   const int64_t nb = std::min(block_size(N, S, L, sizeof(T), kBackwardMatrixBytes), kMaxSumSequences);
@@ -559,22 +594,21 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   // error does not grow with N. Whether chunks spill is fixed by the shape; small batches pay nothing.
   const int64_t blocks_per_chunk_max = (nblocks + nchunks - 1) / nchunks;
   const bool spill = blocks_per_chunk_max * nb > kMaxSumSequences;
-  const auto compute_options = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor partials = at::zeros({nchunks, part_size}, compute_options);
-  at::Tensor spills = spill ? at::zeros({nchunks, part_size}, x.options().dtype(at::kDouble)) : at::Tensor();
-  T* part_base = partials.data_ptr<T>();
-  double* spill_base = spill ? spills.data_ptr<double>() : nullptr;
+  Tensor partials = zeros({nchunks, part_size}, scalar_type_of<T>, x);
+  Tensor spills = spill ? zeros({nchunks, part_size}, ScalarType::Double, x) : Tensor();
+  T* part_base = data_of<T>(partials);
+  double* spill_base = spill ? data_of<double>(spills) : nullptr;
   const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true, dots);
   const DotSizes dot_words = all_dots ? dot_sizes(nb, L, C, S, d, true) : DotSizes{};
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x, dy or grad_x as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, dys{grad_y, sh.B, L, C}, gxs{grad_x, sh.B, L, C};
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor ws = at::empty({sizes.total() + 3 * rows}, compute_options);
-    at::Tensor dot_ws = at::empty({dot_words.total()}, x.options().dtype(at::kInt));
-    const DotOperands ops = carve_dots(dot_ws.data_ptr<int32_t>(), dot_words);
-    BlockBuffers<T> w = carve(ws.data_ptr<T>(), sizes);
+  torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    const auto ws = scratch<T>(sizes.total() + 3 * rows);
+    const auto dot_ws = scratch<int32_t>(dot_words.total());
+    const DotOperands ops = carve_dots(dot_ws.get(), dot_words);
+    BlockBuffers<T> w = carve(ws.get(), sizes);
     if (all_dots) w.dots = &ops;
-    T* const x_rows = ws.data_ptr<T>() + sizes.total();
+    T* const x_rows = ws.get() + sizes.total();
     T* const dy_rows = x_rows + rows;
     T* const gx_rows = dy_rows + rows;
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
@@ -614,8 +648,8 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
   });
   // Sum the chunks' partials (and spills) in chunk order, in float64. The bf16-dot path keeps dWg transposed.
   const std::pair<H*, int64_t> dst[] = {
-      {grad_Wg.data_ptr<H>(), LL * Ld}, {grad_bg.data_ptr<H>(), LL},
-      {grad_Wc.data_ptr<H>(), Sd * C}, {grad_bc.data_ptr<H>(), Sd}};
+      {data_of<H>(grad_Wg), LL * Ld}, {data_of<H>(grad_bg), LL},
+      {data_of<H>(grad_Wc), Sd * C}, {data_of<H>(grad_bc), Sd}};
   int64_t offset = 0;
   for (const auto& [out, count] : dst) {
     const T* src = part_base + offset;
@@ -623,9 +657,9 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
     // On the bf16-dot path the dWg partials are dWg^T: summed into a (Ld, LL) buffer, then transposed by ATen's
     // blocked copy (element-wise scattered stores took ~5% of the backward at DynaMixer-L stage 1).
     const bool transposed = dots && out == dst[0].first;
-    at::Tensor transposed_sum = transposed ? at::empty({Ld, LL}, grad_Wg.options()) : at::Tensor();
-    H* sum = transposed ? transposed_sum.data_ptr<H>() : out;
-    at::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
+    Tensor transposed_sum = transposed ? empty({Ld, LL}, grad_Wg.scalar_type(), grad_Wg) : Tensor();
+    H* sum = transposed ? data_of<H>(transposed_sum) : out;
+    torch::stable::parallel_for(0, count, 8192, [&](int64_t e0, int64_t e1) {
       // Chunk-major over slices of elements: streaming each chunk's partial (chunks are part_size apart) in
       // vectorizable runs; every element still adds its chunks in chunk order.
       constexpr int64_t kSlice = 1024;
@@ -644,59 +678,59 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const at:
         for (int64_t e = 0; e < n; ++e) sum[s0 + e] = static_cast<H>(static_cast<T>(acc[e]));
       }
     });
-    if (transposed) grad_Wg.copy_(transposed_sum.t());
+    if (transposed) torch::stable::copy_(grad_Wg, t2(transposed_sum));
     offset += count;
   }
 }
 
 // probs: undefined (recompute P), or the forward's kept P.
-void mix_backward_checked(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor* probs,
-                          const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                          const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                          at::Tensor& grad_x, at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
-                          at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+void mix_backward_checked(const Tensor& grad_y, const Tensor& x, const Tensor* probs,
+                          const Tensor& compress_weight, const Tensor& compress_bias,
+                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                          Tensor& grad_x, Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                          Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   if (probs) check_probs(*probs, sh, x);
   check_like(grad_y, x, "grad_y");
   check_like(grad_x, x, "grad_x");
-  const std::pair<const at::Tensor*, const at::Tensor*> weight_grads[] = {
+  const std::pair<Tensor*, const Tensor*> weight_grads[] = {
       {&grad_compress_weight, &compress_weight}, {&grad_compress_bias, &compress_bias},
       {&grad_generate_weight, &generate_weight}, {&grad_generate_bias, &generate_bias}};
   for (const auto& [g, w] : weight_grads) {
-    TORCH_CHECK(g->sizes() == w->sizes() && g->is_contiguous() && g->scalar_type() == x.scalar_type() &&
-                    g->device() == x.device(),
-                "dynamixer_ops: weight gradients must be contiguous, with their weight's shape ", w->sizes(),
-                " and x's dtype and device; got shape ", g->sizes());
+    DMX_CHECK(same_sizes(*g, *w) && g->is_contiguous() && g->scalar_type() == x.scalar_type() && same_device(*g, x),
+              "dynamixer_ops: weight gradients must be contiguous, with their weight's shape ", shape_str(w->sizes()),
+              " and x's dtype and device; got shape ", shape_str(g->sizes()));
   }
   if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) {
-    for (const auto& gw : weight_grads) gw.first->zero_();
+    for (const auto& gw : weight_grads) torch::stable::zero_(*gw.first);
     return;
   }
   const Isa isa = chosen_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&] {
+  on_storage_type(x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&](auto storage) {
+    using scalar_t = decltype(storage);
     using T = typename ComputeOf<scalar_t>::type;
     mix_backward_impl<scalar_t>(isa, sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
                                 grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
-                                grad_generate_bias, probs ? probs->data_ptr<T>() : nullptr);
+                                grad_generate_bias, probs ? data_of<T>(*probs) : nullptr);
   });
 }
 
-void mix_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
-                      const at::Tensor& compress_bias, const at::Tensor& generate_weight,
-                      const at::Tensor& generate_bias, int64_t num_segments, at::Tensor& grad_x,
-                      at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
-                      at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+void mix_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
+                      const Tensor& compress_bias, const Tensor& generate_weight,
+                      const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
+                      Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                      Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
   mix_backward_checked(grad_y, x, nullptr, compress_weight, compress_bias, generate_weight, generate_bias,
                        num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
                        grad_generate_bias);
 }
 
-void mix_backward_kept_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& probs,
-                           const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                           const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                           at::Tensor& grad_x, at::Tensor& grad_compress_weight, at::Tensor& grad_compress_bias,
-                           at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias) {
+void mix_backward_kept_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& probs,
+                           const Tensor& compress_weight, const Tensor& compress_bias,
+                           const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                           Tensor& grad_x, Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                           Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
   mix_backward_checked(grad_y, x, &probs, compress_weight, compress_bias, generate_weight, generate_bias,
                        num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
                        grad_generate_bias);
@@ -705,9 +739,11 @@ void mix_backward_kept_cpu(const at::Tensor& grad_y, const at::Tensor& x, const 
 }  // namespace
 }  // namespace dynamixer_ops
 
-TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
-  m.impl("mix_forward", static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cpu));
-  m.impl("mix_backward", static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cpu));
-  m.impl("mix_forward_keep", static_cast<dynamixer_ops::MixForwardKeepFn*>(&dynamixer_ops::mix_forward_keep_cpu));
-  m.impl("mix_backward_kept", static_cast<dynamixer_ops::MixBackwardKeptFn*>(&dynamixer_ops::mix_backward_kept_cpu));
+STABLE_TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
+  m.impl("mix_forward", TORCH_BOX(static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cpu)));
+  m.impl("mix_backward", TORCH_BOX(static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cpu)));
+  m.impl("mix_forward_keep",
+         TORCH_BOX(static_cast<dynamixer_ops::MixForwardKeepFn*>(&dynamixer_ops::mix_forward_keep_cpu)));
+  m.impl("mix_backward_kept",
+         TORCH_BOX(static_cast<dynamixer_ops::MixBackwardKeptFn*>(&dynamixer_ops::mix_backward_kept_cpu)));
 }

@@ -23,7 +23,8 @@
 #ifndef DMX_EMULATE
 #include <cuda_runtime.h>
 #include <mma.h>
-#include <c10/cuda/CUDAException.h>
+#include <torch/csrc/stable/macros.h>          // STD_CUDA_CHECK: libtorch's stable C ABI
+#include <torch/headeronly/util/Exception.h>    // STD_TORCH_CHECK
 #define DMX_DYNAMIC_SMEM(name) extern __shared__ float name[]
 #define DMX_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
 #endif
@@ -775,7 +776,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_tc_kernel(
 // ---- launchers ----------------------------------------------------------------------------------------
 
 void set_smem(const void* kernel, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
 int64_t fused_blocks(const MixDims& dm) { return (dm.N + dm.ts - 1) / dm.ts * dm.S; }
@@ -787,7 +788,7 @@ void forward_impl(const MixDims& dm, RowsArg x, const void* wc, const void* bc, 
   DMX_LAUNCH(mix_forward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
       dm, typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc), static_cast<const T*>(wgT),
       static_cast<const T*>(bg), typed<T>(y));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -797,7 +798,7 @@ void forward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg x, const void*
   DMX_LAUNCH(mix_forward_tc_kernel<T>, static_cast<unsigned>((dm.N + tc.ts - 1) / tc.ts), tc.bytes, stream,
       dm, tc, typed<const T>(x), static_cast<const T*>(wc_pad), static_cast<const T*>(bc),
       static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), typed<T>(y));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -809,7 +810,7 @@ void backward_tc_impl(const MixDims& dm, const TcDims& tc, RowsArg dy, RowsArg x
       dm, tc, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc_pad), static_cast<const T*>(bc),
       static_cast<const T*>(wgT_pad), static_cast<const T*>(bg), static_cast<const T*>(wg_pad), z,
       static_cast<T*>(dg), dr, static_cast<T*>(dxm), dbg_partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -820,7 +821,7 @@ void backward_impl(const MixDims& dm, RowsArg dy, RowsArg x, const void* wc, con
   DMX_LAUNCH(mix_backward_kernel<T>, static_cast<unsigned>(fused_blocks(dm)), smem, stream,
       dm, typed<const T>(dy), typed<const T>(x), static_cast<const T*>(wc), static_cast<const T*>(bc),
       static_cast<const T*>(wgT), static_cast<const T*>(bg), static_cast<const T*>(wg), z, dg, dr, dxm);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -829,7 +830,7 @@ void grad_x_impl(const MixDims& dm, const float* dxm, const float* dr, const voi
   const int64_t rows = dm.N * dm.L;
   DMX_LAUNCH(grad_x_kernel<T>, static_cast<unsigned>((rows + kGradXRows - 1) / kGradXRows), 0, stream,
       rows, dm.C, dm.S * dm.d, dxm, dr, static_cast<const T*>(wc), typed<T>(gx));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename TB>
@@ -838,7 +839,7 @@ void splitk_impl(const float* a, int64_t K, int64_t Q, RowsArg b, int64_t cols, 
   const int64_t tiles = (Q + kTile - 1) / kTile * ((cols + kTile - 1) / kTile);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   DMX_LAUNCH(splitk_atb_kernel<TB>, grid, 0, stream, a, K, Q, typed<const TB>(b), cols, rows_per_split, partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -848,7 +849,7 @@ void grad_x_tc_impl(const MixDims& dm, const void* dxm, const float* dr, const v
   const int64_t tiles = (rows + kAtbQ - 1) / kAtbQ * ((dm.C + kAtbC - 1) / kAtbC);
   DMX_LAUNCH(grad_x_tc_kernel<T>, static_cast<unsigned>(tiles), 0, stream, rows, dm.C, dm.S * dm.d,
              static_cast<const T*>(dxm), dr, static_cast<const T*>(wc), typed<T>(gx));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename TA, typename TB, typename T>
@@ -858,7 +859,7 @@ void splitk_tc_impl(const void* a, int64_t K, int64_t Q, RowsArg b, int64_t cols
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   DMX_LAUNCH((splitk_atb_tc_kernel<TA, TB, T>), grid, 0, stream, static_cast<const TA*>(a), K, Q, typed<const TB>(b),
              cols, rows_per_split, partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -875,8 +876,9 @@ void launch_grad_x_tc(DType dtype, const MixDims& dm, const void* dxm, const flo
 void launch_splitk_atb_tc(DType operand, DType a_dtype, DType b_dtype, const void* a, int64_t K, int64_t Q, RowsArg b,
                           int64_t cols, int64_t splits, int64_t rows_per_split, float* partial, cudaStream_t stream) {
   // dWg: a = dG (operand type), b = z (fp32); dWc: a = dr (fp32), b = x (operand type); tf32: all fp32.
-  TORCH_CHECK((a_dtype == DType::Float || a_dtype == operand) && (b_dtype == DType::Float || b_dtype == operand),
-              "dynamixer_ops (cuda): split-K operands must be fp32 or of the operand dtype");
+  STD_TORCH_CHECK((a_dtype == DType::Float || a_dtype == operand) &&
+                      (b_dtype == DType::Float || b_dtype == operand),
+                  "dynamixer_ops (cuda): split-K operands must be fp32 or of the operand dtype");
   const bool a32 = a_dtype == DType::Float;
   switch (operand) {
     case DType::Float:

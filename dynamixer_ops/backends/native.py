@@ -1,4 +1,5 @@
-"""The ``cpu`` and ``cuda`` backends: the C++ and CUDA kernels of the native library ``dynamixer_ops/_C*.so``.
+"""The ``cpu`` and ``cuda`` backends: the C++ kernels of the native library ``dynamixer_ops/_C*.so`` and the CUDA
+kernels of ``dynamixer_ops/_C_cuda*.so``.
 
 Both are implementations (CPU and CUDA dispatch keys) of the same two native ops,
 ``dynamixer_ops_C::mix_forward`` and ``dynamixer_ops_C::mix_backward`` (schemas in ``csrc/dynamic_mix.cpp``).
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import LOAD_ERROR as _BUILD_ERROR
+from .._library import CUDA_LOAD_ERROR, LOAD_ERROR as _BUILD_ERROR
 from . import Backend, record_load_error, register_backend
 
 
@@ -23,9 +24,10 @@ _KERNELS = {} if _BUILD_ERROR else {
 def _cuda_unavailable_reason() -> str | None:
     if _BUILD_ERROR:
         return _BUILD_ERROR
+    if CUDA_LOAD_ERROR:
+        return CUDA_LOAD_ERROR
     if not _has_kernel("CUDA"):
-        return ("dynamixer_ops._C was built without its CUDA kernels (no CUDA toolkit or a CPU-only torch at "
-                "build time; see the line setup.py printed)")
+        return "dynamixer_ops/_C_cuda registered no CUDA kernel"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     return None
@@ -36,6 +38,11 @@ if _BUILD_ERROR:
     record_load_error("cuda", _BUILD_ERROR)
 else:
     _ops = torch.ops.dynamixer_ops_C
+    if not CUDA_LOAD_ERROR:
+        # The CUDA kernels ask this op, at each fp32 call, whether torch allows tf32 for CUDA matmuls (libtorch's
+        # stable ABI does not expose the flag; the library's own kernel answers false, for processes without Python).
+        torch.library.impl("dynamixer_ops_C::cuda_matmul_allow_tf32", "CUDA")(
+            lambda x: torch.backends.cuda.matmul.allow_tf32)
     register_backend(Backend(
         name="cpu", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cpu",),
         # bf16/fp16 sum in float32; bf16's products run on AVX512-BF16 dots where the CPU has them, and are staged

@@ -2,10 +2,16 @@
 // (csrc/cuda/dynamic_mix_cuda.cu and dynamic_mix_cuda_host.cpp, unchanged) run on CPU tensors through
 // emu.h. Built on demand by tests/test_cuda_kernel.py; `smem_limit` stands in for the device's limit
 // (a small one forces small tiles of sequences).
-#include <ATen/ATen.h>
-#include <torch/library.h>
+// Written, like the library, against libtorch's stable ABI.
+#include "dynamic_mix.h"
 
-#include "emu.h"      // after the ATen headers: its macros and ::min are meant for the kernels only
+#include "emu.h"      // after the torch headers: its macros and ::min are meant for the kernels only
+
+// The kernels' launch checks, which in the library call into torch's stable shim: no-ops on the emulator.
+#undef STD_CUDA_CHECK
+#undef STD_CUDA_KERNEL_LAUNCH_CHECK
+#define STD_CUDA_CHECK(expr) ((void)0)
+#define STD_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
 #include "cuda/dynamic_mix_cuda.cu"
 #include "cuda/dynamic_mix_cuda_host.cpp"
@@ -13,10 +19,12 @@
 
 namespace {
 
+using dynamixer_ops::Tensor;
+
 // Returns which kernels ran: "tensor_cores" or "simt". tf32 stands in for torch's allow_tf32.
-std::string emu_forward(const at::Tensor& x, const at::Tensor& compress_weight, const at::Tensor& compress_bias,
-                        const at::Tensor& generate_weight, const at::Tensor& generate_bias, int64_t num_segments,
-                        at::Tensor& y, int64_t smem_limit, bool tf32) {
+std::string emu_forward(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                        const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                        Tensor& y, int64_t smem_limit, bool tf32) {
   const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
                                                     generate_bias, num_segments);
   dynamixer_ops::check_like(y, x, "y");
@@ -26,10 +34,10 @@ std::string emu_forward(const at::Tensor& x, const at::Tensor& compress_weight, 
   return path == dynamixer_ops::Path::TensorCores ? "tensor_cores" : "simt";
 }
 
-std::string emu_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& compress_weight,
-                  const at::Tensor& compress_bias, const at::Tensor& generate_weight, const at::Tensor& generate_bias,
-                  int64_t num_segments, at::Tensor& grad_x, at::Tensor& grad_compress_weight,
-                  at::Tensor& grad_compress_bias, at::Tensor& grad_generate_weight, at::Tensor& grad_generate_bias,
+std::string emu_backward(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
+                  const Tensor& compress_bias, const Tensor& generate_weight, const Tensor& generate_bias,
+                  int64_t num_segments, Tensor& grad_x, Tensor& grad_compress_weight,
+                  Tensor& grad_compress_bias, Tensor& grad_generate_weight, Tensor& grad_generate_bias,
                   int64_t smem_limit, bool tf32) {
   const auto sh = dynamixer_ops::check_mix_contract(x, compress_weight, compress_bias, generate_weight,
                                                     generate_bias, num_segments);
@@ -48,8 +56,8 @@ int64_t emu_smem_bytes(const std::string& kernel, int64_t L, int64_t C, int64_t 
   namespace cu = dynamixer_ops::cuda;
   if (kernel == "forward") return static_cast<int64_t>(cu::forward_smem_bytes(L, d, tile));
   if (kernel == "backward") return static_cast<int64_t>(cu::backward_smem_bytes(L, d, tile));
-  TORCH_CHECK(kernel == "forward_tc" || kernel == "backward_tc",
-              "kernel must be forward, backward, forward_tc or backward_tc, got ", kernel);
+  DMX_CHECK(kernel == "forward_tc" || kernel == "backward_tc",
+            "kernel must be forward, backward, forward_tc or backward_tc, got ", kernel);
   return static_cast<int64_t>(cu::tc_dims(L, C, S, d, static_cast<size_t>(tile), kernel == "backward_tc").bytes);
 }
 
@@ -65,10 +73,10 @@ void emu_set_schedule(const std::string& order, int64_t seed, const std::string&
     emu::race_log.snapshots.clear();
     emu::race_log.recorded_by = emu::schedule.name();
   } else if (racecheck == "compare") {
-    TORCH_CHECK(!emu::race_log.recorded_by.empty(), "set_schedule: nothing recorded to compare with");
+    STD_TORCH_CHECK(!emu::race_log.recorded_by.empty(), "set_schedule: nothing recorded to compare with");
     emu::race_log.mode = emu::RaceLog::Compare;
   } else {
-    TORCH_CHECK(racecheck == "off", "racecheck must be record, compare or off, got ", racecheck);
+    STD_TORCH_CHECK(racecheck == "off", "racecheck must be record, compare or off, got ", racecheck);
     emu::race_log.mode = emu::RaceLog::Off;
   }
 }
@@ -85,17 +93,27 @@ std::vector<int64_t> emu_skip_barrier(int64_t line) {
 
 }  // namespace
 
-TORCH_LIBRARY(dynamixer_cuda_emu, m) {
+STABLE_TORCH_LIBRARY(dynamixer_cuda_emu, m) {
   m.def("forward(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
-        "Tensor generate_bias, int num_segments, Tensor(a!) y, int smem_limit, bool tf32=False) -> str", &emu_forward);
+        "Tensor generate_bias, int num_segments, Tensor(a!) y, int smem_limit, bool tf32=False) -> str");
   m.def("backward(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
         "Tensor generate_bias, int num_segments, Tensor(a!) grad_x, Tensor(b!) grad_compress_weight, "
         "Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, Tensor(e!) grad_generate_bias, "
-        "int smem_limit, bool tf32=False) -> str", &emu_backward);
-  m.def("set_schedule(str order, int seed, str racecheck) -> ()", &emu_set_schedule);
-  m.def("skip_barrier(int line) -> int[]", &emu_skip_barrier);
-  m.def("smem_bytes(str kernel, int L, int C, int S, int d, int tile) -> int", &emu_smem_bytes);
+        "int smem_limit, bool tf32=False) -> str");
+  m.def("set_schedule(str order, int seed, str racecheck) -> ()");
+  m.def("skip_barrier(int line) -> int[]");
+  m.def("smem_bytes(str kernel, int L, int C, int S, int d, int tile) -> int");
   m.def("wmma_matmul(Tensor a, Tensor b, Tensor(a!) c, str kind, bool a_col_major, bool b_col_major, "
-        "bool round_tf32) -> ()", &wmma_selftest::wmma_matmul);
-  m.def("wmma_misuse(str what, Tensor a, Tensor(a!) out) -> ()", &wmma_selftest::wmma_misuse);
+        "bool round_tf32) -> ()");
+  m.def("wmma_misuse(str what, Tensor a, Tensor(a!) out) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(dynamixer_cuda_emu, CompositeExplicitAutograd, m) {
+  m.impl("forward", TORCH_BOX(&emu_forward));
+  m.impl("backward", TORCH_BOX(&emu_backward));
+  m.impl("set_schedule", TORCH_BOX(&emu_set_schedule));
+  m.impl("skip_barrier", TORCH_BOX(&emu_skip_barrier));
+  m.impl("smem_bytes", TORCH_BOX(&emu_smem_bytes));
+  m.impl("wmma_matmul", TORCH_BOX(&wmma_selftest::wmma_matmul));
+  m.impl("wmma_misuse", TORCH_BOX(&wmma_selftest::wmma_misuse));
 }

@@ -54,8 +54,8 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _onednn_applies(layer: nn.Module, x: Tensor) -> bool:
     # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); the checks after this one are
     # eager-only, and torch.compile must not trace them.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
+    if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False            # an FX Proxy, or a traced graph
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0:
         return False
     if not plain_linear(layer) or layer.weight.dtype != torch.float32 or not onednn_linear_enabled():

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("torchvision")

@@ -298,6 +298,7 @@ if timm is not None:
     # input checks branch on shapes, and the op is one opaque call anyway.
     register_notrace_module(fused_nn.DynaMixerBlock)
     register_notrace_module(fused_nn.DynaMixerOp)
+    register_notrace_module(TokenMlp)      # a leaf too: its eager oneDNN products and a traced F.linear differ in bits
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ else:
     register_backend(Backend(
         name="cuda", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cuda",),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        # First on CUDA until a GPU measurement says otherwise (neither this nor `triton` has run on a GPU). By
+        # First on CUDA until a GPU measurement says otherwise (README, "What has run where"). By
         # design (benchmarks/RESULTS.md, "CUDA tensor-core kernels: a prediction"): every product runs on tensor
         # cores (WMMA; HMMA seen in the sm_80/sm_90 SASS), and the forward reads x once per block for all segments
         # and Wg once per 16 (sequence, segment) rows, so at the model shapes it predicts the copy floor (x read

@@ -13,7 +13,7 @@ import torch
 import dynamixer_ops
 import dynamixer_triton  # noqa: F401  (installed as its own top-level package)
 from dynamixer_ops import deploy, dynamic_mix, upstream
-from dynamixer_ops.reference import mix_forward
+from dynamixer_ops.reference import reference_forward
 from dynamixer_ops.testing import make_inputs, reference_outputs, relative_error, tolerance
 
 start = time.time()
@@ -42,7 +42,7 @@ assert max(errors) <= tolerance(torch.float32, "cpu"), errors
 # bfloat16 (the widened or bf16-dot paths) and float64 forward against the reference too
 for dtype in (torch.bfloat16, torch.float64):
     args = make_inputs((2,), 7, 24, 2, 2, dtype=dtype, device="cpu")
-    err = relative_error(dynamic_mix(*args, 2, backend="cpu"), mix_forward(*[t.double() for t in args], 2))
+    err = relative_error(dynamic_mix(*args, 2, backend="cpu"), reference_forward(*[t.double() for t in args], 2))
     assert err <= tolerance(dtype, "cpu"), (dtype, err)
 
 # A tiny DynaMixer (28x28 input, patch 7: mixing lengths 4 and 2), and a copy with its mixers on the fused op.

@@ -435,7 +435,10 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
         ``y`` with the shape of ``x``. Differentiable in ``x`` and all four weights; under
         ``torch.autocast`` the inputs are cast to the autocast dtype.
     """
-    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+    # is_autocast_available: is_autocast_enabled raises for devices without autocast (meta); torch 2.11's dynamo
+    # cannot trace it, and a compiled graph never runs on those devices.
+    if (isinstance(x, Tensor)
+            and (torch.compiler.is_compiling() or torch.amp.is_autocast_available(x.device.type))
             and torch.is_autocast_enabled(x.device.type)):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, compress_weight, compress_bias, generate_weight, generate_bias = (

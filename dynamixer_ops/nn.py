@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import upstream
 from .linear import linear
 from .ops import dynamic_mix
-from .plain import has_hooks, plain_linear
+from .plain import has_hooks, linear_reason, softmax_reason
 
 __all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
 
@@ -37,15 +37,8 @@ def _say_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _why_not_plain(module: nn.Module, names) -> str:
-    for name in names:
-        layer = getattr(module, name)
-        if type(layer) is not nn.Linear:
-            return f"{name} is a {type(layer).__module__}.{type(layer).__qualname__}, not a plain nn.Linear"
-        if has_hooks(layer):
-            return f"{name} has hooks (or global module hooks are registered)"
-        return f"{name}'s parameters are tensor subclasses ({type(layer.weight).__name__})"
-    return ""
+# What the fused mixing step replaces, and the check that each part is exactly what the kernels compute.
+_FUSED_PARTS = (("compress", linear_reason), ("generate", linear_reason), ("activation", softmax_reason))
 
 
 class DynaMixerOp(upstream.DynaMixerOp):
@@ -62,17 +55,26 @@ class DynaMixerOp(upstream.DynaMixerOp):
         super().__init__(dim, seq_len, num_head, reduced_dim)
         self.backend = backend
 
+    def fallback_reason(self) -> str | None:
+        """Why :meth:`mix` runs the upstream code now, or None when it runs the fused op: ``compress`` and
+        ``generate`` must be plain Linears and ``activation`` a plain ``nn.Softmax(dim=-2)`` (:mod:`.plain`)."""
+        for name, reason in _FUSED_PARTS:
+            why = reason(getattr(self, name))
+            if why is not None:
+                return f"{name} {why}"
+        return None
+
     def fuses(self) -> bool:
-        """Whether :meth:`mix` runs the fused op now: ``compress`` and ``generate`` are plain Linears."""
-        return plain_linear(self.compress) and plain_linear(self.generate)
+        """Whether :meth:`mix` runs the fused op now (:meth:`fallback_reason` is None)."""
+        return self.fallback_reason() is None
 
     def mix(self, x: Tensor) -> Tensor:
         """The mixing step without ``out``; y has x's shape and (for a dense x on the fused path) x's layout."""
-        if self.fuses():
+        why = self.fallback_reason()
+        if why is None:
             return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
                                self.generate.bias, self.num_head, backend=self.backend)
-        _say_once(f"DynaMixerOp runs the upstream (unfused) mixing: "
-                  f"{_why_not_plain(self, [n for n in ('compress', 'generate') if not plain_linear(getattr(self, n))])}")
+        _say_once(f"DynaMixerOp runs the upstream (unfused) mixing: {why}")
         if x.dim() == 3:
             return super().mix(x)
         return super().mix(x.reshape(-1, *x.shape[-2:])).reshape(x.shape)   # upstream takes (B, L, C) only
@@ -170,6 +172,10 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     with torch.device("meta"):      # a shell: its Linears are replaced by op's own
         fused = DynaMixerOp(C, L, S, d, backend=backend)
     fused.out, fused.compress, fused.generate = op.out, op.compress, op.generate
+    activation = getattr(op, "activation", None)
+    if activation is not None:      # the user's own object, hooks and all; a layer without one used the softmax
+        del fused.activation        # so that a plain callable (not a Module) can take its place too
+        fused.activation = activation
     return fused.train(op.training)
 
 
@@ -222,9 +228,9 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Layers are recognised by class name and checked by structure (``out``, ``compress``, ``generate``,
     ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
-    convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules: the
-    Parameters (and an optimizer that holds them), device, dtype, hooks and train/eval mode are kept; no other
-    module changes class. Layers that are already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
+    convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules (the
+    Linears and the ``activation``): the Parameters (and an optimizer that holds them), device, dtype, hooks and
+    train/eval mode are kept; no other module changes class. Layers that are already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
 
     Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).
     """

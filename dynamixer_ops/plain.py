@@ -4,7 +4,9 @@ The fused modules read their Linears' weights instead of calling the Linears, an
 dense memory. That is exact only while nothing else would have run or changed on the way: a submodule that is a
 plain ``nn.Linear`` (not a LoRA wrapper, a quantized or a parametrized Linear), with no hooks of its own and no
 global module hooks (pruning is a forward pre-hook), whose parameters are plain tensors (not a quantized or
-distributed tensor subclass). Where any of that fails, the modules run the upstream code, module calls included.
+distributed tensor subclass); and an ``activation`` that is exactly ``nn.Softmax`` over the source-token dimension,
+without hooks (the kernels compute that softmax themselves). Where any of that fails, the modules run the upstream
+code, module calls included.
 Each check is a few attribute reads, so the plain case pays nothing measurable, and all are traceable by
 torch.compile without a graph break.
 """
@@ -15,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "plain_linear", "plain_tensor"]
+__all__ = ["has_hooks", "linear_reason", "plain_linear", "plain_tensor", "softmax_reason"]
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
 # What torch.export and AOTAutograd trace with in place of plain tensors (parameters included).
@@ -36,8 +38,34 @@ def has_hooks(module: nn.Module) -> bool:
                 or _module._global_backward_pre_hooks)
 
 
-def plain_linear(layer: nn.Module) -> bool:
+def _not_module(layer, want: str) -> str:
+    return f"is a {type(layer).__module__}.{type(layer).__qualname__}, not a plain {want}"
+
+
+def linear_reason(layer) -> str | None:
+    """Why ``layer(x)`` may not be exactly ``F.linear(x, layer.weight, layer.bias)`` on plain tensors; None when it
+    is."""
+    if type(layer) is not nn.Linear:
+        return _not_module(layer, "nn.Linear")
+    if has_hooks(layer):
+        return "has hooks (or global module hooks are registered)"
+    if not (plain_tensor(layer.weight) and (layer.bias is None or plain_tensor(layer.bias))):
+        return f"has tensor-subclass parameters ({type(layer.weight).__name__})"
+    return None
+
+
+def plain_linear(layer) -> bool:
     """Whether ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)`` on plain tensors."""
-    if type(layer) is not nn.Linear or has_hooks(layer):
-        return False
-    return plain_tensor(layer.weight) and (layer.bias is None or plain_tensor(layer.bias))
+    return linear_reason(layer) is None
+
+
+def softmax_reason(layer) -> str | None:
+    """Why ``layer(logits)`` on the (B, S, L, L) mixing logits may not be ``logits.softmax(dim=-2)`` (the softmax
+    over the source token that the kernels compute); None when it is."""
+    if type(layer) is not nn.Softmax:
+        return _not_module(layer, "nn.Softmax")
+    if layer.dim not in (-2, 2):                     # 2 is -2 on the 4-D logits
+        return f"is nn.Softmax(dim={layer.dim}), not over the source token (dim=-2)"
+    if has_hooks(layer):
+        return "has hooks (or global module hooks are registered)"
+    return None

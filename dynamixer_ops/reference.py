@@ -8,8 +8,8 @@ Three things live here and nowhere else:
   The ``reference`` backend uses it, and the tests check it against autograd of :func:`reference_forward`, so the
   formula itself is verified.
 * :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its
-  ``out`` projection), calling the two Linears as the upstream code does; :func:`upstream_mix` is the same chain
-  on bare weights, the baseline of every benchmark.
+  ``out`` projection), calling the two Linears and the ``activation`` (a softmax over the source token) as the
+  upstream code does; :func:`upstream_mix` is the same chain on bare weights, the baseline of every benchmark.
 """
 from __future__ import annotations
 
@@ -78,20 +78,23 @@ def reference_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compr
     return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
 
 
-def upstream_chain(x: Tensor, compress, generate, num_segments: int) -> Tensor:
-    """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op; ``compress`` and
-    ``generate`` are called as the upstream code calls its two Linears (modules, or any callables)."""
+def upstream_chain(x: Tensor, compress, generate, activation, num_segments: int) -> Tensor:
+    """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op; ``compress``,
+    ``generate`` and ``activation`` (upstream: ``nn.Softmax(dim=-2)`` on the (B, S, L, L) logits) are called as the
+    upstream code calls them (modules, or any callables)."""
     B, L, C = x.shape
     S = num_segments
     r = compress(x)
     d = r.shape[-1] // S
     w = r.reshape(B, L, S, d).permute(0, 2, 1, 3).reshape(B, S, L * d)
-    P = generate(w).reshape(B, S, L, L).softmax(dim=-2)
+    P = activation(generate(w).reshape(B, S, L, L))
     return (x.reshape(B, L, S, C // S).permute(0, 2, 3, 1) @ P).permute(0, 3, 1, 2).reshape(B, L, C)
 
 
 def upstream_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,
                  generate_weight: Tensor, generate_bias: Tensor | None, num_segments: int) -> Tensor:
-    """:func:`upstream_chain` with the two Linears as ``F.linear`` of these weights."""
+    """:func:`upstream_chain` with the two Linears as ``F.linear`` of these weights and the softmax over the source
+    token."""
     return upstream_chain(x, lambda t: F.linear(t, compress_weight, compress_bias),
-                          lambda t: F.linear(t, generate_weight, generate_bias), num_segments)
+                          lambda t: F.linear(t, generate_weight, generate_bias), lambda t: t.softmax(dim=-2),
+                          num_segments)

@@ -10,8 +10,8 @@ same module tree, parameter names, state_dict keys, initialisation and forward a
 Differences from the upstream files, none of which changes a parameter or an output:
 
 * :class:`DynaMixerOp` runs the mixing step through :func:`dynamixer_ops.reference.upstream_chain` (the upstream
-  permute chain, op for op, calling ``compress`` and ``generate`` as modules) so that chain is written once in
-  this project;
+  permute chain, op for op, calling ``compress``, ``generate`` and ``activation`` as modules) so that chain is
+  written once in this project;
 * the stage resolutions (the mixing length L) follow ``img_size`` (``img_size // patch_size``, halved at each
   transition) where upstream hard-codes 32/16 for 224x224 input: at 224 they are the same;
 * :class:`VisionModel` takes the layers of a block (``mlp_fn``, ``mlp_layer``, ``drop_path_layer``, ``init_fn``)
@@ -94,7 +94,8 @@ class DynaMixerOp(nn.Module):
     """Dynamic mixing of L tokens, eager: ``out(mix(x))`` on x (B, L, C).
 
     ``compress``: C -> num_head * reduced_dim; ``generate``: seq_len * reduced_dim -> seq_len**2 logits per
-    segment; softmax over the source token; ``out``: Linear(C, C).
+    segment; ``activation``: ``nn.Softmax(dim=-2)`` on the (B, S, L, L) logits, over the source token (a module,
+    as upstream, so it can be replaced or hooked); ``out``: Linear(C, C).
     """
 
     def __init__(self, dim, seq_len, num_head, reduced_dim=2):
@@ -106,10 +107,12 @@ class DynaMixerOp(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.compress = nn.Linear(dim, num_head * reduced_dim)
         self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+        self.activation = nn.Softmax(dim=-2)
 
     def mix(self, x: Tensor) -> Tensor:
-        """The mixing step without ``out``, on x (B, L, C); ``compress`` and ``generate`` are called as modules."""
-        return upstream_chain(x, self.compress, self.generate, self.num_head)
+        """The mixing step without ``out``, on x (B, L, C); ``compress``, ``generate`` and ``activation`` are called
+        as modules."""
+        return upstream_chain(x, self.compress, self.generate, self.activation, self.num_head)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.mix(x))

@@ -111,6 +111,89 @@ def test_fallback_warns_once_naming_the_reason(seed):
     assert len(messages) <= 1 and all("compress has hooks" in m for m in messages)
 
 
+# ---- the mixer's activation: part of the layer, as upstream ----
+
+class TemperatureSoftmax(nn.Softmax):
+    """A user's own activation: an nn.Softmax subclass (so only an exact-type check can tell it apart)."""
+
+    def forward(self, logits):
+        return (logits / 0.5).softmax(self.dim)
+
+
+ACTIVATIONS = {
+    "temperature softmax (nn.Softmax subclass)": lambda: TemperatureSoftmax(dim=-2),
+    "softmax over the target token": lambda: nn.Softmax(dim=-1),
+    "sigmoid": lambda: nn.Sigmoid(),
+}
+
+
+@pytest.mark.parametrize("order", ["transform, then convert", "convert, then transform"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
+def test_replaced_activation_is_used(backend, name, order, seed):
+    eager = randomize_(small_network())
+    x = image()
+    before = eager(x).detach()
+
+    def replace(net):
+        for m in net.modules():
+            if type(m).__name__ == "DynaMixerOp":
+                m.activation = ACTIVATIONS[name]()
+        return net
+
+    replace(eager)
+    assert relative_error(eager(x), before) > 1e-3, "the activation must change the output for this test to mean it"
+    if order == "transform, then convert":
+        fused = dynamixer_ops.convert(replace(copy.deepcopy(eager)), backend=backend)
+    else:
+        fused = replace(dynamixer_ops.convert(copy.deepcopy(eager), backend=backend))
+    assert fused_calls(fused, x) == 0
+    assert all(not m.fuses() for m in fused.modules() if isinstance(m, dnn.DynaMixerOp))
+    assert_same_training_step(fused, eager, x, f"{name}, {order}, {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_is_a_softmax_module_that_fuses(backend, seed):
+    eager, fused = pair(backend)
+    for m in fused.modules():
+        if isinstance(m, dnn.DynaMixerOp):
+            assert type(m.activation) is nn.Softmax and m.activation.dim == -2 and m.fallback_reason() is None
+    assert set(fused.state_dict()) == set(eager.state_dict())
+    for m in fused.modules():                # dim=2 is the same softmax on the 4-D logits: still fused
+        if isinstance(m, dnn.DynaMixerOp):
+            m.activation = nn.Softmax(dim=2)
+    assert fused_calls(fused, image()) == N_MIXERS
+
+
+@pytest.mark.parametrize("when", ["before convert", "after convert"])
+@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
+def test_hook_on_activation_sees_the_mixing_matrices(backend, when, seed):
+    eager = randomize_(small_network())
+    fused = copy.deepcopy(eager)
+    seen = {"eager": [], "fused": []}
+
+    def hook_all(net, key):
+        for m in net.modules():
+            if type(m).__name__ == "DynaMixerOp":
+                m.activation.register_forward_hook(lambda mod, args, out: seen[key].append(out.detach()))
+
+    hook_all(eager, "eager")
+    if when == "before convert":
+        hook_all(fused, "fused")
+        fused = dynamixer_ops.convert(fused, backend=backend)
+    else:
+        fused = dynamixer_ops.convert(fused, backend=backend)
+        hook_all(fused, "fused")
+    x = image()
+    assert fused_calls(fused, x) == 0
+    assert_same_training_step(fused, eager, x, f"hooked activation {when}, {backend}")
+    # fused: the logged forward, then the training step's; eager: the training step's
+    assert len(seen["fused"]) == 2 * N_MIXERS and len(seen["eager"]) == N_MIXERS
+    for got, ref in zip(seen["fused"][N_MIXERS:], seen["eager"]):
+        assert got.shape == ref.shape and got.dim() == 4                # (B, S, L, L)
+        assert_close(got, ref, f"mixing matrices seen by the hook {when}")
+
+
 # ---- what users do to the Linears: LoRA, quantization, hooks, pruning ----
 
 @pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)

@@ -167,7 +167,7 @@ def test_convert_root_layer_returns_fused_replacement(seed):
 
 
 # A stand-in for the original repository's classes: same names and structure, defined elsewhere (its
-# DynaMixerOp also holds a Softmax module, as one upstream revision does).
+# DynaMixerOp builds its own Softmax module, as the original does).
 class DynaMixerOp(upstream.DynaMixerOp):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

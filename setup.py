@@ -5,15 +5,18 @@ present). They import no libtorch C++ symbol (TORCH_TARGET_VERSION = torch 2.11)
 tagged cp310-abi3): one build runs on every torch >= 2.11 and every Python >= 3.10. Install with
 ``pip install .`` or, for development, ``pip install --no-build-isolation -e .``.
 
-Environment knobs:
-  DYNAMIXER_OPS_BUILD_CUDA=0|1  force the CUDA kernels off / on (default: on when possible)
-  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else "8.0;9.0+PTX")
+Environment knobs (DYNAMIXER_OPS_BUILD_CUDA and TORCH_CUDA_ARCH_LIST are read by dynamixer_ops/build_config.py):
+  DYNAMIXER_OPS_BUILD_CUDA=0|1  0: CPU kernels only; 1: the CUDA kernels too, or the build fails with the reason
+                                (default auto: the CUDA kernels where a CUDA torch and a CUDA toolkit are present)
+  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPU's, else build_config.PORTABLE_CUDA_ARCHS;
+                                "portable": those)
   CUDA_HOME                     toolkit root (default: the TOP that `nvcc --dryrun` reports)
   MAX_JOBS                      parallel compile jobs (default: 2, so a 2-core machine does not run out of memory)
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -23,6 +26,15 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_config():
+    """dynamixer_ops/build_config.py, loaded by its path: importing the package would need the libraries built."""
+    spec = importlib.util.spec_from_file_location("dynamixer_ops_build_config",
+                                                  os.path.join(ROOT, "dynamixer_ops", "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _toolkit_root() -> str | None:
@@ -47,17 +59,28 @@ def _cuda_plan() -> tuple[bool, str]:
     except ImportError:
         sys.exit("dynamixer_ops: the build needs torch >= 2.11 (its stable-ABI headers): `pip install .` fetches it "
                  "into the build environment; with --no-build-isolation install torch first")
-    wanted = os.environ.get("DYNAMIXER_OPS_BUILD_CUDA", "auto").lower()
-    if wanted in ("0", "false", "no", "off"):
+    config = _build_config()
+    try:
+        switch = config.cuda_build_switch()
+    except ValueError as exc:
+        sys.exit(f"dynamixer_ops: {exc}")
+    if switch == "off":
         return False, "DYNAMIXER_OPS_BUILD_CUDA=0"
+    why_not = None
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU-only build"
-    home = _toolkit_root()
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return False, "no CUDA toolkit found (no nvcc on PATH and no CUDA_HOME)"
+        why_not = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        home = _toolkit_root()
+        if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+            why_not = "no CUDA toolkit found (no nvcc on PATH and no CUDA_HOME)"
+    if why_not is not None:
+        if switch == "on":
+            sys.exit(f"dynamixer_ops: DYNAMIXER_OPS_BUILD_CUDA=1, but the CUDA kernels cannot be built: {why_not}")
+        return False, why_not
     os.environ["CUDA_HOME"] = home   # read by torch.utils.cpp_extension at import
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    archs = config.cuda_arch_list(gpu_visible=torch.cuda.is_available())
+    if archs is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs   # read by torch.utils.cpp_extension when it compiles
     return True, f"toolkit {home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}"
 
 

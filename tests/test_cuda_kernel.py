@@ -175,14 +175,17 @@ def test_gpu_too_long_sequences_are_a_clear_error():
 # ---- the build -----------------------------------------------------------------------------------------------
 
 def test_cuda_kernels_are_built_where_a_toolkit_is_present():
-    """setup.py builds the CUDA kernels whenever torch is a CUDA build and nvcc is found: on such a machine (CI
-    included) a build that quietly left them out must fail here, not pass with every GPU case skipped."""
+    """setup.py builds the CUDA kernels whenever torch is a CUDA build and nvcc is found (and with
+    DYNAMIXER_OPS_BUILD_CUDA=1 always): on such a machine (CI included) a build that quietly left them out must fail
+    here, not pass with every GPU case skipped."""
     import shutil
-    if os.environ.get("DYNAMIXER_OPS_BUILD_CUDA", "auto").lower() in ("0", "false", "no", "off"):
+    from dynamixer_ops.build_config import cuda_build_switch
+    switch = cuda_build_switch()
+    if switch == "off":
         pytest.skip("DYNAMIXER_OPS_BUILD_CUDA=0")
-    if torch.version.cuda is None:
+    if switch == "auto" and torch.version.cuda is None:
         pytest.skip(f"torch {torch.__version__} is a CPU-only build")
-    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+    if switch == "auto" and shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit on this machine")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_backward", "CUDA")

@@ -226,10 +226,10 @@ def _square(img_size) -> int:
     return int(img_size)
 
 
-def _build(variant: str, *, img_size=224, backend: str = "auto", **kwargs) -> DynaMixer:
+def _fused_model(variant: str, *, img_size=224, backend: str = "auto", **kwargs) -> DynaMixer:
     if variant not in upstream.CONFIGS:
         raise ValueError(f"unknown DynaMixer variant {variant!r}; expected one of {sorted(upstream.CONFIGS)}")
-    config = dict(upstream.CONFIGS[variant], patch_size=7, img_size=_square(img_size),
+    config = dict(upstream.CONFIGS[variant], patch_size=upstream.PATCH_SIZE, img_size=_square(img_size),
                   mlp_fn=functools.partial(fused_nn.DynaMixerBlock, backend=backend), mlp_layer=TokenMlp,
                   drop_path_layer=DropPath, init_fn=trunc_normal_)
     config.update(kwargs)
@@ -240,13 +240,14 @@ def create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
     """DynaMixer-``variant`` (``"s"``, ``"m"``, ``"l"``) with fused mixing, through timm's
     ``build_model_with_cfg`` where timm is installed.
 
-    Keyword arguments: ``num_classes`` (1000), ``img_size`` (224; sets the mixing lengths, ``img_size // 7`` in
-    the first stage, halved at a transition), ``in_chans`` (3), ``drop_path_rate``, ``global_pool``, ``backend``
-    (passed to :func:`dynamixer_ops.dynamic_mix`), any other :class:`dynamixer_ops.upstream.VisionModel`
-    argument, and timm's ``features_only`` / ``out_indices`` / ``feature_cls``, ``pretrained_cfg`` /
-    ``pretrained_cfg_overlay`` (``file=`` a local checkpoint for ``pretrained=True``, in any form
-    :func:`checkpoint_filter_fn` accepts). The model's ``pretrained_cfg["input_size"]`` follows ``img_size`` and
-    ``in_chans``.
+    Keyword arguments: ``num_classes`` (1000), ``img_size`` (224; sets the mixing lengths, ``img_size //
+    upstream.PATCH_SIZE`` in the first stage, halved at a transition), ``in_chans`` (3), ``drop_path_rate``,
+    ``global_pool``, ``backend`` (passed to :func:`dynamixer_ops.dynamic_mix`), any other
+    :class:`dynamixer_ops.upstream.VisionModel` argument, and timm's ``features_only`` / ``out_indices`` /
+    ``feature_cls``, ``pretrained_cfg`` / ``pretrained_cfg_overlay`` (``file=`` a local checkpoint for
+    ``pretrained=True``, in any form :func:`checkpoint_filter_fn` accepts). The model's
+    ``pretrained_cfg["input_size"]`` follows ``img_size`` and ``in_chans``. The upstream eager network of the same
+    variant: :func:`dynamixer_ops.upstream.eager_model`.
     """
     name = f"dynamixer_{variant}"
     if timm is None:
@@ -256,7 +257,7 @@ def create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
                               f"dynamixer_ops.models.load_checkpoint(model, path)")
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
-        model = _build(variant, **kwargs)
+        model = _fused_model(variant, **kwargs)
         img_size, in_chans = _square(kwargs.get("img_size", 224)), kwargs.get("in_chans", 3)
         model.default_cfg = model.pretrained_cfg = dict(default_cfgs[name], num_classes=model.num_classes,
                                                         input_size=(in_chans, img_size, img_size))
@@ -271,7 +272,7 @@ def create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
         cfg = resolve_pretrained_cfg(name, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
         if not any((cfg.file, cfg.url, cfg.hf_hub_id, cfg.state_dict)):
             raise ValueError(_NO_WEIGHTS.format(name=name))
-    return build_model_with_cfg(functools.partial(_build, variant), name, pretrained,
+    return build_model_with_cfg(functools.partial(_fused_model, variant), name, pretrained,
                                 pretrained_cfg_overlay=overlay, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
 

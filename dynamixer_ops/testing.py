@@ -12,7 +12,7 @@ import math
 import torch
 
 from .reference import backward_terms, reference_forward, segments, unsegment
-from .upstream import CONFIGS, stage_resolutions
+from .upstream import CONFIGS, PATCH_SIZE, stage_resolutions
 
 __all__ = ["MODEL_SHAPES", "model_shapes", "TOLERANCE", "MODEL_TOLERANCE", "tolerance", "make_inputs",
            "linear_init_inputs", "reference_outputs", "relative_error", "GRAD_NAMES", "CANCELLATION_FLOOR",
@@ -20,7 +20,7 @@ __all__ = ["MODEL_SHAPES", "model_shapes", "TOLERANCE", "MODEL_TOLERANCE", "tole
            "assert_close_rel", "assert_all_close", "assert_matches_reference"]
 
 
-def model_shapes(img_size: int = 224, patch_size: int = 7) -> dict[str, tuple[int, int, int, int]]:
+def model_shapes(img_size: int = 224, patch_size: int = PATCH_SIZE) -> dict[str, tuple[int, int, int, int]]:
     """The distinct ``(L, C, S, d)`` of the DynaMixer-S/M/L stages (:data:`dynamixer_ops.upstream.CONFIGS`),
     each named by its variant and the first stage that has it: ``s1`` = DynaMixer-S stage 1, ``m3`` =
     DynaMixer-M stages 3-4. L is the stage's side length (every row and column is one sequence)."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .reference import upstream_chain
 
 __all__ = ["DynaMixerOp", "DynaMixerBlock", "Mlp", "DropPath", "PatchEmbed", "Downsample", "VisionBlock",
-           "VisionModel", "CONFIGS", "stage_resolutions", "dynamixer_s", "dynamixer_m", "dynamixer_l"]
+           "VisionModel", "CONFIGS", "PATCH_SIZE", "stage_resolutions", "eager_model"]
 
 
 class Mlp(nn.Module):
@@ -263,7 +263,7 @@ class VisionModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# The three published configurations (upstream models/configs/conf_dynamixer.py), patch size 7 at 224x224.
+# The three published configurations (upstream models/configs/conf_dynamixer.py), patch size PATCH_SIZE at 224x224.
 CONFIGS = {
     "s": dict(layers=[4, 3, 8, 3], transitions=[True, False, False, False], num_heads=[8, 16, 16, 16],
               mlp_ratios=[3, 3, 3, 3], embed_dims=[192, 384, 384, 384], reduced_dims=[2, 2, 2, 2]),
@@ -272,27 +272,16 @@ CONFIGS = {
     "l": dict(layers=[8, 8, 16, 4], transitions=[True, False, False, False], num_heads=[8, 16, 16, 16],
               mlp_ratios=[3, 3, 3, 3], embed_dims=[256, 512, 512, 512], reduced_dims=[8, 8, 8, 8]),
 }
+PATCH_SIZE = 7
 
 
-def build(variant: str, *, num_classes=1000, img_size=224, in_chans=3, patch_size=7, **kwargs) -> VisionModel:
-    """A published configuration (``"s"``, ``"m"``, ``"l"``); ``kwargs`` go to :class:`VisionModel`."""
+def eager_model(variant: str, *, num_classes=1000, img_size=224, in_chans=3, patch_size=PATCH_SIZE,
+                **kwargs) -> VisionModel:
+    """DynaMixer-``variant`` (``"s"``, ``"m"``, ``"l"``: 26,265,960 / 57,128,264 / 97,818,088 parameters at 1000
+    classes) with the eager upstream layers; ``kwargs`` go to :class:`VisionModel`. The fused network of the same
+    variant: :func:`dynamixer_ops.models.create`."""
     if variant not in CONFIGS:
         raise ValueError(f"unknown DynaMixer variant {variant!r}; expected one of {sorted(CONFIGS)}")
     config = dict(CONFIGS[variant], **kwargs)
     return VisionModel(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                        **config)
-
-
-def dynamixer_s(num_classes=1000, img_size=224, **kwargs) -> VisionModel:
-    """DynaMixer-S (26,265,960 parameters at 1000 classes): eager upstream layers."""
-    return build("s", num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def dynamixer_m(num_classes=1000, img_size=224, **kwargs) -> VisionModel:
-    """DynaMixer-M (57,128,264 parameters at 1000 classes): eager upstream layers."""
-    return build("m", num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def dynamixer_l(num_classes=1000, img_size=224, **kwargs) -> VisionModel:
-    """DynaMixer-L (97,818,088 parameters at 1000 classes): eager upstream layers."""
-    return build("l", num_classes=num_classes, img_size=img_size, **kwargs)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from helpers import assert_matches_reference, make_inputs, tolerance
+from dynamixer_ops.testing import assert_matches_reference, make_inputs, tolerance
 
 H100_SMEM_OPTIN = 232448      # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 

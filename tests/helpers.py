@@ -1,15 +1,13 @@
 """Test-only glue: the grid's axes and small runners. The facts that benchmarks share (shapes, inputs, the
 float64 reference and the pass rule: relative error, tolerances, rounding floors, the asserts that apply them)
-live in :mod:`dynamixer_ops.testing` and are re-exported here for the tests."""
+live in :mod:`dynamixer_ops.testing`; the tests import them from there."""
 from __future__ import annotations
 
 import torch
 
 import dynamixer_ops
 from dynamixer_ops.backends import env_flag, get_backend
-from dynamixer_ops.testing import (GRAD_NAMES, assert_all_close, assert_close_rel,  # noqa: F401  (re-exported)
-                                   assert_matches_reference, cancellation_floor, make_inputs, reference_outputs,
-                                   relative_error, rounding_scales, tolerance)
+from dynamixer_ops.testing import assert_close_rel
 
 # Every dtype the op accepts: the grid's dtype axis, cut per backend by supported_dtypes.
 GRID_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -293,7 +293,7 @@ def test_model_mode_without_the_models_module_says_so(monkeypatch, capsys):
 def _has_models():
     try:
         from dynamixer_ops import models, upstream  # noqa: F401
-        return hasattr(models, "dynamixer_s") and hasattr(upstream, "dynamixer_s")
+        return hasattr(models, "create") and hasattr(upstream, "eager_model")
     except ImportError:
         return False
 

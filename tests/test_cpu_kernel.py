@@ -12,9 +12,9 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from dynamixer_ops.testing import relative_error
 
-from helpers import GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, tolerance
+from dynamixer_ops.testing import (GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, relative_error,
+                                   tolerance)
 
 pytestmark = pytest.mark.skipif("cpu" not in dynamixer_ops.available_backends("cpu"),
                                 reason="the native CPU backend is not built")

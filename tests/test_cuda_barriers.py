@@ -17,7 +17,7 @@ import torch
 
 from cuda_emu_build import load_cuda_emulator
 from cuda_emu_cases import EMU_DTYPES, H100_SMEM_OPTIN, KERNEL_SHAPES, check_case, run_emulator
-from helpers import make_inputs
+from dynamixer_ops.testing import make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "dynamic_mix_cuda.cu")   # the file the emulator's mutants edit

@@ -28,7 +28,7 @@ from dynamixer_ops import dynamic_mix
 from cuda_emu_build import load_cuda_emulator
 from cuda_emu_cases import (EMU_DTYPES, H100_SMEM_OPTIN, KERNEL_SHAPES, check_case, emulate, emulated_tolerance,
                             run_emulator, run_racechecked)
-from helpers import assert_matches_reference, make_inputs, tolerance
+from dynamixer_ops.testing import assert_matches_reference, make_inputs, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

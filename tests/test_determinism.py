@@ -10,8 +10,9 @@ import torch
 
 from dynamixer_ops import dynamic_mix
 
-from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, backend_dtype_triples, is_interpreted,
-                     make_inputs, reference_outputs, supported_dtypes, tolerance, torch_threads, triple_id)
+from dynamixer_ops.testing import GRAD_NAMES, assert_close_rel, make_inputs, reference_outputs, tolerance
+from helpers import (backend_device_pairs, backend_dtype_triples, is_interpreted, supported_dtypes, torch_threads,
+                     triple_id)
 
 
 def _dtype(backend, device):

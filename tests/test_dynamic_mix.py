@@ -8,8 +8,8 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from helpers import (assert_close_rel, assert_matches_reference, backend_device_pairs, is_interpreted, make_inputs,
-                     reference_outputs, supported_dtypes, tolerance)
+from dynamixer_ops.testing import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs, tolerance
+from helpers import backend_device_pairs, is_interpreted, supported_dtypes
 
 # (batch shape, L, C, S, d): L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence,
 # several hundred sequences (ragged against any block size), C/S = 1.

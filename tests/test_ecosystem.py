@@ -364,7 +364,7 @@ def test_flop_counter_counts_the_op_as_upstream(seed):
 def test_flop_counter_dynamixer_s_is_the_papers_7_3_gmacs():
     from dynamixer_ops import models
     counts = []
-    for build in (upstream.dynamixer_s, models.dynamixer_s):
+    for build in (lambda: upstream.eager_model("s"), models.dynamixer_s):
         torch.manual_seed(0)
         net = build().eval()
         with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:

@@ -15,7 +15,7 @@ from dynamixer_ops import deploy, dynamic_mix
 from dynamixer_ops.nn import DynaMixerBlock
 from dynamixer_ops.ops import BACKWARD_OP, FORWARD_OP, inferred_schema
 
-from helpers import assert_close_rel
+from dynamixer_ops.testing import assert_close_rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5

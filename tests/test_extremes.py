@@ -14,9 +14,10 @@ import math
 import pytest
 import torch
 
-from helpers import (GRAD_NAMES, assert_all_close, assert_close_rel, assert_matches_reference, assert_same_nonfinite,
-                     backend_dtype_triples, cancellation_floor, make_inputs, op_outputs, reference_outputs,
-                     relative_error, rounding_scales, tolerance, torch_threads, triple_id)
+from dynamixer_ops.testing import (GRAD_NAMES, assert_all_close, assert_close_rel, assert_matches_reference,
+                                   cancellation_floor, make_inputs, reference_outputs, relative_error, rounding_scales,
+                                   tolerance)
+from helpers import assert_same_nonfinite, backend_dtype_triples, op_outputs, torch_threads, triple_id
 
 TRIPLES = backend_dtype_triples()
 IDS = [triple_id(t) for t in TRIPLES]

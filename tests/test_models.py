@@ -12,7 +12,7 @@ from torch import nn
 
 from dynamixer_ops import models, upstream
 from dynamixer_ops import nn as dnn
-from helpers import assert_close_rel, tolerance
+from dynamixer_ops.testing import assert_close_rel, tolerance
 from test_modules import randomize_
 
 # Upstream README / docs/dynamic_mix.md: 1000 classes, 224x224.
@@ -27,7 +27,7 @@ def meta(factory, **kwargs):
 @pytest.mark.parametrize("variant", ["s", "m", "l"])
 def test_parameter_counts_and_keys_match_upstream(variant):
     fused = meta(getattr(models, f"dynamixer_{variant}"))
-    eager = meta(getattr(upstream, f"dynamixer_{variant}"))
+    eager = meta(upstream.eager_model, variant=variant)
     assert sum(p.numel() for p in eager.parameters()) == PARAMS[variant]
     assert sum(p.numel() for p in fused.parameters()) == PARAMS[variant]
     fused_sd, eager_sd = fused.state_dict(), eager.state_dict()
@@ -63,8 +63,8 @@ def s_pair():
     """DynaMixer-S at 28x28 (L = 4 then 2), eager with random weights and fused with the same weights; built on
     the meta device and materialised with to_empty() to skip the (slow, then overwritten) default init."""
     torch.manual_seed(0)
-    eager, fused = meta(upstream.dynamixer_s, num_classes=10, img_size=28), meta(models.dynamixer_s, num_classes=10,
-                                                                                  img_size=28)
+    eager = meta(upstream.eager_model, variant="s", num_classes=10, img_size=28)
+    fused = meta(models.dynamixer_s, num_classes=10, img_size=28)
     eager = randomize_(eager.to_empty(device="cpu")).eval()
     fused = fused.to_empty(device="cpu").eval()
     fused.load_state_dict(eager.state_dict(), strict=True)
@@ -85,7 +85,7 @@ def test_timm_create_model():
     assert {"dynamixer_s", "dynamixer_m", "dynamixer_l"} <= set(timm.list_models("dynamixer*"))
     with torch.device("meta"):
         model = timm.create_model("dynamixer_s", num_classes=10, img_size=56, drop_path_rate=0.1)
-    eager = meta(upstream.dynamixer_s, num_classes=10, img_size=56)
+    eager = meta(upstream.eager_model, variant="s", num_classes=10, img_size=56)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
     assert isinstance(model.network[0][0].attn, dnn.DynaMixerBlock)
     assert model.network[0][0].attn.mix_h.seq_len == 8 and model.network[2][0].attn.mix_h.seq_len == 4

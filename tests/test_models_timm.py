@@ -18,7 +18,7 @@ timm = pytest.importorskip("timm")
 
 from dynamixer_ops import models, upstream  # noqa: E402
 from dynamixer_ops import nn as dnn  # noqa: E402
-from helpers import assert_close_rel, tolerance  # noqa: E402
+from dynamixer_ops.testing import assert_close_rel, tolerance  # noqa: E402
 from test_modules import randomize_  # noqa: E402
 
 VARIANTS = ("s", "m", "l")
@@ -37,7 +37,7 @@ def fused_small(variant, **kwargs):
 
 def upstream_small(variant, **kwargs):
     kwargs = dict(SMALL[variant], img_size=SIDE, num_classes=5) | kwargs
-    return randomize_(upstream.build(variant, **kwargs)).eval()
+    return randomize_(upstream.eager_model(variant, **kwargs)).eval()
 
 
 def pair(variant, **kwargs):
@@ -84,7 +84,7 @@ def test_pretrained_cfg_and_keys(variant):
     assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
     assert model.num_features == model.head_hidden_size == upstream.CONFIGS[variant]["embed_dims"][-1]
     with torch.device("meta"):
-        eager = upstream.build(variant)
+        eager = upstream.eager_model(variant)
     assert [(k, v.shape) for k, v in model.state_dict().items()] == \
         [(k, v.shape) for k, v in eager.state_dict().items()]
     # the data config follows img_size / in_chans (the mixing lengths are weight shapes)

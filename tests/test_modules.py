@@ -16,7 +16,7 @@ import dynamixer_ops
 from dynamixer_ops import nn as dnn
 from dynamixer_ops import upstream
 from dynamixer_ops.reference import upstream_mix
-from helpers import assert_close_rel, relative_error, tolerance
+from dynamixer_ops.testing import assert_close_rel, relative_error, tolerance
 
 BACKENDS = dynamixer_ops.available_backends("cpu")
 TOL32 = tolerance(torch.float32, "cpu")

@@ -19,8 +19,8 @@ from hypothesis import given, strategies as st
 from dynamixer_ops import dynamic_mix
 
 from _hypothesis_profiles import scaled_settings
-from helpers import (assert_close_rel, assert_matches_reference, backend_dtype_triples, is_interpreted, make_inputs,
-                     reference_outputs, tolerance, torch_threads, triple_id)
+from dynamixer_ops.testing import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs, tolerance
+from helpers import backend_dtype_triples, is_interpreted, torch_threads, triple_id
 
 
 @pytest.fixture(autouse=True)

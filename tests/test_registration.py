@@ -6,7 +6,8 @@ import torch
 
 from dynamixer_ops import dynamic_mix
 
-from helpers import assert_close_rel, backend_device_pairs, make_inputs, reference_outputs, supported_dtypes
+from dynamixer_ops.testing import assert_close_rel, make_inputs, reference_outputs
+from helpers import backend_device_pairs, supported_dtypes
 
 
 def _dtype(backend, device):

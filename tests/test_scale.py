@@ -7,8 +7,8 @@ import torch
 
 import dynamixer_ops
 
-from helpers import (assert_matches_reference, backend_device_pairs, is_interpreted, make_inputs, op_outputs,
-                     supported_dtypes, tolerance)
+from dynamixer_ops.testing import assert_matches_reference, make_inputs, tolerance
+from helpers import backend_device_pairs, is_interpreted, op_outputs, supported_dtypes
 
 
 def _dtype(backend, device):

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs, tolerance
+from dynamixer_ops.testing import (MODEL_SHAPES, assert_close_rel, assert_matches_reference, make_inputs,
+                                   reference_outputs, tolerance)
 
 from dynamixer_ops.backends import env_flag
-from dynamixer_ops.testing import MODEL_SHAPES
 
 kernels = pytest.importorskip("dynamixer_triton.dynamic_mix", reason="triton is not installed")
 MixConfig = kernels.MixConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_matches_reference, make_inputs
+from dynamixer_ops.testing import assert_matches_reference, make_inputs
 
 kernels = pytest.importorskip("dynamixer_triton.dynamic_mix", reason="triton is not installed")
 

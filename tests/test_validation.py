@@ -15,8 +15,8 @@ from dynamixer_ops import BackendUnavailableError, dynamic_mix
 from dynamixer_ops.backends import get_backend, registered_backends
 from dynamixer_ops.reference import reference_forward as reference_mix
 
-from helpers import (GRAD_NAMES, assert_close_rel, backend_device_pairs, is_interpreted, make_inputs, reference_outputs,
-                     supported_dtypes, tolerance, torch_threads)
+from dynamixer_ops.testing import GRAD_NAMES, assert_close_rel, make_inputs, reference_outputs, tolerance
+from helpers import backend_device_pairs, is_interpreted, supported_dtypes, torch_threads
 
 # Validation runs before a backend is chosen, so every backend name, runnable here or not, gives the same errors.
 ALL_BACKENDS = ["auto", *sorted(set(registered_backends()) | {"cpu", "cuda", "triton"})]

@@ -27,6 +27,7 @@ import sys
 import torch
 
 from ..testing import MODEL_SHAPES, TOLERANCE
+from ..upstream import PATCH_SIZE
 from .machine import loadavg, machine_info, measure_roofline, versions
 from .model import MODELS, BenchError, run_model
 from .op import (BYTES_CONVENTION, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION, Shape,
@@ -146,16 +147,17 @@ examples:
                    help="torch.compile mode for 'compile' (default: max-autotune on GPU, 'default' on CPU)")
     p.add_argument("--model", choices=MODELS,
                    help="time the whole network instead of the op: images/s for inference and a training step, "
-                        "dynamixer_ops.models.<model>(backend=...) against dynamixer_ops.upstream.<model>() "
-                        "with the same weights")
+                        "dynamixer_ops.models.<model>(backend=...) against dynamixer_ops.upstream.eager_model(V) "
+                        "(V: the model's s, m or l) with the same weights")
     p.add_argument("--autocast", choices=sorted(DTYPE_BY_NAME), metavar="DTYPE",
                    help="with --model: run every network's forward under torch.autocast(device, DTYPE), parameters "
                         "and input in --dtype (e.g. --autocast bfloat16: mixed-precision inference and training)")
     p.add_argument("--convert", action="store_true",
-                   help="with --model: the fused networks are dynamixer_ops.convert(dynamixer_ops.upstream.<model>()) "
-                        "(only the DynaMixer layers swapped) instead of dynamixer_ops.models.<model>")
+                   help="with --model: the fused networks are dynamixer_ops.convert(dynamixer_ops.upstream."
+                        "eager_model(V)) (only the DynaMixer layers swapped) instead of dynamixer_ops.models.<model>")
     p.add_argument("--img-size", type=int, default=224, metavar="PX",
-                   help="with --model: input resolution; the mixing length is PX/7 in the first stage (default 224)")
+                   help=f"with --model: input resolution; the mixing length is PX/{PATCH_SIZE} in the first stage "
+                        "(default 224)")
     p.add_argument("--json", metavar="PATH", help="write machine, versions, settings and every figure as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write a PNG of the speedups over eager (needs matplotlib)")
     p.add_argument("--quick", action="store_true",
@@ -231,8 +233,9 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
             p.error(f"argument {name}: must be > 0 ms, got {value}")
     if args.model and args.sequences is not None:
         p.error("argument --sequences: not allowed with --model (use --batch, in images)")
-    if args.img_size < 7 or args.img_size % 7:
-        p.error(f"argument --img-size: must be a positive multiple of the patch size 7, got {args.img_size}")
+    if args.img_size < PATCH_SIZE or args.img_size % PATCH_SIZE:
+        p.error(f"argument --img-size: must be a positive multiple of the patch size {PATCH_SIZE}, "
+                f"got {args.img_size}")
     if args.autocast and not args.model:
         p.error("argument --autocast: only with --model (the op's benchmark takes --dtype)")
     if args.convert and not args.model:

@@ -31,19 +31,17 @@ def _load_model_modules():
 def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     models, upstream = _load_model_modules()
     name = args.model
-    for mod, what in ((models, "dynamixer_ops.models"), (upstream, "dynamixer_ops.upstream")):
-        if not hasattr(mod, name):
-            raise BenchError(f"{what} has no {name}()")
+    variant = name.removeprefix("dynamixer_")
     torch.manual_seed(0)
     kw = {"img_size": args.img_size}
-    base = getattr(upstream, name)(**kw).eval()
+    base = upstream.eager_model(variant, **kw).eval()
     state = base.state_dict()
     size = (3, args.img_size, args.img_size)
     B = args.batch
     x = torch.randn(B, *size, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     n_check = min(B, 2 if device.type == "cpu" else 8)
     # float64 upstream network: the truth for outputs and parameter gradients on the first n_check images
-    ref_net = getattr(upstream, name)(**kw).double().eval()
+    ref_net = upstream.eager_model(variant, **kw).double().eval()
     ref_net.load_state_dict(state)
     x64 = x[:n_check].double()
     ref_out = ref_net(x64)
@@ -65,11 +63,11 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
             continue
         try:
             if bname in BASELINES:
-                net = getattr(upstream, name)(**kw)
+                net = upstream.eager_model(variant, **kw)
             elif args.convert:
-                net = convert(getattr(upstream, name)(**kw), backend=bname)
+                net = convert(upstream.eager_model(variant, **kw), backend=bname)
             else:
-                net = getattr(models, name)(backend=bname, **kw)
+                net = models.create(variant, backend=bname, **kw)
             net.load_state_dict(state)
             net = net.to(device=device, dtype=dtype)
             if bname == "compile":

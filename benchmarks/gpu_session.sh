@@ -1,35 +1,35 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine, and the CPU checks that come before it.
+# A time-budgeted GPU check and benchmark run, and the CPU checks that come before it.
 #
-#   bash benchmarks/gpu_session.sh             # on the GPU machine: every step below, within SESSION_BUDGET
-#   bash benchmarks/gpu_session.sh preflight   # on any CPU box: re-check the installed stack before a session
-#   bash benchmarks/gpu_session.sh dry-run     # on any CPU box: every session step at CPU sizes
+#   bash benchmarks/gpu_session.sh             # on an NVIDIA GPU machine: every step below, within SESSION_BUDGET
+#   bash benchmarks/gpu_session.sh check bench # only the steps named (install first where the build is not there yet)
+#   bash benchmarks/gpu_session.sh preflight   # on any CPU box: re-check the installed stack before a GPU run
+#   bash benchmarks/gpu_session.sh dry-run     # on any CPU box: every step at CPU sizes
 #
-# The lent machine (Python 3.12, torch 2.11.0+cu130, torchvision 0.26.0, triton 3.6.0, timm, pytest; no registry)
-# gets 15 minutes of device time per task, its start (1-2 min) included, one command at most 10 minutes. So the
-# whole session is ONE device call, steps ordered by the value of what they tell, each bounded by a timeout and
-# by what is left of SESSION_BUDGET (default 450 s), so that it ends inside the call's timeout:
-#     device tool: run(command="bash benchmarks/gpu_session.sh", timeout_s=480)
-# which leaves about 5 minutes of the lease for one short rerun of a step on the still-warm machine, e.g.
-#     run(command="SESSION_BUDGET=200 bash benchmarks/gpu_session.sh install check", timeout_s=230)
+# The whole run is bounded by SESSION_BUDGET (seconds, default 450): the steps run in the order of the value of what
+# they tell, each bounded by its own cap and by what is left of the budget, so the run ends inside the budget and a
+# run cut short still leaves what it did. The tested stack it was prepared for: Python 3.12, torch 2.11.0+cu130,
+# torchvision 0.26.0, triton 3.6.0, timm, pytest (where it has run: README, "What has run where").
 #
-# Steps (expected wall time on the H200 machine, estimated from the CPU dry run and compile times: NOT measured):
+# Steps (expected wall time on an H200, estimated from the CPU dry run and compile times: NOT measured):
 #   machine   nvidia-smi, versions                                                   ~5 s
 #   install   build into build/stacks/<stack>/ (CUDA kernels for the visible GPU); on a failed CUDA build, a
 #             CPU-kernels-only build, so that the Triton steps still run         ~60-180 s (cap 240)
 #   check     benchmarks/gpu_tasks.py check: every GPU backend, fp32/bf16/fp16, forward + five gradients vs
-#             float64, six model shapes + odd ones, 12 processes (Triton compiles)  ~60-120 s (cap 180)
+#             float64, six model shapes + the test suite's odd shapes, 12 processes (Triton compiles)  ~60-120 s
+#             (cap 180)
 #   sanitize  NVIDIA compute-sanitizer, memcheck, racecheck, synccheck and initcheck, each over one small forward +
 #             backward per kernel family (CUDA tensor cores bf16 and tf32, CUDA SIMT fp32, Triton bf16 and fp32),
 #             PyTorch's caching allocator off so that memcheck sees each tensor's own bounds  ~60-90 s (cap 120)
 #   bench     dynamixer-bench: every backend vs eager and torch.compile (COMPILE_MODE, default 'default'),
 #             bf16, 128 images, six shapes, fwd and fwd+bwd                       ~60-120 s (cap 150)
-#   train     benchmarks/gpu_tasks.py train: DynaMixer-S training step, bf16 autocast, 128 images  ~30-60 s (cap 90)
+#   train     dynamixer-bench --model dynamixer_s --optimizer adamw: the training step (fp32 weights, bf16
+#             autocast, 128 images), checked against the float64 upstream network  ~30-60 s (cap 90)
 #   tests     pytest: the backend grid, the CUDA and Triton cases and determinism on the GPU  ~60-90 s (cap 120)
 #   autotune  dynamixer-bench against torch.compile(mode="max-autotune") at s1 and l1  ~60-120 s (cap 150)
 #   tune      benchmarks/gpu_tasks.py tune: Triton launch-table sweep with whatever time is left
-# Everything lands in $OUT: summary.txt (printed last) and session.tgz (every log and JSON), repacked after each
-# step, so that a call stopped early still brings back what was done (the tool returns at most 8 files).
+# Everything lands in $OUT (default ./gpu_out): summary.txt (printed last) and session.tgz (every log and JSON),
+# repacked after each step, so that a run stopped early still leaves what was done.
 #
 # preflight (CPU): the checks that need no GPU, under whatever python/torch/triton is on PATH:
 #   1. build this checkout into build/stacks/py<ver>-torch<ver>-triton<ver>/ (a copy of the tracked and untracked
@@ -39,7 +39,7 @@
 #      the interpreter (tests/conftest.py);
 #   3. tools/triton_resource_usage.py --arch 90 with the installed Triton's own compiler and ptxas: every kernel at
 #      every model shape in bf16, fp16, fp32 and fp32 with tf32 dots must compile and fit shared memory.
-#   e.g. /work/venvs/stack211/bin/activate first for torch 2.11 + triton 3.6 (the lent machine's stack).
+#   Run it in a venv of the tested stack (above), then again in one of the pinned stack of README's commands.
 # dry-run (CPU): the same build, then every session step with CPU sizes (TRITON_INTERPRET=1).
 #
 # Knobs: SESSION_BUDGET=S (seconds for the whole session), OUT=DIR, COMPILE_MODE=M (torch.compile mode of the
@@ -66,7 +66,7 @@ esac
 
 FN=(bash "$SELF" __fn)   # "${FN[@]}" FUNCTION ARGS...: a function of this script as a command for timeout
 
-pack() {   # keep $OUT within the tool's limits: two files, rewritten after every step
+pack() {   # $OUT holds two files, rewritten after every step
   cp "$SUMMARY" "$OUT/summary.txt"
   tar czf "$OUT/session.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/session.tgz.tmp" "$OUT/session.tgz"
 }
@@ -114,7 +114,7 @@ copy_tree() {   # the checkout's tracked and untracked-but-not-ignored files int
   find "$SRC" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
   if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     git -C "$ROOT" ls-files -z -co --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$SRC" -xf -
-  else   # a copy without .git (e.g. the device machine's): everything but outputs
+  else   # a copy of the files without .git: everything but outputs
     tar -C "$ROOT" --exclude=./build --exclude=./.git --exclude='*.so' --exclude=__pycache__ --exclude=./gpu_out \
       -cf - . | tar -C "$SRC" -xf -
   fi
@@ -236,10 +236,13 @@ step_bench() {
     --backends all --compile-mode "${COMPILE_MODE:-default}" --json "$WORK/bench.json" --plain
 }
 
+TRAIN_SIZE=(--batch 128 --dtype float32 --autocast bfloat16 --backends eager cuda triton)
+[ "$MODE" = dry-run ] && TRAIN_SIZE=(--batch 2 --img-size 28 --dtype float32 --backends eager cpu --warmup 1 --repeat 4
+                                     --rounds 1)
+
 step_train() {
-  local extra=()
-  [ "$MODE" = dry-run ] && extra=(--dry-run)
-  run_step train 90 "${FN[@]}" in_build "$PY" benchmarks/gpu_tasks.py train --device "$DEVICE" --json "$WORK/train.json" "${extra[@]}"
+  run_step train 90 "${FN[@]}" in_build "$PY" -m dynamixer_ops.bench --device "$DEVICE" --model dynamixer_s \
+    --direction fwdbwd --optimizer adamw "${TRAIN_SIZE[@]}" --json "$WORK/train.json" --plain
 }
 
 step_tests() {
@@ -295,9 +298,8 @@ summary() {
       echo "--- $f"
       case $f in
         check) grep -A 40 "^check summary" "$WORK/$f.log" | head -40 ;;
-        train) grep -A 10 "^train step" "$WORK/$f.log" ;;
         tune) grep -A 20 "^tune: best" "$WORK/$f.log" ;;
-        bench|autotune) grep -v -E "^\s*$|^\[" "$WORK/$f.log" | tail -n 45 ;;
+        bench|autotune|train) grep -v -E "^\s*$|^\[" "$WORK/$f.log" | tail -n 45 ;;
       esac
     done
   } > "$WORK/summary_tail.txt"

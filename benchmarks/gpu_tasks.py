@@ -1,8 +1,7 @@
-"""The steps of benchmarks/gpu_session.sh that the bench CLI does not do: the correctness grid of every GPU backend,
-the DynaMixer-S training step under bf16 autocast, and a sweep over the Triton launch table.
+"""The steps of benchmarks/gpu_session.sh that the bench CLI does not do: the correctness grid of every GPU backend
+and a sweep over the Triton launch table (the training step is ``dynamixer-bench --model ... --optimizer adamw``).
 
     python benchmarks/gpu_tasks.py check  [--device cuda] [--workers 8] [--json PATH]
-    python benchmarks/gpu_tasks.py train  [--device cuda] [--images 128] [--json PATH]
     python benchmarks/gpu_tasks.py tune   [--device cuda] [--budget 120] [--json PATH]
 
 Each prints one line per case as it goes (a step stopped by its timeout keeps what it printed) and a table at the
@@ -12,9 +11,10 @@ README.md, "What has run where".
 
 check: forward and all five gradients of every backend that runs on the device (``reference`` aside) in fp32,
 bf16 and fp16 against the float64 reference, with the test suite's pass rule (dynamixer_ops.testing), at the six
-model shapes (a few images each) and the odd ones (L = 7/14, C/S = 24, d = 1/3/8, a transposed input, N = 1).
-The cases are split over ``--workers`` processes: compiling the Triton kernels for each shape and dtype is the
-slow part, and it runs on the CPU.
+model shapes (a few images each) and the test suite's backend grid of odd shapes
+(``dynamixer_ops.testing.odd_shapes("backends")``: L = 5/7/14/28, C/S = 1/24, d = 1..8, transposed and sliced
+inputs, N = 1 and N = 300). The cases are split over ``--workers`` processes: compiling the Triton kernels for each
+shape and dtype is the slow part, and it runs on the CPU.
 """
 from __future__ import annotations
 
@@ -31,22 +31,16 @@ import torch
 import dynamixer_ops
 from dynamixer_ops.backends import get_backend
 from dynamixer_ops.bench import DTYPE_BY_NAME, timing
-from dynamixer_ops.testing import MODEL_SHAPES, assert_matches_reference, make_inputs, tolerance
+from dynamixer_ops.testing import MODEL_SHAPES, assert_matches_reference, make_inputs, odd_shapes, tolerance
 
 # The dtypes `check` runs, by their short names (dynamixer_ops.bench.DTYPE_BY_NAME).
 CHECK_DTYPES = ("fp32", "bf16", "fp16")
 
-# name -> (sequence batch shape, L, C, S, d, layout); the model shapes get `images` images: L sequences each.
-ODD_CASES = {
-    "L7-e24-d1": ((5,), 7, 48, 2, 1, "contiguous"),
-    "L14-e24-d3": ((6,), 14, 96, 4, 3, "contiguous"),
-    "L14-e24-d8": ((3,), 14, 48, 2, 8, "contiguous"),
-    "L28-e24-d2": ((4,), 28, 96, 4, 2, "contiguous"),
-    "L7-e24-d2-transposed": ((2, 7), 7, 48, 2, 2, "transposed"),
-    "L32-e32-d8-transposed": ((2, 32), 32, 64, 2, 8, "transposed"),
-    "L7-e24-d2-N1": ((1,), 7, 48, 2, 2, "contiguous"),
-    "L32-e24-d2-N1": ((1,), 32, 48, 2, 2, "contiguous"),
-}
+# name -> (sequence batch shape, L, C, S, d, layout): the model shapes get `images` images (L sequences each); the odd
+# ones are dynamixer_ops.testing's "backends" odd shapes, the test suite's backend grid.
+ODD_CASES = {shape.name: (*shape.sizes, shape.layout) for shape in odd_shapes("backends")}
+# --dry-run: the interpreter runs every program in Python: two small cases per backend and dtype
+DRY_RUN_CASES = ("L7-S2-e24-d2-N1", "L7-S2-e24-d2-N2x7-transposed")
 
 
 def _write_json(path, payload):
@@ -83,8 +77,8 @@ def median_seconds(fn, device, budget_ms=200.0):
 def check_cases(device, images, dry_run):
     backends = [b for b in dynamixer_ops.available_backends(device.type) if b != "reference"]
     shapes = {f"model-{k}": ((images * v[0],), *v, "contiguous") for k, v in MODEL_SHAPES.items()}
-    if dry_run:    # the interpreter runs every program in Python: two small cases per backend and dtype
-        shapes, odd = {}, {k: ODD_CASES[k] for k in ("L7-e24-d2-N1", "L7-e24-d2-transposed")}
+    if dry_run:
+        shapes, odd = {}, {k: ODD_CASES[k] for k in DRY_RUN_CASES}
     else:
         odd = ODD_CASES
     cases = []
@@ -166,79 +160,6 @@ def cmd_check(args, device):
     for r in bad:
         print(f"  {r['status']} {r['backend']} {r['dtype']} {r['case']} seed={r['seed']}: {r['message']}")
     return 0 if not bad and not missing and not any(codes) else 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# train
-
-def cmd_train(args, device):
-    """One training step of DynaMixer-S (forward, cross-entropy, backward, AdamW step) under bf16 autocast with
-    fp32 weights, upstream eager model against the fused models (same initial weights). On a CPU (dry runs) in
-    plain fp32: the CPU kernel has no bf16, and CPU autocast is slow."""
-    import contextlib
-    from dynamixer_ops import models, upstream
-    images, img = (2, 28) if args.dry_run else (args.images, 224)
-    torch.manual_seed(0)
-    base = upstream.dynamixer_s(img_size=img)
-    state = base.state_dict()
-    x = torch.randn(images, 3, img, img, device=device)
-    labels = torch.randint(0, 1000, (images,), device=device)
-    backends = ["eager"] + [b for b in dynamixer_ops.available_backends(device.type) if b != "reference"]
-    if args.dry_run:    # the step's code is the same for every fused backend; the interpreter would take minutes
-        backends = [b for b in backends if b in ("eager", "cpu")]
-    rows, losses, grads = [], {}, {}
-    for name in backends:
-        row = dict(backend=name, images=images, img_size=img, autocast="bfloat16" if device.type == "cuda" else None)
-
-        def autocast():
-            return (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        try:
-            net = upstream.dynamixer_s(img_size=img) if name == "eager" else models.dynamixer_s(
-                img_size=img, backend=name)
-            net.load_state_dict(state)
-            net = net.to(device).train()
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
-
-            def step(net=net, opt=opt):
-                opt.zero_grad(set_to_none=True)
-                with autocast():
-                    loss = torch.nn.functional.cross_entropy(net(x), labels)
-                loss.backward()
-                opt.step()
-                return loss
-
-            # correctness of the step itself: loss and gradients of the first step against eager's
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(net(x), labels)
-            loss.backward()
-            losses[name] = loss.item()
-            grads[name] = torch.cat([p.grad.double().flatten() for _, p in sorted(net.named_parameters())])
-            if name != "eager" and "eager" in grads:
-                ref = grads["eager"]
-                row["grad_rel_diff_vs_eager"] = ((grads[name] - ref).norm() / ref.norm()).item()
-                row["loss_diff_vs_eager"] = abs(losses[name] - losses["eager"])
-            seconds = median_seconds(step, device, budget_ms=50 if args.dry_run else 1500)
-            row.update(status="ok", median_ms=seconds * 1e3, images_per_s=images / seconds, loss=losses[name])
-        except Exception as exc:  # noqa: BLE001
-            row.update(status="ERROR", message=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
-        rows.append(row)
-        eager = next((r for r in rows if r["backend"] == "eager" and r["status"] == "ok"), None)
-        if eager and row.get("median_ms"):
-            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-        print(json.dumps(row), flush=True)
-        _write_json(args.json, {"versions": _versions(device), "rows": rows})
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"train step, DynaMixer-S, {images} images {img}px, {precision}, AdamW:")
-    for r in rows:
-        if r["status"] == "ok":
-            print(f"  {r['backend']:8} {r['median_ms']:9.2f} ms  {r['images_per_s']:8.1f} img/s  "
-                  f"x{r.get('speedup_vs_eager', 1.0):.2f} vs eager  grad diff vs eager "
-                  f"{r.get('grad_rel_diff_vs_eager', 0.0):.2e}")
-        else:
-            print(f"  {r['backend']:8} {r['status']} {r.get('message', '')}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,10 +264,10 @@ def cmd_tune(args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("task", choices=["check", "train", "tune"])
+    p.add_argument("task", choices=["check", "tune"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=None,
-                   help="check: images per model shape (default 4); train, tune: images per call (default 128)")
+                   help="check: images per model shape (default 4); tune: images per call (default 128)")
     p.add_argument("--workers", type=int, default=8, help="check: processes (default 8)")
     p.add_argument("--budget", type=float, default=120.0, help="tune: seconds (default 120)")
     p.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(3), "little"))
@@ -359,7 +280,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.worker is None:
         print(f"gpu_tasks {args.task}: {json.dumps(_versions(device))}", flush=True)
-    return {"check": cmd_check, "train": cmd_train, "tune": cmd_tune}[args.task](args, device)
+    return {"check": cmd_check, "tune": cmd_tune}[args.task](args, device)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reference, and the pass rule (relative error, tolerances, and the rounding floor
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from .reference import backward_terms, reference_forward, segments, unsegment
 from .upstream import CONFIGS, PATCH_SIZE, stage_resolutions
 
-__all__ = ["MODEL_SHAPES", "model_shapes", "TOLERANCE", "MODEL_TOLERANCE", "tolerance", "make_inputs",
+__all__ = ["MODEL_SHAPES", "model_shapes", "OddShape", "ODD_SHAPES", "odd_shapes", "TOLERANCE", "MODEL_TOLERANCE",
+           "tolerance", "make_inputs",
            "linear_init_inputs", "reference_outputs", "relative_error", "GRAD_NAMES", "CANCELLATION_FLOOR",
            "ROUNDED_OPERANDS_FLOOR", "cancellation_floor", "rounding_scales", "reference_floors",
            "assert_close_rel", "assert_all_close", "assert_matches_reference"]
@@ -37,6 +39,106 @@ def model_shapes(img_size: int = 224, patch_size: int = PATCH_SIZE) -> dict[str,
 # At 224x224 input: s1 (32, 192, 8, 2), s2 (16, 384, 16, 2), m1 (32, 256, 8, 2), m3 (16, 512, 16, 2),
 # l1 (32, 256, 8, 8), l2 (16, 512, 16, 8).
 MODEL_SHAPES = model_shapes()
+
+@dataclasses.dataclass(frozen=True)
+class OddShape:
+    """An awkward problem: x is ``(*batch, L, C)`` in ``layout`` (:func:`make_inputs`; "transposed" takes a
+    two-dim batch (B, W)), S segments of C/S channels, reduced dim d. ``checks``: the grids that run it
+    (:data:`ODD_SHAPES`)."""
+    batch: tuple[int, ...]
+    L: int
+    C: int
+    S: int
+    d: int
+    layout: str = "contiguous"
+    checks: tuple[str, ...] = ("backends",)
+
+    @property
+    def name(self) -> str:
+        """e.g. ``L7-S2-e24-d1-N1`` (e = C/S), ``L14-S2-e24-d2-N2x3-transposed``: a test id."""
+        layout = "" if self.layout == "contiguous" else f"-{self.layout}"
+        return f"L{self.L}-S{self.S}-e{self.C // self.S}-d{self.d}-N{'x'.join(map(str, self.batch))}{layout}"
+
+    @property
+    def sizes(self) -> tuple[tuple[int, ...], int, int, int, int]:
+        """``(batch, L, C, S, d)``: the first five arguments of :func:`make_inputs`."""
+        return self.batch, self.L, self.C, self.S, self.d
+
+
+def _odd(batch, L, C, S, d, layout="contiguous", checks="backends") -> OddShape:
+    return OddShape(tuple(batch), L, C, S, d, layout, tuple(checks.split()))
+
+
+# Every awkward shape the checks run, once. ``checks`` names the grids that take a shape:
+#   backends  every backend x dtype, forward and five gradients (tests/test_dynamic_mix.py on this machine's
+#             devices, benchmarks/gpu_tasks.py check on a GPU: one grid)
+#   cuda      the CUDA kernels' own edges (emulated on the CPU, tests/cuda_emu_cases.py; run on a GPU)
+#   cpu       the C++ CPU kernel's vector tails on every instruction set (tests/test_cpu_kernel.py)
+#   modules   DynaMixerOp against the upstream layer (tests/test_modules.py; contiguous, one batch dim)
+ODD_SHAPES = (
+    # backends: L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence, several hundred
+    # sequences (ragged against any block size), C/S = 1, transposed and sliced views of x.
+    _odd((1,), 7, 48, 2, 1),
+    _odd((3,), 14, 96, 4, 2),
+    _odd((2, 3), 16, 128, 4, 2),
+    _odd((2,), 32, 64, 2, 8),
+    _odd((2,), 28, 48, 2, 2),
+    _odd((300,), 7, 64, 2, 2),
+    _odd((4,), 5, 3, 3, 3),
+    _odd((2, 3), 14, 48, 2, 2, "transposed"),
+    _odd((3,), 7, 48, 2, 1, "sliced"),
+    _odd((5,), 7, 48, 2, 1),
+    _odd((6,), 14, 96, 4, 3),
+    _odd((3,), 14, 48, 2, 8),
+    _odd((4,), 28, 96, 4, 2),
+    _odd((2, 7), 7, 48, 2, 2, "transposed"),
+    _odd((2, 32), 32, 64, 2, 8, "transposed"),
+    _odd((1,), 7, 48, 2, 2),
+    _odd((1,), 32, 48, 2, 2),
+    # cuda: SIMT channel chunks of 32 (e = 40 is 32 + 8, e = 33), reduce passes of 8 reduced values (d = 9), tiles
+    # of up to 8 sequences (N = 11: a ragged last tile), L = 1 (P = 1), the model shapes' L = 32 / 16 with
+    # C/S = 24 and 32.
+    _odd((11,), 7, 80, 2, 2, checks="cuda"),
+    _odd((2,), 5, 66, 2, 9, checks="cuda"),
+    _odd((3,), 1, 16, 2, 2, checks="cuda"),
+    _odd((2,), 32, 48, 2, 2, checks="cuda"),
+    _odd((9,), 16, 64, 2, 8, checks="cuda"),
+    _odd((2, 3), 14, 48, 2, 1, checks="cuda"),
+    # cuda, the tensor-core kernels' edges: a block holds ceil(16 / S) sequences x S segments in 16-row tiles, so
+    # S = 3 (6 sequences, 18 rows: a second, partial tile; N = 7: a ragged last block) and S = 20 (1 sequence, 20
+    # rows) with N = 1 and L = 28 (padded to 32, L*L = 784); S * d = 40 reduced values: grad_x on tensor cores
+    # stages them in two steps of 32.
+    _odd((7,), 7, 72, 3, 2, checks="cuda"),
+    _odd((1,), 28, 160, 20, 1, checks="cuda"),
+    _odd((3,), 7, 40, 5, 8, checks="cuda"),
+    # cpu: every vector-width tail (L and C/S of 1..40, not multiples of 16 or 8), d = 1..8, and batches that are
+    # not a multiple of the block size, nor of the chunk count.
+    _odd((1,), 7, 24, 1, 1, checks="cpu modules"),
+    _odd((5,), 14, 72, 3, 8, checks="cpu"),
+    _odd((37,), 32, 192, 8, 2, checks="cpu"),
+    _odd((70,), 32, 64, 2, 2, checks="cpu"),              # 18 blocks in 16 chunks: chunks of one and two blocks
+    _odd((3, 4), 28, 96, 4, 2, "transposed", checks="cpu"),
+    _odd((4,), 5, 3, 3, 1, "sliced", checks="cpu"),
+    _odd((2,), 40, 80, 2, 3, checks="cpu"),
+    _odd((3,), 1, 8, 8, 2, checks="cpu"),
+    _odd((9,), 7, 24, 1, 3, checks="cpu"),                # bf16 dots: odd L and odd S*d padded to pairs
+    _odd((2, 9), 9, 8, 4, 1, "transposed", checks="cpu"),  # bf16 dots: segments of one channel pair, strided rows
+    _odd((2,), 1, 1, 1, 1, checks="cpu"),                 # bf16 weight packing of 1 x 1 matrices (size-1 strides)
+    # modules (with the first cpu shape): a few sequences of L = 8/14/28, one to four segments, d = 2/8.
+    _odd((3,), 14, 48, 2, 2, checks="modules"),
+    _odd((2,), 8, 64, 4, 8, checks="modules"),
+    _odd((2,), 28, 24, 1, 2, checks="modules"),
+)
+
+
+def odd_shapes(check: str) -> list[OddShape]:
+    """The shapes of :data:`ODD_SHAPES` that the grid ``check`` runs ("backends", "cuda", "cpu", "modules")."""
+    shapes = [s for s in ODD_SHAPES if check in s.checks]
+    if not shapes:
+        raise ValueError(f"no odd shape is run by {check!r}; checks: "
+                         f"{sorted({c for s in ODD_SHAPES for c in s.checks})}")
+    return shapes
+
 
 # Bounds on ||out - ref|| / ||ref|| against the float64 reference on the same inputs (docs/dynamic_mix.md,
 # "Tolerances"): float32 under 1e-5 on a CPU and about 1e-3 where a GPU may run its dots in tf32 (2e-3 leaves

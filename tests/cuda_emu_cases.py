@@ -6,28 +6,12 @@ import os
 
 import torch
 
-from dynamixer_ops.testing import assert_matches_reference, make_inputs, tolerance
+from dynamixer_ops.testing import assert_matches_reference, make_inputs, odd_shapes, tolerance
 
 H100_SMEM_OPTIN = 232448      # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 
-# (batch shape, L, C, S, d), chosen for the CUDA kernels' own edges: SIMT channel chunks of 32 (e0 = 40 is 32 + 8,
-# e0 = 33), reduce passes of 8 reduced values (d = 9), tiles of up to 8 sequences (N = 11: a ragged last
-# tile), L = 1 (P = 1), the model shapes' L = 32 / 16 with C/S = 24 and 32.
-KERNEL_SHAPES = {
-    "L7-e40-d2-N11": ((11,), 7, 80, 2, 2),
-    "L5-e33-d9": ((2,), 5, 66, 2, 9),
-    "L1-e8-d2": ((3,), 1, 16, 2, 2),
-    "L32-e24-d2": ((2,), 32, 48, 2, 2),
-    "L16-e32-d8-N9": ((9,), 16, 64, 2, 8),
-    "L14-e24-d1-2x3": ((2, 3), 14, 48, 2, 1),
-    # The tensor-core kernels' edges: a block holds ceil(16 / S) sequences x S segments in 16-row tiles, so S = 3
-    # (6 sequences, 18 rows: a second, partial tile; N = 7: a ragged last block) and S = 20 (1 sequence, 20 rows)
-    # with N = 1 and L = 28 (padded to 32, L*L = 784).
-    "L7-S3-e24-d2-N7": ((7,), 7, 72, 3, 2),
-    "L28-S20-e8-d1-N1": ((1,), 28, 160, 20, 1),
-    # S * d = 40 reduced values: grad_x on tensor cores stages them in two steps of 32.
-    "L7-S5-e8-d8-N3": ((3,), 7, 40, 5, 8),
-}
+# name -> (batch shape, L, C, S, d): dynamixer_ops.testing's "cuda" odd shapes, the CUDA kernels' own edges.
+KERNEL_SHAPES = {shape.name: shape.sizes for shape in odd_shapes("cuda")}
 
 # fp32 twice: exact (SIMT) and with tf32 allowed (tensor cores, tf32 tolerance as on a GPU).
 EMU_DTYPES = {"float32": (torch.float32, False), "float32-tf32": (torch.float32, True),

@@ -58,6 +58,7 @@ def test_help_explains_every_option(capsys):
     (["--autocast", "bfloat16"], "argument --autocast: only with --model"),
     (["--model", "dynamixer_s", "--autocast", "int8"], "argument --autocast: invalid choice: 'int8'"),
     (["--convert"], "argument --convert: only with --model"),
+    (["--optimizer", "adamw"], "argument --optimizer: only with --model"),
     (["--require", "cpu:fwd>1.3"], "argument --require: 'cpu:fwd>1.3' is not BACKEND:DIR>=X"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, expected, capsys):

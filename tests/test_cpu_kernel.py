@@ -13,8 +13,8 @@ import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
 
-from dynamixer_ops.testing import (GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, relative_error,
-                                   tolerance)
+from dynamixer_ops.testing import (GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, odd_shapes,
+                                   relative_error, tolerance)
 
 pytestmark = pytest.mark.skipif("cpu" not in dynamixer_ops.available_backends("cpu"),
                                 reason="the native CPU backend is not built")
@@ -41,30 +41,17 @@ def _run(inputs, S, grad_y):
     return y.detach(), torch.autograd.grad(y, leaves, grad_y)
 
 
-# (batch shape, L, C, S, d, layout): every vector-width tail (L and C/S of 1..40, not multiples of 16 or 8),
-# d = 1..8, and batches that are not a multiple of the block size, nor of the chunk count.
-ISA_SHAPES = [
-    ((1,), 7, 24, 1, 1, "contiguous"),
-    ((5,), 14, 72, 3, 8, "contiguous"),
-    ((37,), 32, 192, 8, 2, "contiguous"),
-    ((70,), 32, 64, 2, 2, "contiguous"),      # 18 blocks in 16 chunks: chunks of one and two blocks
-    ((3, 4), 28, 96, 4, 2, "transposed"),
-    ((4,), 5, 3, 3, 1, "sliced"),
-    ((2,), 40, 80, 2, 3, "contiguous"),
-    ((3,), 1, 8, 8, 2, "contiguous"),
-    ((9,), 7, 24, 1, 3, "contiguous"),        # bf16 dots: odd L and odd S*d padded to pairs
-    ((2, 9), 9, 8, 4, 1, "transposed"),       # bf16 dots: segments of one channel pair, strided rows
-    ((2,), 1, 1, 1, 1, "contiguous"),         # bf16 weight packing of 1 x 1 matrices (size-1 dims' strides)
-]
+# dynamixer_ops.testing's "cpu" odd shapes: every vector-width tail on every instruction set.
+ISA_SHAPES = odd_shapes("cpu")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", ISA_SHAPES, ids=lambda s: f"N{s[0]}-L{s[1]}-C{s[2]}-S{s[3]}-d{s[4]}-{s[5]}")
+@pytest.mark.parametrize("shape", ISA_SHAPES, ids=lambda s: s.name)
 def test_every_instruction_set_matches_reference(isa, dtype, shape, monkeypatch, seed):
     _use_isa(monkeypatch, isa)
-    batch, L, C, S, d, layout = shape
-    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=layout)
+    batch, L, C, S, d = shape.sizes
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device="cpu", layout=shape.layout)
     # grad_y with unit channel stride but gaps between rows: the kernel reads it with its strides.
     grad_y = torch.randn(*inputs[0].shape[:-2], L + 1, C + 3, dtype=dtype)[..., 1:, 2:C + 2]
     y, grads = _run(inputs, S, grad_y)

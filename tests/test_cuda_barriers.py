@@ -33,7 +33,7 @@ BARRIERS = barrier_lines(SOURCE)
 
 # The cases in the order a mutant meets them: small shapes that reach every kernel and loop first (S * d = 40: two
 # grad_x steps; 18 rows: two tensor-core row tiles; N = 11: several SIMT tiles and split-K steps).
-_FIRST = ["L7-S5-e8-d8-N3", "L7-S3-e24-d2-N7", "L7-e40-d2-N11"]
+_FIRST = ["L7-S5-e8-d8-N3", "L7-S3-e24-d2-N7", "L7-S2-e40-d2-N11"]
 CASES = [(shape, dtype) for shape in _FIRST + [s for s in KERNEL_SHAPES if s not in _FIRST] for dtype in EMU_DTYPES]
 
 

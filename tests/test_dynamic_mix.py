@@ -8,46 +8,33 @@ import torch
 import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
-from dynamixer_ops.testing import assert_close_rel, assert_matches_reference, make_inputs, reference_outputs, tolerance
+from dynamixer_ops.testing import (assert_close_rel, assert_matches_reference, make_inputs, odd_shapes,
+                                   reference_outputs, tolerance)
 from helpers import backend_device_pairs, is_interpreted, supported_dtypes
 
-# (batch shape, L, C, S, d): L = 7/14/28 pad in Triton, C/S = 24 is not a power of two, d = 1..8, one sequence,
-# several hundred sequences (ragged against any block size), C/S = 1.
-GRID_SHAPES = {
-    "L7-e24-d1-N1": ((1,), 7, 48, 2, 1),
-    "L14-e24-d2": ((3,), 14, 96, 4, 2),
-    "L16-e32-d2": ((2, 3), 16, 128, 4, 2),
-    "L32-e32-d8": ((2,), 32, 64, 2, 8),
-    "L28-e24-d2": ((2,), 28, 48, 2, 2),
-    "L7-e32-d2-N300": ((300,), 7, 64, 2, 2),
-    "L5-e1-d3": ((4,), 5, 3, 3, 3),
-}
-LAYOUT_SHAPES = {"transposed": ((2, 3), 14, 48, 2, 2), "sliced": ((3,), 7, 48, 2, 1)}
+# The grid's shapes are dynamixer_ops.testing's "backends" odd shapes: the GPU check (benchmarks/gpu_tasks.py) runs
+# the same ones.
+GRID_SHAPES = odd_shapes("backends")
 
 # The Triton interpreter executes every program in Python: keep its share of the grid to small cases.
-INTERPRETER_SKIP = {"L7-e32-d2-N300", "L32-e32-d8"}
+INTERPRETED = {"L7-S2-e24-d1-N1", "L14-S4-e24-d2-N3", "L16-S4-e32-d2-N2x3", "L28-S2-e24-d2-N2", "L5-S3-e1-d3-N4",
+               "L14-S2-e24-d2-N2x3-transposed", "L7-S2-e24-d1-N3-sliced"}
 
 
 def _cases():
     for backend, device in backend_device_pairs():
         for dtype in supported_dtypes(backend, device):
-            for name, shape in GRID_SHAPES.items():
-                yield pytest.param(backend, device, dtype, shape, "contiguous", id=f"{backend}-{device}-{str(dtype)[6:]}-{name}")
-            for layout, shape in LAYOUT_SHAPES.items():
-                yield pytest.param(backend, device, dtype, shape, layout, id=f"{backend}-{device}-{str(dtype)[6:]}-{layout}")
+            for shape in GRID_SHAPES:
+                yield pytest.param(backend, device, dtype, shape,
+                                   id=f"{backend}-{device}-{str(dtype)[6:]}-{shape.name}")
 
 
-def _skip_if_too_slow(backend, device, case_id):
-    if is_interpreted(backend, device):
-        if any(case_id.endswith(s) for s in INTERPRETER_SKIP):
-            pytest.skip("too slow under the Triton interpreter; runs on a GPU")
-
-
-@pytest.mark.parametrize("backend, device, dtype, shape, layout", list(_cases()))
-def test_forward_and_gradients_match_reference(backend, device, dtype, shape, layout, seed, request):
-    _skip_if_too_slow(backend, device, request.node.callspec.id)
-    batch, L, C, S, d = shape
-    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device=device, layout=layout)
+@pytest.mark.parametrize("backend, device, dtype, shape", list(_cases()))
+def test_forward_and_gradients_match_reference(backend, device, dtype, shape, seed):
+    if is_interpreted(backend, device) and shape.name not in INTERPRETED:
+        pytest.skip("too slow under the Triton interpreter; runs on a GPU")
+    batch, L, C, S, d = shape.sizes
+    inputs = make_inputs(batch, L, C, S, d, dtype=dtype, device=device, layout=shape.layout)
     leaves = [t.requires_grad_() for t in inputs]
     y = dynamic_mix(*leaves, S, backend=backend)
     assert y.shape == inputs[0].shape and y.dtype == dtype and y.device.type == device

@@ -16,7 +16,7 @@ import dynamixer_ops
 from dynamixer_ops import nn as dnn
 from dynamixer_ops import upstream
 from dynamixer_ops.reference import upstream_mix
-from dynamixer_ops.testing import assert_close_rel, relative_error, tolerance
+from dynamixer_ops.testing import assert_close_rel, odd_shapes, relative_error, tolerance
 
 BACKENDS = dynamixer_ops.available_backends("cpu")
 TOL32 = tolerance(torch.float32, "cpu")
@@ -59,12 +59,8 @@ def compare_with_upstream(fused: nn.Module, eager: nn.Module, x: torch.Tensor, w
         assert_close_rel(got, ref, bound, f"{what}: {label}")
 
 
-OP_SHAPES = [  # N, L, C, S, d
-    (1, 7, 24, 1, 1),
-    (3, 14, 48, 2, 2),
-    (2, 8, 64, 4, 8),
-    (2, 28, 24, 1, 2),
-]
+# (N, L, C, S, d) of dynamixer_ops.testing's "modules" odd shapes.
+OP_SHAPES = [(math.prod(s.batch), s.L, s.C, s.S, s.d) for s in odd_shapes("modules")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -29,7 +29,7 @@ import torch
 from ..testing import MODEL_SHAPES, TOLERANCE
 from ..upstream import PATCH_SIZE
 from .machine import loadavg, machine_info, measure_roofline, versions
-from .model import MODELS, BenchError, run_model
+from .model import MODELS, OPTIMIZERS, BenchError, run_model
 from .op import (BYTES_CONVENTION, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION, Shape,
                  compile_mode, parse_shape, resolve_backends, run_op_sweep)
 from .report import case_label, json_safe, plot, print_table
@@ -129,7 +129,7 @@ examples:
                    help=f"one of {', '.join(sorted(DTYPE_BY_NAME))} (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--direction", nargs="+", choices=DIRECTIONS, metavar="DIR",
                    help="one or more of fwd, bwd, fwdbwd (default: fwd fwdbwd). With --model: fwd = inference, "
-                        "fwdbwd = a training step (forward, cross-entropy, backward, SGD step)")
+                        "fwdbwd = a training step (forward, cross-entropy, backward, --optimizer step)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--threads", type=int, metavar="T",
                    help="CPU threads for torch (default: torch's own default, unchanged)")
@@ -155,6 +155,8 @@ examples:
     p.add_argument("--convert", action="store_true",
                    help="with --model: the fused networks are dynamixer_ops.convert(dynamixer_ops.upstream."
                         "eager_model(V)) (only the DynaMixer layers swapped) instead of dynamixer_ops.models.<model>")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                   help="with --model: the optimizer of the training step (fwdbwd) (default: sgd)")
     p.add_argument("--img-size", type=int, default=224, metavar="PX",
                    help=f"with --model: input resolution; the mixing length is PX/{PATCH_SIZE} in the first stage "
                         "(default 224)")
@@ -240,6 +242,9 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
         p.error("argument --autocast: only with --model (the op's benchmark takes --dtype)")
     if args.convert and not args.model:
         p.error("argument --convert: only with --model")
+    if args.optimizer and not args.model:
+        p.error("argument --optimizer: only with --model")
+    args.optimizer = args.optimizer or ("sgd" if args.model else None)
     if args.model and args.shapes:
         p.error("argument --shapes: not allowed with --model (the network fixes its shapes)")
     args.direction = list(dict.fromkeys(args.direction or ["fwd", "fwdbwd"]))
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                      "images": args.batch, "sequences": args.sequences, "warmup_ms": args.warmup,
                      "repeat_ms": args.repeat, "rounds": args.rounds, "threads": threads, "quick": args.quick,
                      "compile_mode": compile_mode(device, args.compile_mode) or "default", "model": args.model,
-                     "autocast": args.autocast, "convert": args.convert,
+                     "autocast": args.autocast, "convert": args.convert, "optimizer": args.optimizer,
                      "timer": "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark.Timer"},
         "conventions": {"flops": FLOP_CONVENTION, "bytes": BYTES_CONVENTION, "roofline": ROOFLINE_CONVENTION},
     }

@@ -13,6 +13,8 @@ from .op import DTYPE_BY_NAME, compile_mode
 from .timing import BASELINES, first_line, time_side_by_side
 
 MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
+# The optimizers --optimizer accepts for the training step.
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
 class BenchError(Exception):
@@ -43,6 +45,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     # float64 upstream network: the truth for outputs and parameter gradients on the first n_check images
     ref_net = upstream.eager_model(variant, **kw).double().eval()
     ref_net.load_state_dict(state)
+    ref_net = ref_net.to(device)       # on the device x is on
     x64 = x[:n_check].double()
     ref_out = ref_net(x64)
     names, params = zip(*ref_net.named_parameters())
@@ -125,7 +128,7 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
                         return net(x)
             else:
                 net.train()
-                opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+                opt = OPTIMIZERS[args.optimizer](net.parameters(), lr=1e-6)
                 labels = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(2)).to(device)
 
                 def run(net=net, opt=opt, labels=labels):

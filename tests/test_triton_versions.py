@@ -1,4 +1,4 @@
-"""What differs between the Triton versions the project supports (3.6 on the lent GPU machines, 3.8 here), each
+"""What differs between the Triton versions the project supports (3.6, the GPU run's tested stack; 3.8 here), each
 behind a version check whose branches are all run here."""
 from __future__ import annotations
 

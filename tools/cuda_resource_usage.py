@@ -203,7 +203,7 @@ def launch_plan(archs, rows, table):
     return plan
 
 
-# The H200 figures the prediction uses (shared/KERNEL_NOTES.md, measured on a lent machine 2026-10/11), and an
+# The H200 figures the prediction uses (measured on an H200, 2026-10/11), and an
 # assumed rate for WMMA: it issues HMMA (mma.sync), not Hopper's wgmma, from 16-row tiles with 8-16 warps per SM.
 COPY_BYTES_PER_S = 4.3e12
 HMMA_FLOP_PER_S = 330e12          # assumption: a third of the 990 TFLOP/s bf16 datasheet rate

@@ -439,7 +439,7 @@ def interpreter_config(N: int, L: int, C: int, S: int, d: int) -> MixConfig:
 
 def gpu_config(N: int, L: int, C: int, S: int, d: int, dtype: torch.dtype = torch.bfloat16) -> MixConfig:
     """Chosen for the model shapes (L = 32/16, C/S = 24/32, d = 2/8) from Triton's own compile for sm_90 under
-    Triton 3.6 (the lent GPU machines') and 3.8 (``tools/triton_resource_usage.py``: shared memory, registers,
+    Triton 3.6 (the GPU run's tested stack) and 3.8 (``tools/triton_resource_usage.py``: shared memory, registers,
     spills; tables in benchmarks/RESULTS.md), NOT MEASURED on a GPU: run only through the interpreter, where
     tests/test_triton.py checks it. Every entry must fit both compilers: they lay out shared memory differently.
 

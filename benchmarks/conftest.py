@@ -14,12 +14,12 @@ if "DYNAMIXER_BENCH_TRITON_INTERPRET" in os.environ:
 def pytest_addoption(parser):
     group = parser.getgroup("dynamixer-bench", "dynamic_mix benchmark cases (same meaning as dynamixer-bench)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
-    group.addoption("--bench-dtype", default=None, help="float32, bfloat16, float16, float64 (default: bf16 on "
-                                                        "GPU, float32 on CPU)")
+    group.addoption("--bench-dtype", default=None, help="float32, bfloat16, float16, float64 (default: as "
+                                                        "dynamixer-bench)")
     group.addoption("--bench-shapes", default="all", help="space-separated named shapes (s1 s2 m1 m3 l1 l2) "
                                                           "and/or L,C,S,d (default: all named)")
     group.addoption("--bench-backends", default=None, help="space-separated backends (default: as dynamixer-bench)")
     group.addoption("--bench-images", type=int, default=None, help="images per call (N = images * L sequences; "
-                                                                   "default 128 on GPU, 8 on CPU)")
+                                                                   "default: as dynamixer-bench)")
     group.addoption("--bench-sequences", type=int, default=None, help="sequences per call, instead of images")
     group.addoption("--bench-directions", default="fwd fwdbwd", help="space-separated: fwd bwd fwdbwd")

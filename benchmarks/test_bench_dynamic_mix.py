@@ -26,7 +26,7 @@ def _settings(config):
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     name = config.getoption("--bench-dtype")
-    dtype = bench.DTYPE_BY_NAME[name] if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = bench.DTYPE_BY_NAME[name] if name else bench.DEFAULTS[device.type]["dtype"]
     return device, dtype
 
 
@@ -57,7 +57,7 @@ def test_dynamic_mix(benchmark, case, request):
     config = request.config
     device, dtype = _settings(config)
     sequences = config.getoption("--bench-sequences")
-    images = config.getoption("--bench-images") or (128 if device.type == "cuda" else 8)
+    images = config.getoption("--bench-images") or bench.DEFAULTS[device.type]["images"]
     N = sequences or images * shape.L
     inputs, dy = linear_init_inputs(N, *shape.dims, dtype, device)
     ref_y, ref_grads = reference_outputs(inputs, shape.S, dy)

@@ -26,7 +26,7 @@ from .backends import env_flag, resolve_backend, get_backend
 from .plain import plain_tensor
 from .reference import reference_backward, reference_forward
 
-__all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason"]
+__all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason", "forward_flops"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -323,16 +323,18 @@ def _(info, in_dims, *args):
     return _per_slice(_dynamic_mix_backward_op, info, in_dims, args)
 
 
-# FlopCounterMode: the multiply-adds of the upstream layer's three products (compress, generate, apply), so a
-# model's count matches the paper's; the backward computes every gradient: two products per forward product.
+def forward_flops(num_sequences: int, L: int, C: int, S: int, d: int) -> int:
+    """FLOPs of one forward over ``num_sequences`` sequences: twice the multiply-adds of the upstream layer's three
+    products, compress (L*C*S*d), generate (S*(L*d)*(L*L)) and apply (L*L*C), so a model's count matches the
+    paper's. The backward computes every gradient: two products per forward product, twice this. Read by
+    FlopCounterMode (below) and by ``dynamixer-bench``'s GFLOP/s."""
+    return 2 * num_sequences * (L * C * S * d + S * (L * d) * (L * L) + C * L * L)
+
+
 def _forward_flops(x_shape, compress_weight_shape, generate_weight_shape) -> int:
     *lead, L, C = x_shape
-    sequences = math.prod(lead)
-    Sd = compress_weight_shape[0]
-    LL, Ld = generate_weight_shape
-    num_segments_times_Ld = Ld * (Sd // (Ld // L))                      # S * L*d
-    macs = sequences * (L * C * Sd + num_segments_times_Ld * LL + C * L * L)
-    return 2 * macs
+    d = generate_weight_shape[1] // L
+    return forward_flops(math.prod(lead), L, C, compress_weight_shape[0] // d, d)
 
 
 @register_flop_formula(torch.ops.dynamixer_ops.dynamic_mix)

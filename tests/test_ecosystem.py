@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dynamixer_ops
 from dynamixer_ops import nn as dnn
 from dynamixer_ops import upstream
-from dynamixer_ops.testing import relative_error
+from dynamixer_ops.testing import MODEL_TOLERANCE, assert_close_rel, relative_error
 from test_modules import randomize_, small_network
 
 BACKENDS = dynamixer_ops.available_backends("cpu")
@@ -26,7 +26,7 @@ BACKENDS = dynamixer_ops.available_backends("cpu")
 NOT_FUSED_BACKENDS = [b for b in BACKENDS if b != "triton"]
 FUSED_OP = torch.ops.dynamixer_ops.dynamic_mix.default
 N_MIXERS = 6                 # small_network(): three blocks of two mixers
-TOL = 1e-4
+TOL = MODEL_TOLERANCE[torch.float32]     # a network's outputs and gradients (dynamixer_ops.testing)
 
 
 class OpLog(TorchDispatchMode):
@@ -51,11 +51,6 @@ def image(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 2, 28, 28)
 
 
-def assert_close(got, ref, what, tol=TOL):
-    err = relative_error(got, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
-
-
 def assert_same_training_step(fused, eager, x, what, tol=TOL, params=None):
     """Same output, same input gradient and same gradient for every (or the named) trainable parameter."""
     outs, grads = [], []
@@ -67,11 +62,11 @@ def assert_same_training_step(fused, eager, x, what, tol=TOL, params=None):
                  if p.requires_grad and (params is None or params(n))]
         outs.append(out.detach())
         grads.append({"input": xi.grad, **{n: p.grad for n, p in named}})
-    assert_close(outs[0], outs[1], f"{what}: output", tol)
+    assert_close_rel(outs[0], outs[1], tol, f"{what}: output")
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
     for name, g in grads[1].items():
         assert grads[0][name] is not None, f"{what}: {name} got no gradient"
-        assert_close(grads[0][name], g, f"{what}: grad of {name}", tol)
+        assert_close_rel(grads[0][name], g, tol, f"{what}: grad of {name}")
 
 
 def fused_calls(model, *args) -> int:
@@ -191,7 +186,7 @@ def test_hook_on_activation_sees_the_mixing_matrices(backend, when, seed):
     assert len(seen["fused"]) == 2 * N_MIXERS and len(seen["eager"]) == N_MIXERS
     for got, ref in zip(seen["fused"][N_MIXERS:], seen["eager"]):
         assert got.shape == ref.shape and got.dim() == 4                # (B, S, L, L)
-        assert_close(got, ref, f"mixing matrices seen by the hook {when}")
+        assert_close_rel(got, ref, TOL, f"mixing matrices seen by the hook {when}")
 
 
 # ---- what users do to the Linears: LoRA, quantization, hooks, pruning ----
@@ -222,7 +217,7 @@ def test_torchao_int8_weight_only(backend, seed):
     with torch.no_grad():
         ref = eager(x)
         assert relative_error(ref, float_out) > 1e-4, "quantization must change the output for this test to mean it"
-        assert_close(fused(x), ref, f"torchao int8 {backend}", 1e-3)
+        assert_close_rel(fused(x), ref, 1e-3, f"torchao int8 {backend}")
 
 
 @pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
@@ -236,7 +231,7 @@ def test_dynamic_quantization_quantizes_every_linear(backend, seed):
     assert quantized(fused) == quantized(eager) == sum(isinstance(m, nn.Linear) for m in small_network().modules())
     x = image()
     with torch.no_grad():
-        assert_close(fused(x), eager(x), f"quantize_dynamic {backend}", 1e-3)
+        assert_close_rel(fused(x), eager(x), 1e-3, f"quantize_dynamic {backend}")
 
 
 @pytest.mark.parametrize("where", ["compress", "generate", "mixer", "global"])
@@ -288,7 +283,7 @@ def test_pruning_follows_the_mask(backend, seed):
     for net in (eager, fused):             # a new mask after the first forward: the output must follow it
         net.network[0][0].attn.mix_h.generate.weight_mask[::3] = 0
     with torch.no_grad():
-        assert_close(fused(x), eager(x), f"pruned, mask changed {backend}")
+        assert_close_rel(fused(x), eager(x), TOL, f"pruned, mask changed {backend}")
 
 
 # ---- torch.func, forward-mode AD, double backward ----
@@ -299,12 +294,12 @@ def test_jvp_and_forward_ad(backend, seed):
     x, t = image(), image()
     _, ref = torch.func.jvp(eager, (x,), (t,))
     _, got = torch.func.jvp(fused, (x,), (t,))
-    assert_close(got, ref, f"jvp {backend}")
+    assert_close_rel(got, ref, TOL, f"jvp {backend}")
     fwAD = torch.autograd.forward_ad
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, t))).tangent
     assert tangent is not None
-    assert_close(tangent, ref, f"forward AD {backend}")
+    assert_close_rel(tangent, ref, TOL, f"forward AD {backend}")
 
 
 @pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
@@ -321,7 +316,7 @@ def test_per_sample_gradients(backend, seed):
         results.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x))
     for name, ref in results[0].items():
         assert results[1][name].shape == ref.shape
-        assert_close(results[1][name], ref, f"per-sample grad of {name} {backend}")
+        assert_close_rel(results[1][name], ref, TOL, f"per-sample grad of {name} {backend}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -331,7 +326,7 @@ def test_vmap_of_the_network_runs_the_fused_op(backend, seed):
     with OpLog() as log:
         got = torch.func.vmap(fused)(x)
     assert log.ops.count(FUSED_OP) == N_MIXERS, "vmapped x is just more sequences for the fused op"
-    assert_close(got, torch.func.vmap(eager)(x), f"vmap {backend}")
+    assert_close_rel(got, torch.func.vmap(eager)(x), TOL, f"vmap {backend}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -345,7 +340,7 @@ def test_gradient_penalty_double_backward(backend, seed):
         gx.square().sum().backward()
         penalties.append({n: p.grad for n, p in net.named_parameters()})
     for name, ref in penalties[0].items():
-        assert_close(penalties[1][name], ref, f"double backward: {name} {backend}", 1e-3)
+        assert_close_rel(penalties[1][name], ref, 1e-3, f"double backward: {name} {backend}")
 
 
 # ---- counting, the meta device ----
@@ -464,9 +459,9 @@ def test_fsdp2(process_group, seed):
     outs = [net(x) for net in (eager, fused)]
     for out in outs:
         out.sum().backward()
-    assert_close(outs[1], outs[0], "FSDP2 output")
+    assert_close_rel(outs[1], outs[0], TOL, "FSDP2 output")
     for (name, p), (_, q) in zip(eager.named_parameters(), fused.named_parameters()):
-        assert_close(q.grad.full_tensor(), p.grad.full_tensor(), f"FSDP2 grad of {name}")
+        assert_close_rel(q.grad.full_tensor(), p.grad.full_tensor(), TOL, f"FSDP2 grad of {name}")
 
 
 def test_activation_checkpointing(seed):

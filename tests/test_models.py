@@ -12,7 +12,7 @@ from torch import nn
 
 from dynamixer_ops import models, upstream
 from dynamixer_ops import nn as dnn
-from dynamixer_ops.testing import assert_close_rel, tolerance
+from dynamixer_ops.testing import MODEL_TOLERANCE, assert_close_rel
 from test_modules import randomize_
 
 # Upstream README / docs/dynamic_mix.md: 1000 classes, 224x224.
@@ -76,7 +76,7 @@ def test_fused_model_matches_upstream_model(seed, s_pair):
     eager, fused = s_pair
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        assert_close_rel(fused(x), copy.deepcopy(eager).double()(x.double()), 10 * tolerance(torch.float32, "cpu"),
+        assert_close_rel(fused(x), copy.deepcopy(eager).double()(x.double()), MODEL_TOLERANCE[torch.float32],
                          "DynaMixer-S logits, fused fp32 vs upstream fp64 (18 blocks deep)")
 
 
@@ -150,7 +150,7 @@ def test_upstream_checkpoint_loads_into_fused_model(tmp_path, seed, s_pair):
                                    path)
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        assert_close_rel(fused.eval()(x), eager(x), 10 * tolerance(torch.float32, "cpu"),
+        assert_close_rel(fused.eval()(x), eager(x), MODEL_TOLERANCE[torch.float32],
                          "logits after load_checkpoint")
 
 

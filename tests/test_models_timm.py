@@ -18,7 +18,7 @@ timm = pytest.importorskip("timm")
 
 from dynamixer_ops import models, upstream  # noqa: E402
 from dynamixer_ops import nn as dnn  # noqa: E402
-from dynamixer_ops.testing import assert_close_rel, tolerance  # noqa: E402
+from dynamixer_ops.testing import MODEL_TOLERANCE, assert_close_rel  # noqa: E402
 from test_modules import randomize_  # noqa: E402
 
 VARIANTS = ("s", "m", "l")
@@ -27,7 +27,7 @@ SMALL = {"s": dict(layers=[1, 1, 1, 1], embed_dims=[24, 48, 48, 48], num_heads=[
          "m": dict(layers=[1, 1, 1, 1], embed_dims=[24, 24, 48, 48], num_heads=[2, 2, 2, 2]),
          "l": dict(layers=[1, 1, 1, 1], embed_dims=[24, 48, 48, 48], num_heads=[2, 2, 2, 2])}
 SIDE = 28
-TOL = 10 * tolerance(torch.float32, "cpu")
+TOL = MODEL_TOLERANCE[torch.float32]     # a network's outputs (dynamixer_ops.testing)
 
 
 def fused_small(variant, **kwargs):

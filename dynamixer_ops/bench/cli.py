@@ -30,8 +30,8 @@ from ..testing import MODEL_SHAPES, TOLERANCE
 from ..upstream import PATCH_SIZE
 from .machine import loadavg, machine_info, measure_roofline, versions
 from .model import MODELS, OPTIMIZERS, BenchError, run_model
-from .op import (BYTES_CONVENTION, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION, Shape,
-                 compile_mode, parse_shape, resolve_backends, run_op_sweep)
+from .op import (BYTES_CONVENTION, DEFAULTS, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION,
+                 Shape, compile_mode, parse_shape, resolve_backends, run_op_sweep)
 from .report import case_label, json_safe, plot, print_table
 
 
@@ -224,8 +224,8 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
         p.error("argument --device: cuda was requested but no CUDA device is visible")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPE_BY_NAME[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    gpu = device.type == "cuda"
+    defaults = DEFAULTS[device.type]
+    dtype = DTYPE_BY_NAME[args.dtype] if args.dtype else defaults["dtype"]
     for name, value in (("--batch", args.batch), ("--sequences", args.sequences), ("--threads", args.threads),
                         ("--rounds", args.rounds)):
         if value is not None and value < 1:
@@ -251,9 +251,9 @@ def finish_args(p: argparse.ArgumentParser, args) -> tuple[torch.device, torch.d
     if args.model and "bwd" in args.direction:
         p.error("argument --direction: with --model use fwd (inference) and/or fwdbwd (training step)")
     if args.batch is None and args.sequences is None:
-        args.batch = 2 if args.quick else (128 if gpu else 8)
-    args.warmup = args.warmup or (5 if args.quick else (25 if gpu else 100))
-    args.repeat = args.repeat or (40 if args.quick else (200 if gpu else 1000))
+        args.batch = 2 if args.quick else defaults["images"]
+    args.warmup = args.warmup or (5 if args.quick else defaults["warmup_ms"])
+    args.repeat = args.repeat or (40 if args.quick else defaults["repeat_ms"])
     args.rounds = args.rounds or (2 if args.quick else 5)
     names = args.shapes or (["s1", "s2"] if args.quick else list(MODEL_SHAPES))
     if "all" in names:

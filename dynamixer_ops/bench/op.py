@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from .. import backends as registry
+from ..ops import forward_flops
 from ..testing import (MODEL_SHAPES, linear_init_inputs, reference_floors, reference_outputs, relative_error,
                        tolerance)
 from .timing import BASELINES, first_line, sync, time_side_by_side
@@ -20,6 +21,11 @@ DIRECTIONS = ("fwd", "bwd", "fwdbwd")
 # The names --dtype and --autocast accept.
 DTYPE_BY_NAME = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+# What a run measures when the options leave it open, by device type: dynamixer-bench's defaults, and the
+# pytest-benchmark suite's (benchmarks/test_bench_dynamic_mix.py).
+DEFAULTS = {"cuda": {"dtype": torch.bfloat16, "images": 128, "warmup_ms": 25, "repeat_ms": 200},
+            "cpu": {"dtype": torch.float32, "images": 8, "warmup_ms": 100, "repeat_ms": 1000}}
 
 FLOP_CONVENTION = ("fwd = reduce 2*N*L*C*S*d + generate 2*N*S*(L*d)*(L*L) + apply 2*N*S*L*L*(C/S); "
                    "bwd = 2 x fwd (the backward's GEMM-shaped products: dP, dx_mix, dWg, dz, dWc, dx); "
@@ -71,19 +77,12 @@ def parse_shape(text: str) -> Shape:
                      f"such as 32,192,8,2")
 
 
-def forward_flops(N: int, s: Shape) -> int:
-    reduce = 2 * N * s.L * s.C * s.S * s.d
-    generate = 2 * N * s.S * (s.L * s.d) * (s.L * s.L)
-    apply = 2 * N * s.S * s.L * s.L * (s.C // s.S)
-    return reduce + generate + apply
-
-
 def work(direction: str, N: int, s: Shape, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes, FLOPs) of one call under BYTES_CONVENTION and FLOP_CONVENTION."""
     elt = torch.empty((), dtype=dtype).element_size()
     X = N * s.L * s.C * elt
     W = (s.S * s.d * s.C + s.S * s.d + s.L * s.L * s.L * s.d + s.L * s.L) * elt
-    f = forward_flops(N, s)
+    f = forward_flops(N, *s.dims)
     return {"fwd": (2 * X + W, f), "bwd": (3 * X + 2 * W, 2 * f), "fwdbwd": (5 * X + 3 * W, 3 * f)}[direction]
 
 

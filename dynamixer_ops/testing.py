@@ -1,6 +1,6 @@
-"""What tests, benchmarks and tools agree on, written once: the model shapes, random inputs, the float64
-reference, and the pass rule (relative error, tolerances, and the rounding floors of outputs that cancel;
-``docs/dynamic_mix.md``). The test suite, ``dynamixer-bench``'s correctness column and
+"""What tests, benchmarks and tools agree on, written once: the model shapes, the odd shapes of every check grid,
+random inputs, the float64 reference, and the pass rule (relative error, tolerances, and the rounding floors of
+outputs that cancel; ``docs/dynamic_mix.md``). The test suite, ``dynamixer-bench``'s correctness column and
 ``benchmarks/gpu_tasks.py`` all judge with these functions, so the same numbers get the same verdict.
 
     from dynamixer_ops.testing import MODEL_SHAPES, make_inputs, reference_outputs, assert_matches_reference

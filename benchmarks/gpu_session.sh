@@ -2,7 +2,7 @@
 # A time-budgeted GPU check and benchmark run, and the CPU checks that come before it.
 #
 #   bash benchmarks/gpu_session.sh             # on an NVIDIA GPU machine: every step below, within SESSION_BUDGET
-#   bash benchmarks/gpu_session.sh check bench # only the steps named (install first where the build is not there yet)
+#   bash benchmarks/gpu_session.sh install check   # only the steps named, in that order (install: the build)
 #   bash benchmarks/gpu_session.sh preflight   # on any CPU box: re-check the installed stack before a GPU run
 #   bash benchmarks/gpu_session.sh dry-run     # on any CPU box: every step at CPU sizes
 #
@@ -39,7 +39,7 @@
 #      the interpreter (tests/conftest.py);
 #   3. tools/triton_resource_usage.py --arch 90 with the installed Triton's own compiler and ptxas: every kernel at
 #      every model shape in bf16, fp16, fp32 and fp32 with tf32 dots must compile and fit shared memory.
-#   Run it in a venv of the tested stack (above), then again in one of the pinned stack of README's commands.
+#   Run it in a venv of the tested stack (above), then again in a venv of the pinned stack (README's commands).
 # dry-run (CPU): the same build, then every session step with CPU sizes (TRITON_INTERPRET=1).
 #
 # Knobs: SESSION_BUDGET=S (seconds for the whole session), OUT=DIR, COMPILE_MODE=M (torch.compile mode of the

@@ -207,6 +207,21 @@ def _linear_shape(module, attr: str, where: str):
                     f"Parameter)")
 
 
+# A module's hooks (forward, backward, state_dict, load_state_dict): the fused replacement shares these dicts with
+# the layer it replaces, so the hooks run as before and their handles still remove them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _take_hooks(fused: nn.Module, module: nn.Module) -> nn.Module:
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            fused.__dict__[name] = module.__dict__[name]
+    return fused
+
+
 def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     """A fused DynaMixerOp that shares ``op``'s submodules (same Parameters, device, dtype and hooks)."""
     for attr in ("num_head",):
@@ -240,7 +255,7 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     if activation is not None:      # the user's own object, hooks and all; a layer without one used the softmax
         del fused.activation        # so that a plain callable (not a Module) can take its place too
         fused.activation = activation
-    return fused.train(op.training)
+    return _take_hooks(fused, op).train(op.training)
 
 
 def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
@@ -259,7 +274,7 @@ def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
     fused.mix_h, fused.mix_w = mix_h, mix_w
     fused.mlp_c, fused.reweight, fused.proj = block.mlp_c, block.reweight, block.proj
     fused.proj_drop = getattr(block, "proj_drop", nn.Identity())
-    return fused.train(block.training)
+    return _take_hooks(fused, block).train(block.training)
 
 
 def _fuse(module: nn.Module, backend: str, where: str):

@@ -15,7 +15,6 @@ keys and forward arithmetic) with :class:`dynamixer_ops.nn.DynaMixerBlock` as it
 the same and run, and :func:`load_checkpoint` loads weights; ``features_only``, ``pretrained=True`` and
 ``forward_intermediates`` need timm.
 """
-from __future__ import annotations
 
 import functools
 import os

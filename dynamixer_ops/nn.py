@@ -16,6 +16,7 @@ exact (:func:`dynamixer_ops.linear.linear`).
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,21 @@ __all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
 
 _WARNED: set[str] = set()
 
-# torch.fx.symbolic_trace records dynamic_mix as one call (the fused op stays in the graph) instead of tracing into
-# its Python-side checks.
-torch.fx.wrap("dynamic_mix")
+
+
+def fused_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
+                      generate_bias: Optional[Tensor], num_segments: int, backend: str) -> Tensor:
+    """The fused layers' op call: :func:`dynamic_mix`, or under TorchScript (which cannot compile its Python-side
+    checks) :func:`dynamixer_ops.ops.scripted_dynamic_mix`. An FX leaf function: ``torch.fx.symbolic_trace`` records
+    it as one call (the fused op stays in the graph, and the graph can be scripted) instead of tracing into it."""
+    if torch.jit.is_scripting():
+        return scripted_dynamic_mix(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
+                                    backend)
+    return dynamic_mix(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
+                       backend=backend)
+
+
+torch.fx.wrap("fused_dynamic_mix")
 
 
 def _say_once(message: str) -> None:
@@ -53,7 +66,7 @@ class DynaMixerOp(upstream.DynaMixerOp):
         dim: channels C. seq_len: tokens L. num_head: segments S (must divide C). reduced_dim: d.
         backend: passed to :func:`dynamixer_ops.dynamic_mix` (``"auto"``, ``"cpu"``, ``"reference"``, ...).
 
-    Under ``torch.fx.symbolic_trace`` the fused op stays one call (:func:`dynamixer_ops.dynamic_mix` is an FX leaf
+    Under ``torch.fx.symbolic_trace`` the fused op stays one call (:func:`fused_dynamic_mix` is an FX leaf
     function) and the decision is made from the module structure at trace time. ``torch.jit.script`` decides at
     script time (``__prepare_scriptable__``): a layer that fuses then calls the op, any other scripts the upstream
     computation.
@@ -101,11 +114,8 @@ class DynaMixerOp(upstream.DynaMixerOp):
     def fused_mix(self, x: Tensor) -> Tensor:
         """The fused op on x (..., L, C), without asking whether it applies: for callers that decided (:meth:`mix`,
         :class:`DynaMixerBlock`)."""
-        if torch.jit.is_scripting():
-            return scripted_dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
-                                        self.generate.bias, self.num_head, self.backend)
-        return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
-                           self.generate.bias, self.num_head, backend=self.backend)
+        return fused_dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
+                                 self.generate.bias, self.num_head, self.backend)
 
     def unfused_mix(self, x: Tensor) -> Tensor:
         """The upstream mixing step on x (..., L, C) (upstream takes (B, L, C) only: leading dims are flattened)."""

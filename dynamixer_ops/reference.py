@@ -9,7 +9,9 @@ Three things live here and nowhere else:
   formula itself is verified.
 * :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its
   ``out`` projection), calling the two Linears and the ``activation`` (a softmax over the source token) as the
-  upstream code does; :func:`upstream_mix` is the same chain on bare weights, the baseline of every benchmark.
+  upstream code does; :func:`upstream_mix` is the same chain on bare weights, the baseline of every benchmark. The
+  chain is two steps, :func:`generate_input` and :func:`apply_mixing`, which :class:`dynamixer_ops.upstream.DynaMixerOp`
+  calls as well (TorchScript can compile them; it cannot pass modules to a function).
 """
 from __future__ import annotations
 

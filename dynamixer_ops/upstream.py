@@ -21,7 +21,6 @@ Differences from the upstream files, none of which changes a parameter or an out
   it also has timm's classifier API (``num_features``, ``forward_features``, ``forward_head``,
   ``reset_classifier``), which upstream half-implements.
 """
-from __future__ import annotations
 
 from torch import Tensor, nn
 

@@ -313,6 +313,8 @@ TRANSFORMS = {
     "torch.fx.symbolic_trace": Row(torch.fx.symbolic_trace, N_MIXERS, 0),
     "torchvision create_feature_extractor": Row(feature_extractor, N_MIXERS, 0, needs="torchvision"),
     "torch.jit.script": Row(torch.jit.script, N_MIXERS, 0),
+    "torch.fx.symbolic_trace, then torch.jit.script": Row(lambda net: torch.jit.script(torch.fx.symbolic_trace(net)),
+                                                          N_MIXERS, 0),
 }
 ORDERS = ("transform, then convert", "convert, then transform")
 
@@ -599,7 +601,7 @@ def test_fx_symbolic_trace_and_feature_extractor_of_a_model_keep_the_fused_op():
     model, reference = model_and_upstream("s")
     x = torch.randn(2, 3, 28, 28)
     traced = torch.fx.symbolic_trace(model)
-    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is dynamixer_ops.dynamic_mix]
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is dnn.fused_dynamic_mix]
     assert len(calls) == mixer_count(model)
     extractor = create_feature_extractor(model, return_nodes={"norm": "tokens", "head": "logits"})
     with torch.no_grad():

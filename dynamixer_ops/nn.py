@@ -32,7 +32,6 @@ __all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
 _WARNED: set[str] = set()
 
 
-
 def fused_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
                       generate_bias: Optional[Tensor], num_segments: int, backend: str) -> Tensor:
     """The fused layers' op call: :func:`dynamic_mix`, or under TorchScript (which cannot compile its Python-side

@@ -571,14 +571,22 @@ def mixer_count(model) -> int:
     return sum(isinstance(m, dnn.DynaMixerOp) for m in model.modules())
 
 
-def model_and_upstream(variant, seed=0):
-    """models.dynamixer_<variant> at 28 px and the upstream network with its weights."""
+@pytest.fixture(scope="module")
+def model_and_upstream():
+    """models.dynamixer_<variant> at 28 px and the upstream network with its weights (built once per module: the
+    tests below only trace or script them)."""
     from dynamixer_ops import models
-    torch.manual_seed(seed)
-    model = getattr(models, f"dynamixer_{variant}")(img_size=28, num_classes=10).eval()
-    reference = upstream.build(variant, img_size=28, num_classes=10).eval()
-    reference.load_state_dict(model.state_dict())
-    return model, reference
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            torch.manual_seed(0)
+            model = getattr(models, f"dynamixer_{variant}")(img_size=28, num_classes=10).eval()
+            reference = upstream.build(variant, img_size=28, num_classes=10).eval()
+            reference.load_state_dict(model.state_dict())
+            built[variant] = model, reference
+        return built[variant]
+    return get
 
 
 # M and L (seconds each to build and script) with the heavy timm suite's switch, which scripts all three at 224.
@@ -586,7 +594,7 @@ SCRIPTED_VARIANTS = ["s", "m", "l"] if os.environ.get("DYNAMIXER_TIMM_SUITE") ==
 
 
 @pytest.mark.parametrize("variant", SCRIPTED_VARIANTS)
-def test_torchscript_models_call_the_fused_op(variant):
+def test_torchscript_models_call_the_fused_op(variant, model_and_upstream):
     model, reference = model_and_upstream(variant)
     scripted = torch.jit.script(model)
     assert str(scripted.inlined_graph).count("dynamixer_ops::dynamic_mix") == mixer_count(model)
@@ -596,8 +604,8 @@ def test_torchscript_models_call_the_fused_op(variant):
         assert_close(scripted(x), reference(x), f"scripted dynamixer_{variant}")
 
 
-def test_fx_symbolic_trace_and_feature_extractor_of_a_model_keep_the_fused_op():
-    from torchvision.models.feature_extraction import create_feature_extractor
+def test_fx_symbolic_trace_and_feature_extractor_of_a_model_keep_the_fused_op(model_and_upstream):
+    create_feature_extractor = pytest.importorskip("torchvision.models.feature_extraction").create_feature_extractor
     model, reference = model_and_upstream("s")
     x = torch.randn(2, 3, 28, 28)
     traced = torch.fx.symbolic_trace(model)

@@ -27,7 +27,7 @@ from .ops import dynamic_mix, scripted_dynamic_mix
 from .plain import has_hooks, linear_reason, softmax_reason
 from .reference import apply_mixing
 
-__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
+__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert", "fused_dynamic_mix"]
 
 _WARNED: set[str] = set()
 

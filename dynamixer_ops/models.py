@@ -15,7 +15,6 @@ keys and forward arithmetic) with :class:`dynamixer_ops.nn.DynaMixerBlock` as it
 the same and run, and :func:`load_checkpoint` loads weights; ``features_only``, ``pretrained=True`` and
 ``forward_intermediates`` need timm.
 """
-from __future__ import annotations
 
 import functools
 import os
@@ -49,6 +48,8 @@ if timm is not None:
         everywhere else (a quantized, LoRA-wrapped or hooked ``fc1`` is called as it is)."""
 
         def forward(self, x: Tensor) -> Tensor:
+            if torch.jit.is_scripting():        # TorchScript calls the layers (timm's Mlp.forward)
+                return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
             x = self.drop1(self.act(linear(self.fc1, x)))
             return self.drop2(linear(self.fc2, self.norm(x)))
 else:
@@ -150,7 +151,10 @@ class DynaMixer(upstream.VisionModel):
         """(B, in_chans, H, W) -> normalised tokens (B, tokens, C), as ``VisionModel.forward_features``."""
         x = self.forward_embeddings(x)
         for module in self.network:
-            x = self._run(module, x)
+            if torch.jit.is_scripting():    # TorchScript takes no module as an argument (nor checkpoints)
+                x = module(x)
+            else:
+                x = self._run(module, x)
         return self.norm(x.flatten(1, 2))       # (B, H, W, C) -> (B, H*W, C): upstream's reshape(B, -1, C)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -16,18 +16,35 @@ exact (:func:`dynamixer_ops.linear.linear`).
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import upstream
 from .linear import linear
-from .ops import dynamic_mix
+from .ops import dynamic_mix, scripted_dynamic_mix
 from .plain import has_hooks, linear_reason, softmax_reason
+from .reference import apply_mixing
 
-__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert"]
+__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert", "fused_dynamic_mix"]
 
 _WARNED: set[str] = set()
+
+
+def fused_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
+                      generate_bias: Optional[Tensor], num_segments: int, backend: str) -> Tensor:
+    """The fused layers' op call: :func:`dynamic_mix`, or under TorchScript (which cannot compile its Python-side
+    checks) :func:`dynamixer_ops.ops.scripted_dynamic_mix`. An FX leaf function: ``torch.fx.symbolic_trace`` records
+    it as one call (the fused op stays in the graph, and the graph can be scripted) instead of tracing into it."""
+    if torch.jit.is_scripting():
+        return scripted_dynamic_mix(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
+                                    backend)
+    return dynamic_mix(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments,
+                       backend=backend)
+
+
+torch.fx.wrap("fused_dynamic_mix")
 
 
 def _say_once(message: str) -> None:
@@ -47,7 +64,16 @@ class DynaMixerOp(upstream.DynaMixerOp):
     Args:
         dim: channels C. seq_len: tokens L. num_head: segments S (must divide C). reduced_dim: d.
         backend: passed to :func:`dynamixer_ops.dynamic_mix` (``"auto"``, ``"cpu"``, ``"reference"``, ...).
+
+    Under ``torch.fx.symbolic_trace`` the fused op stays one call (:func:`fused_dynamic_mix` is an FX leaf
+    function) and the decision is made from the module structure at trace time. ``torch.jit.script`` decides at
+    script time (``__prepare_scriptable__``): a layer that fuses then calls the op, any other scripts the upstream
+    computation.
     """
+    # Set by __prepare_scriptable__ (torch.jit.script); a constant to TorchScript, which compiles only the branch
+    # it selects (the other may hold code it cannot compile, e.g. a quantized Linear's weight).
+    __constants__ = ["fuses_when_scripted"]
+    fuses_when_scripted = False
 
     def __init__(self, dim, seq_len, num_head, reduced_dim=2, *, backend="auto"):
         if dim % num_head:
@@ -68,18 +94,36 @@ class DynaMixerOp(upstream.DynaMixerOp):
         """Whether :meth:`mix` runs the fused op now (:meth:`fallback_reason` is None)."""
         return self.fallback_reason() is None
 
+    def __prepare_scriptable__(self):
+        self.fuses_when_scripted = self.fuses()
+        return self
+
     def mix(self, x: Tensor) -> Tensor:
         """The mixing step without ``out``; y has x's shape and (for a dense x on the fused path) x's layout."""
+        if torch.jit.is_scripting():
+            if self.fuses_when_scripted:
+                return self.fused_mix(x)
+            return self.unfused_mix(x)
         why = self.fallback_reason()
         if why is None:
-            return dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
-                               self.generate.bias, self.num_head, backend=self.backend)
+            return self.fused_mix(x)
         _say_once(f"DynaMixerOp runs the upstream (unfused) mixing: {why}")
-        if x.dim() == 3:
-            return super().mix(x)
-        return super().mix(x.reshape(-1, *x.shape[-2:])).reshape(x.shape)   # upstream takes (B, L, C) only
+        return self.unfused_mix(x)
+
+    def fused_mix(self, x: Tensor) -> Tensor:
+        """The fused op on x (..., L, C), without asking whether it applies: for callers that decided (:meth:`mix`,
+        :class:`DynaMixerBlock`)."""
+        return fused_dynamic_mix(x, self.compress.weight, self.compress.bias, self.generate.weight,
+                                 self.generate.bias, self.num_head, self.backend)
+
+    def unfused_mix(self, x: Tensor) -> Tensor:
+        """The upstream mixing step on x (..., L, C) (upstream takes (B, L, C) only: leading dims are flattened)."""
+        x3 = x.flatten(0, -3)
+        return apply_mixing(x3, self.mixing_matrices(x3), self.num_head).reshape(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.out(self.mix(x))
         return linear(self.out, self.mix(x))
 
     def extra_repr(self) -> str:
@@ -94,9 +138,11 @@ class DynaMixerBlock(upstream.DynaMixerBlock):
     ``x.transpose(1, 2)`` (no copy); the result keeps that layout, so transposing it back is free and ``out``
     sees a contiguous tensor. ``qk_scale`` and ``attn_drop`` are accepted and unused, as upstream. Where a mixer
     is not a fused :class:`DynaMixerOp` that fuses (or has hooks of its own, which the transposed-view path would
-    skip), the block runs the upstream forward.
+    skip), the block runs the upstream forward. FX and TorchScript: as :class:`DynaMixerOp`.
     """
     mixer = DynaMixerOp
+    __constants__ = ["fuses_when_scripted"]
+    fuses_when_scripted = False
 
     def __init__(self, dim, resolution=32, num_head=8, reduced_dim=2, qkv_bias=False, qk_scale=None,
                  attn_drop=0., proj_drop=0., *, backend="auto"):
@@ -115,19 +161,36 @@ class DynaMixerBlock(upstream.DynaMixerBlock):
         """Whether :meth:`forward` runs the fused path: both mixers are fused ops that fuse, without hooks."""
         return all(type(m) is DynaMixerOp and not has_hooks(m) and m.fuses() for m in (self.mix_h, self.mix_w))
 
+    def __prepare_scriptable__(self):
+        self.fuses_when_scripted = self.fuses()
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
+        if torch.jit.is_scripting():
+            if self.fuses_when_scripted:
+                return self.fused_forward(x)
+            return self.upstream_forward(x)
+        if isinstance(x, Tensor) and x.dim() != 4:       # not on an FX Proxy
             raise ValueError(f"DynaMixerBlock: x must be (B, H, W, C) with H = W = resolution = {self.resolution}, "
                              f"got shape {tuple(x.shape)}")
         if not self.fuses():
-            return super().forward(x)
-        B, H, W, C = x.shape
-        h = linear(self.mix_h.out, self.mix_h.mix(x.transpose(1, 2)).transpose(1, 2))
-        w = self.mix_w(x)
-        c = linear(self.mlp_c, x)
+            return self.upstream_forward(x)
+        return self.fused_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The fused path, without asking whether it applies (:meth:`forward` decided, once for both mixers)."""
+        h = self.mix_h.fused_mix(x.transpose(1, 2)).transpose(1, 2)
+        w = self.mix_w.fused_mix(x)
+        if torch.jit.is_scripting():
+            h, w, c = self.mix_h.out(h), self.mix_w.out(w), self.mlp_c(x)
+        else:
+            h, w, c = linear(self.mix_h.out, h), linear(self.mix_w.out, w), linear(self.mlp_c, x)
         a = self.reweight((h + w + c).mean(dim=(1, 2)))                    # (B, 3C)
-        a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
-        return self.proj_drop(linear(self.proj, h * a[0] + w * a[1] + c * a[2]))
+        a = a.unflatten(-1, (-1, 3)).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+        y = h * a[0] + w * a[1] + c * a[2]
+        if torch.jit.is_scripting():
+            return self.proj_drop(self.proj(y))
+        return self.proj_drop(linear(self.proj, y))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,12 +198,37 @@ class DynaMixerBlock(upstream.DynaMixerBlock):
 # works on dynamixer_ops.upstream and on the original repository's classes alike.
 
 def _linear_shape(module, attr: str, where: str):
+    """(out_features, in_features) of ``module.<attr>``, read without running anything: a parametrized weight is
+    not evaluated (spectral_norm's would advance its power iteration), a quantized or wrapped Linear is not asked
+    for a weight it may not have as a tensor."""
     layer = getattr(module, attr, None)
-    weight = getattr(layer, "weight", None)
-    if not isinstance(layer, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise TypeError(f"convert: {where} looks like an upstream DynaMixerOp but its {attr!r} is "
-                        f"{type(layer).__name__}, not a Linear layer with a 2-D weight")
-    return tuple(weight.shape)
+    if isinstance(layer, nn.Module):
+        features = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if all(type(f) is int for f in features):
+            return features
+        parametrizations = getattr(layer, "parametrizations", None)
+        original = getattr(parametrizations, "weight", None)
+        weight = getattr(original, "original", None) if original is not None else layer._parameters.get("weight")
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            return tuple(weight.shape)
+    raise TypeError(f"convert: {where} looks like an upstream DynaMixerOp but its {attr!r} is "
+                    f"{type(layer).__name__}, not a Linear layer (no int in_features / out_features, no 2-D weight "
+                    f"Parameter)")
+
+
+# A module's hooks (forward, backward, state_dict, load_state_dict): the fused replacement shares these dicts with
+# the layer it replaces, so the hooks run as before and their handles still remove them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _take_hooks(fused: nn.Module, module: nn.Module) -> nn.Module:
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            fused.__dict__[name] = module.__dict__[name]
+    return fused
 
 
 def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
@@ -176,7 +264,7 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     if activation is not None:      # the user's own object, hooks and all; a layer without one used the softmax
         del fused.activation        # so that a plain callable (not a Module) can take its place too
         fused.activation = activation
-    return fused.train(op.training)
+    return _take_hooks(fused, op).train(op.training)
 
 
 def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
@@ -195,7 +283,7 @@ def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
     fused.mix_h, fused.mix_w = mix_h, mix_w
     fused.mlp_c, fused.reweight, fused.proj = block.mlp_c, block.reweight, block.proj
     fused.proj_drop = getattr(block, "proj_drop", nn.Identity())
-    return fused.train(block.training)
+    return _take_hooks(fused, block).train(block.training)
 
 
 def _fuse(module: nn.Module, backend: str, where: str):

@@ -12,6 +12,7 @@ ATen decomposition computes (:func:`decomposition_reason`), :func:`dynamic_mix` 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +27,8 @@ from .backends import env_flag, resolve_backend, get_backend
 from .plain import plain_tensor
 from .reference import reference_backward, reference_forward
 
-__all__ = ["dynamic_mix", "check_inputs", "decomposition", "decomposition_reason", "forward_flops"]
+__all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "decomposition", "decomposition_reason",
+           "forward_flops"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -103,11 +105,17 @@ FORWARD_OP = "dynamixer_ops::dynamic_mix"
 BACKWARD_OP = "dynamixer_ops::dynamic_mix_backward"
 
 
+def _kernel_backend(name: str, x: Tensor):
+    """The backend a kernel runs: :func:`dynamic_mix` resolves "auto" before calling the op; a TorchScript caller
+    (:func:`scripted_dynamic_mix`) passes it as it is."""
+    return get_backend(name) if name != "auto" else resolve_backend(name, x.device.type, x.dtype)
+
+
 def _dynamic_mix_kernel(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
                         generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
     y = _new_like(x)
     if y.numel():
-        get_backend(backend).forward(x, compress_weight, compress_bias, generate_weight, generate_bias,
+        _kernel_backend(backend, x).forward(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                      num_segments, y)
     return y
 
@@ -117,7 +125,7 @@ def _dynamic_mix_backward_kernel(grad_y: Tensor, x: Tensor, compress_weight: Ten
                                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = [_new_like(t) for t in (x, compress_weight, compress_bias, generate_weight, generate_bias)]
     if x.numel():
-        get_backend(backend).backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
+        _kernel_backend(backend, x).backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
                                       num_segments, *grads)
     else:   # an empty batch contributes nothing to the weight gradients
         for g in grads[1:]:
@@ -466,3 +474,28 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     if x.dim() > 4:
         return y4.reshape(x.shape)
     return y4
+
+
+def scripted_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
+                         generate_bias: Optional[Tensor], num_segments: int, backend: str) -> Tensor:
+    """:func:`dynamic_mix` for TorchScript, which cannot compile its Python-side checks: the same op call on the
+    same arguments (the op's kernels resolve ``"auto"`` by the inputs' device and dtype), for the fused layers'
+    scripted forward. The layer's shapes were checked when it was built; autocast is not applied."""
+    L = x.size(-2)
+    if compress_bias is None:
+        compress_bias = compress_weight.new_zeros([compress_weight.size(0)])
+    if generate_bias is None:
+        generate_bias = generate_weight.new_zeros([L * L])
+    x4 = x
+    if x.dim() == 3:
+        x4 = x.unsqueeze(0)
+    elif x.dim() > 4:
+        x4 = x.flatten(0, -4)
+    if x4.stride(-1) != 1:
+        x4 = x4.clone(memory_format=torch.contiguous_format)
+    y4 = torch.ops.dynamixer_ops.dynamic_mix(x4, compress_weight.contiguous(), compress_bias.contiguous(),
+                                             generate_weight.contiguous(), generate_bias.contiguous(), num_segments,
+                                             backend)
+    if x.dim() == 4:
+        return y4
+    return y4.reshape(x.shape)

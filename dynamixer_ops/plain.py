@@ -49,8 +49,12 @@ def linear_reason(layer) -> str | None:
         return _not_module(layer, "nn.Linear")
     if has_hooks(layer):
         return "has hooks (or global module hooks are registered)"
-    if not (plain_tensor(layer.weight) and (layer.bias is None or plain_tensor(layer.bias))):
-        return f"has tensor-subclass parameters ({type(layer.weight).__name__})"
+    # The registered tensors themselves: while torch.fx traces, `layer.weight` is a Proxy standing for them.
+    weight, bias = layer._parameters.get("weight"), layer._parameters.get("bias")
+    if weight is None:
+        return "has no weight Parameter"
+    if not (plain_tensor(weight) and (bias is None or plain_tensor(bias))):
+        return f"has tensor-subclass parameters ({type(weight).__name__})"
     return None
 
 

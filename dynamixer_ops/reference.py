@@ -9,7 +9,9 @@ Three things live here and nowhere else:
   formula itself is verified.
 * :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its
   ``out`` projection), calling the two Linears and the ``activation`` (a softmax over the source token) as the
-  upstream code does; :func:`upstream_mix` is the same chain on bare weights, the baseline of every benchmark.
+  upstream code does; :func:`upstream_mix` is the same chain on bare weights, the baseline of every benchmark. The
+  chain is two steps, :func:`generate_input` and :func:`apply_mixing`, which :class:`dynamixer_ops.upstream.DynaMixerOp`
+  calls as well (TorchScript can compile them; it cannot pass modules to a function).
 """
 from __future__ import annotations
 
@@ -78,17 +80,29 @@ def reference_backward(grad_y: Tensor, x: Tensor, compress_weight: Tensor, compr
     return dx, d_compress_weight, d_compress_bias, d_generate_weight, d_generate_bias
 
 
+def generate_input(r: Tensor, num_segments: int) -> Tensor:
+    """The upstream chain's reshuffle of ``compress``'s output r (B, L, S*d) into ``generate``'s input (B, S, L*d)."""
+    B, L, Sd = r.shape
+    d = Sd // num_segments
+    return r.reshape(B, L, num_segments, d).permute(0, 2, 1, 3).reshape(B, num_segments, L * d)
+
+
+def apply_mixing(x: Tensor, P: Tensor, num_segments: int) -> Tensor:
+    """The upstream chain's last step: ``y[b, j, s*e0+e] = sum_i P[b, s, i, j] x[b, i, s*e0+e]`` on x (B, L, C) and
+    the mixing matrices P (B, S, L, L), op for op."""
+    B, L, C = x.shape
+    return (x.reshape(B, L, num_segments, C // num_segments).permute(0, 2, 3, 1) @ P).permute(0, 3, 1, 2).reshape(
+        B, L, C)
+
+
 def upstream_chain(x: Tensor, compress, generate, activation, num_segments: int) -> Tensor:
     """The upstream ``DynaMixerOp.forward`` on (B, L, C), minus its ``out`` projection, op for op; ``compress``,
     ``generate`` and ``activation`` (upstream: ``nn.Softmax(dim=-2)`` on the (B, S, L, L) logits) are called as the
-    upstream code calls them (modules, or any callables)."""
-    B, L, C = x.shape
-    S = num_segments
-    r = compress(x)
-    d = r.shape[-1] // S
-    w = r.reshape(B, L, S, d).permute(0, 2, 1, 3).reshape(B, S, L * d)
-    P = activation(generate(w).reshape(B, S, L, L))
-    return (x.reshape(B, L, S, C // S).permute(0, 2, 3, 1) @ P).permute(0, 3, 1, 2).reshape(B, L, C)
+    upstream code calls them (modules, or any callables). Written as :func:`generate_input` and
+    :func:`apply_mixing`, which :class:`dynamixer_ops.upstream.DynaMixerOp` (TorchScript-compilable) calls too."""
+    B, L, _ = x.shape
+    P = activation(generate(generate_input(compress(x), num_segments)).reshape(B, num_segments, L, L))
+    return apply_mixing(x, P, num_segments)
 
 
 def upstream_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None,

@@ -9,9 +9,11 @@ same module tree, parameter names, state_dict keys, initialisation and forward a
 
 Differences from the upstream files, none of which changes a parameter or an output:
 
-* :class:`DynaMixerOp` runs the mixing step through :func:`dynamixer_ops.reference.upstream_chain` (the upstream
-  permute chain, op for op, calling ``compress``, ``generate`` and ``activation`` as modules) so that chain is
-  written once in this project;
+* :class:`DynaMixerOp` runs the mixing step through the two halves of :func:`dynamixer_ops.reference.upstream_chain`
+  (the upstream permute chain, op for op, calling ``compress``, ``generate`` and ``activation`` as modules) so that
+  chain is written once in this project; its first half is public as :meth:`DynaMixerOp.mixing_matrices`;
+* :class:`DynaMixerBlock`'s forward is :meth:`DynaMixerBlock.upstream_forward`, a name of its own that the fused
+  block calls where it does not fuse (TorchScript has no ``super()``);
 * the stage resolutions (the mixing length L) follow ``img_size`` (``img_size // patch_size``, halved at each
   transition) where upstream hard-codes 32/16 for 224x224 input: at 224 they are the same;
 * :class:`VisionModel` takes the layers of a block (``mlp_fn``, ``mlp_layer``, ``drop_path_layer``, ``init_fn``)
@@ -19,11 +21,10 @@ Differences from the upstream files, none of which changes a parameter or an out
   it also has timm's classifier API (``num_features``, ``forward_features``, ``forward_head``,
   ``reset_classifier``), which upstream half-implements.
 """
-from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .reference import upstream_chain
+from .reference import apply_mixing, generate_input
 
 __all__ = ["DynaMixerOp", "DynaMixerBlock", "Mlp", "DropPath", "PatchEmbed", "Downsample", "VisionBlock",
            "VisionModel", "CONFIGS", "PATCH_SIZE", "stage_resolutions", "eager_model"]
@@ -56,7 +57,7 @@ class DropPath(nn.Module):
         if self.drop_prob == 0. or not self.training:
             return x
         keep = 1. - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)      # lists: TorchScript
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -109,10 +110,20 @@ class DynaMixerOp(nn.Module):
         self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
         self.activation = nn.Softmax(dim=-2)
 
+    def mixing_matrices(self, x: Tensor) -> Tensor:
+        """The mixing matrices P (..., S, L_source, L_target) this layer applies to x (..., L, C): ``activation`` of
+        ``generate``'s logits, computed by calling the layer's own ``compress``, ``generate`` and ``activation`` as
+        :meth:`mix` does (any leading dims are flattened into upstream's one batch dim, and restored)."""
+        x3 = x.flatten(0, -3)
+        B, L, _ = x3.shape
+        P = self.activation(self.generate(generate_input(self.compress(x3), self.num_head)).reshape(
+            B, self.num_head, L, L))
+        return P.reshape(x.shape[:-2] + P.shape[1:])
+
     def mix(self, x: Tensor) -> Tensor:
-        """The mixing step without ``out``, on x (B, L, C); ``compress``, ``generate`` and ``activation`` are called
+        """The mixing step without ``out``, on x (B, L, C): ``compress``, ``generate`` and ``activation`` are called
         as modules."""
-        return upstream_chain(x, self.compress, self.generate, self.activation, self.num_head)
+        return apply_mixing(x, self.mixing_matrices(x), self.num_head)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.mix(x))
@@ -135,6 +146,10 @@ class DynaMixerBlock(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.upstream_forward(x)
+
+    def upstream_forward(self, x: Tensor) -> Tensor:
+        """The upstream forward on x (B, H, W, C)."""
         B, H, W, C = x.shape
         h = self.mix_h(x.permute(0, 2, 1, 3).reshape(-1, H, C)).reshape(B, W, H, C).permute(0, 2, 1, 3)
         w = self.mix_w(x.reshape(-1, W, C)).reshape(B, H, W, C)

@@ -1,17 +1,21 @@
 """Drop-in for the PyTorch ecosystem: whatever a user does to a model (LoRA, quantization, hooks, pruning,
-torch.func, forward-mode AD, double backward, FLOP counting, the meta device, torch.compile, DDP, FSDP2, activation
-checkpointing), the converted network gives the upstream network's answer: outputs and gradients within 1e-4
-(quantized: 1e-3 of upstream quantized the same way), on every backend this machine runs. The plain case must still
-run the fused op (so that "always fall back" cannot pass) and the cases that cannot fuse must not."""
+parametrizations, torch.fx, TorchScript, torch.func, forward-mode AD, double backward, FLOP counting, the meta device,
+torch.compile, DDP, FSDP2, activation checkpointing), the converted network gives the upstream network's answer:
+outputs and gradients within 1e-4 (quantized: 1e-3 of upstream quantized the same way), on every backend this machine
+runs. What users do to a model is one table (``TRANSFORMS``) run by one test in both orders (transform, then convert;
+convert, then transform), each row asserting which path runs: the plain case must run the fused op (so that "always
+fall back" cannot pass), a transform that needs no fallback must keep it, and the cases that cannot fuse must not."""
 from __future__ import annotations
 
 import copy
 import os
 import warnings
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamixer_ops
@@ -26,7 +30,7 @@ BACKENDS = dynamixer_ops.available_backends("cpu")
 NOT_FUSED_BACKENDS = [b for b in BACKENDS if b != "triton"]
 FUSED_OP = torch.ops.dynamixer_ops.dynamic_mix.default
 N_MIXERS = 6                 # small_network(): three blocks of two mixers
-TOL = MODEL_TOLERANCE[torch.float32]     # a network's outputs and gradients (dynamixer_ops.testing)
+TOL = MODEL_TOLERANCE[torch.float32]       # the pass rule's float32 network tolerance
 
 
 class OpLog(TorchDispatchMode):
@@ -82,18 +86,7 @@ def _quiet_fallback_warnings():
         yield
 
 
-# ---- the plain case runs the fused op; the rule is checked at call time ----
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_plain_network_runs_the_fused_op_for_every_mixer(backend, seed):
-    eager, fused = pair(backend)
-    x = image()
-    assert fused_calls(fused, x) == N_MIXERS
-    assert all(m.fuses() for m in fused.modules() if isinstance(m, (dnn.DynaMixerOp, dnn.DynaMixerBlock)))
-    assert_same_training_step(fused, eager, x, f"plain {backend}")
-    assert not any(type(m) is not nn.Linear and isinstance(m, nn.Linear) for m in fused.modules()), \
-        "convert() changed the class of a Linear"
-
+# ---- the plain case runs the fused op (the battery's first row); the rule is checked at call time ----
 
 def test_fallback_warns_once_naming_the_reason(seed):
     _, fused = pair("cpu")
@@ -108,55 +101,12 @@ def test_fallback_warns_once_naming_the_reason(seed):
 
 # ---- the mixer's activation: part of the layer, as upstream ----
 
-class TemperatureSoftmax(nn.Softmax):
-    """A user's own activation: an nn.Softmax subclass (so only an exact-type check can tell it apart)."""
-
-    def forward(self, logits):
-        return (logits / 0.5).softmax(self.dim)
-
-
-ACTIVATIONS = {
-    "temperature softmax (nn.Softmax subclass)": lambda: TemperatureSoftmax(dim=-2),
-    "softmax over the target token": lambda: nn.Softmax(dim=-1),
-    "sigmoid": lambda: nn.Sigmoid(),
-}
-
-
-@pytest.mark.parametrize("order", ["transform, then convert", "convert, then transform"])
-@pytest.mark.parametrize("name", list(ACTIVATIONS))
-@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
-def test_replaced_activation_is_used(backend, name, order, seed):
-    eager = randomize_(small_network())
-    x = image()
-    before = eager(x).detach()
-
-    def replace(net):
-        for m in net.modules():
-            if type(m).__name__ == "DynaMixerOp":
-                m.activation = ACTIVATIONS[name]()
-        return net
-
-    replace(eager)
-    assert relative_error(eager(x), before) > 1e-3, "the activation must change the output for this test to mean it"
-    if order == "transform, then convert":
-        fused = dynamixer_ops.convert(replace(copy.deepcopy(eager)), backend=backend)
-    else:
-        fused = replace(dynamixer_ops.convert(copy.deepcopy(eager), backend=backend))
-    assert fused_calls(fused, x) == 0
-    assert all(not m.fuses() for m in fused.modules() if isinstance(m, dnn.DynaMixerOp))
-    assert_same_training_step(fused, eager, x, f"{name}, {order}, {backend}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_is_a_softmax_module_that_fuses(backend, seed):
-    eager, fused = pair(backend)
+def test_activation_is_a_softmax_module_that_fuses(seed):
+    eager, fused = pair("cpu")
     for m in fused.modules():
         if isinstance(m, dnn.DynaMixerOp):
             assert type(m.activation) is nn.Softmax and m.activation.dim == -2 and m.fallback_reason() is None
     assert set(fused.state_dict()) == set(eager.state_dict())
-    for m in fused.modules():                # dim=2 is the same softmax on the 4-D logits: still fused
-        if isinstance(m, dnn.DynaMixerOp):
-            m.activation = nn.Softmax(dim=2)
     assert fused_calls(fused, image()) == N_MIXERS
 
 
@@ -189,101 +139,283 @@ def test_hook_on_activation_sees_the_mixing_matrices(backend, when, seed):
         assert_close_rel(got, ref, TOL, f"mixing matrices seen by the hook {when}")
 
 
-# ---- what users do to the Linears: LoRA, quantization, hooks, pruning ----
+# ---- the battery: what users do to a model, one row each, against the upstream network with the same transform ----
 
-@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
-def test_lora_adapters_on_compress_and_generate(backend, seed):
+class TemperatureSoftmax(nn.Softmax):
+    """A user's own activation: an nn.Softmax subclass (so only an exact-type check can tell it apart)."""
+
+    def forward(self, logits):
+        return (logits / 0.5).softmax(self.dim)
+
+
+def mixers(net):
+    """Every DynaMixerOp, upstream or fused (by class name, as convert() finds them)."""
+    return [m for m in net.modules() if type(m).__name__ == "DynaMixerOp"]
+
+
+def first_mixer(net):
+    return mixers(net)[0]
+
+
+def each_mixer(change):
+    def apply(net):
+        for m in mixers(net):
+            change(m)
+        return net
+    return apply
+
+
+def first_mixer_part(part, change):
+    def apply(net):
+        change(getattr(first_mixer(net), part) if part else first_mixer(net))
+        return net
+    return apply
+
+
+HANDLES = []                # hooks the rows register, removed after each test (global hooks outlive a model)
+
+
+def logging_hooks(module):
+    """A pre-hook and a hook that log what they see in the root's ``hook_log`` and change the output (so it must
+    be used)."""
+    log = []
+
+    def pre(mod, args):
+        log.append(("pre", tuple(args[0].shape)))
+
+    def post(mod, args, out):
+        log.append(("post", tuple(out.shape)))
+        return out * 1.5
+    HANDLES.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
+    return log
+
+
+def hooked(part):
+    def apply(net):
+        net.hook_log = logging_hooks(getattr(first_mixer(net), part) if part else first_mixer(net))
+        return net
+    return apply
+
+
+def same_hook_calls_and_fused_again(fused, eager):
+    # the training step's forward: the last two entries (fused_calls ran the fused network once more before it)
+    steps = fused.hook_log[-2:], eager.hook_log[-2:]
+    assert steps[0] == steps[1] and [kind for kind, _ in steps[1]] == ["pre", "post"], steps
+    for h in HANDLES:
+        h.remove()
+    assert fused_calls(fused, image()) == N_MIXERS, "removing the hooks must bring the fused path back"
+
+
+def global_hook(net):
+    if not HANDLES:         # global: one registration covers both networks
+        HANDLES.append(nn.modules.module.register_module_forward_pre_hook(lambda m, a: None))
+    return net
+
+
+def lora(net):
     peft = pytest.importorskip("peft")
-    eager, fused = pair(backend)
-    config = peft.LoraConfig(r=4, target_modules=["compress", "generate"], init_lora_weights=False)
-    eager, fused = peft.get_peft_model(eager, config), peft.get_peft_model(fused, config)
-    fused.load_state_dict(eager.state_dict())
-    x = image()
-    with torch.no_grad(), eager.disable_adapter():
-        without = eager(x)
-    assert relative_error(eager(x), without) > 1e-3, "the adapters must change the output for this test to mean it"
-    assert fused_calls(fused, x) == 0
-    assert_same_training_step(fused, eager, x, f"LoRA {backend}", params=lambda n: "lora_" in n)
+    return peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["compress", "generate"],
+                                                    init_lora_weights=False))
 
 
-@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
-def test_torchao_int8_weight_only(backend, seed):
+def torchao_int8(net):
     torchao = pytest.importorskip("torchao.quantization")
-    eager, fused = pair(backend)
-    x = image()
-    float_out = eager(x).detach()
-    for net in (eager, fused):
-        torchao.quantize_(net, torchao.Int8WeightOnlyConfig())
-    with torch.no_grad():
-        ref = eager(x)
-        assert relative_error(ref, float_out) > 1e-4, "quantization must change the output for this test to mean it"
-        assert_close_rel(fused(x), ref, 1e-3, f"torchao int8 {backend}")
+    torchao.quantize_(net, torchao.Int8WeightOnlyConfig())
+    return net
 
 
-@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
-def test_dynamic_quantization_quantizes_every_linear(backend, seed):
-    eager, fused = pair(backend)
-    eager, fused = (torch.ao.quantization.quantize_dynamic(net, {nn.Linear}) for net in (eager, fused))
+def quantize_dynamic(net):
+    return torch.ao.quantization.quantize_dynamic(net, {nn.Linear})
 
+
+def every_linear_quantized(fused, eager):
     def quantized(net):
         return sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in net.modules())
-
     assert quantized(fused) == quantized(eager) == sum(isinstance(m, nn.Linear) for m in small_network().modules())
-    x = image()
-    with torch.no_grad():
-        assert_close_rel(fused(x), eager(x), 1e-3, f"quantize_dynamic {backend}")
 
 
-@pytest.mark.parametrize("where", ["compress", "generate", "mixer", "global"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hooks_are_called_as_upstream_and_their_results_used(backend, where, seed):
-    eager, fused = pair(backend)
-    logs = []
-    handles = []
-    for net in (eager, fused):
-        log = []
-        logs.append(log)
-        op = net.network[0][0].attn.mix_h
-        target = {"compress": op.compress, "generate": op.generate, "mixer": op}.get(where)
-
-        def pre(module, args, log=log):
-            log.append(("pre", tuple(args[0].shape)))
-
-        def post(module, args, out, log=log):
-            log.append(("post", tuple(out.shape)))
-            return out * 1.5            # a hook that changes the output: the network must use it
-
-        if target is None:
-            if net is fused:            # global hooks apply to both networks at once: register them once
-                handles += [nn.modules.module.register_module_forward_pre_hook(lambda m, a: None)]
-            continue
-        handles += [target.register_forward_pre_hook(pre), target.register_forward_hook(post)]
-    try:
-        x = image()
-        if where == "global":
-            assert fused_calls(fused, x) == 0
-            assert_same_training_step(fused, eager, x, f"global hook {backend}")
-            return
-        assert_same_training_step(fused, eager, x, f"hook on {where} {backend}")
-        assert logs[0] == logs[1] and len(logs[1]) == 2, (logs[0], logs[1])
-    finally:
-        for h in handles:
-            h.remove()
-    assert fused_calls(fused, x) == N_MIXERS, "removing the hooks must bring the fused path back"
+def pruned(net):
+    prune.l1_unstructured(first_mixer(net).generate, "weight", amount=0.3)
+    return net
 
 
-@pytest.mark.parametrize("backend", NOT_FUSED_BACKENDS)
-def test_pruning_follows_the_mask(backend, seed):
-    import torch.nn.utils.prune as prune
-    eager, fused = pair(backend)
-    for net in (eager, fused):
-        prune.l1_unstructured(net.network[0][0].attn.mix_h.generate, "weight", amount=0.3)
-    x = image()
-    assert_same_training_step(fused, eager, x, f"pruned {backend}")
+def output_follows_a_new_mask(fused, eager):
     for net in (eager, fused):             # a new mask after the first forward: the output must follow it
-        net.network[0][0].attn.mix_h.generate.weight_mask[::3] = 0
+        first_mixer(net).generate.weight_mask[::3] = 0
+    x = image()
     with torch.no_grad():
-        assert_close_rel(fused(x), eager(x), TOL, f"pruned, mask changed {backend}")
+        assert_close_rel(fused(x), eager(x), TOL, "pruned, mask changed")
+
+
+class Pick(nn.Module):
+    """One output of a feature extractor's dict."""
+
+    def __init__(self, extractor, key):
+        super().__init__()
+        self.extractor, self.key = extractor, key
+
+    def forward(self, x):
+        return self.extractor(x)[self.key]
+
+
+def feature_extractor(net):
+    from torchvision.models.feature_extraction import create_feature_extractor
+    return Pick(create_feature_extractor(net, return_nodes={"head": "logits"}), "logits")
+
+
+def every_layer_fuses_and_every_linear_kept(fused, eager):
+    assert all(m.fuses() for m in fused.modules() if isinstance(m, (dnn.DynaMixerOp, dnn.DynaMixerBlock)))
+    assert not any(type(m) is not nn.Linear and isinstance(m, nn.Linear) for m in fused.modules()), \
+        "convert() changed the class of a Linear"
+
+
+class Row(NamedTuple):
+    apply: Callable[[nn.Module], nn.Module]     # the transform: changes the model in place or returns the new one
+    fused: int                                  # fused-op calls per forward when convert() came first
+    fused_if_transformed_first: int | None = None   # ... when the transform came first (None: the same)
+    tol: float = TOL
+    train: bool = True                          # outputs and every gradient; False: outputs under no_grad
+    changes: float | None = None                # the transform changes the output by more than this (else moot)
+    check: Callable | None = None               # further assertions on (fused, eager) after the step
+    needs: str | None = None                    # a module to import, else skip
+
+
+# One row per transform; a row's path is asserted (fused-op calls seen by the dispatcher), so a transform that loses
+# the fused path without need, or a layer that always falls back, fails here.
+TRANSFORMS = {
+    "nothing": Row(lambda net: net, N_MIXERS, check=every_layer_fuses_and_every_linear_kept),
+    "activation nn.Softmax(dim=2) (the same softmax)": Row(each_mixer(lambda m: setattr(m, "activation",
+                                                                                        nn.Softmax(dim=2))), N_MIXERS),
+    "activation nn.Softmax subclass": Row(each_mixer(lambda m: setattr(m, "activation", TemperatureSoftmax(dim=-2))),
+                                          0, changes=1e-3),
+    "activation softmax over the target token": Row(each_mixer(lambda m: setattr(m, "activation", nn.Softmax(-1))),
+                                                    0, changes=1e-3),
+    "activation sigmoid": Row(each_mixer(lambda m: setattr(m, "activation", nn.Sigmoid())), 0, changes=1e-3),
+    "hooks on compress": Row(hooked("compress"), N_MIXERS - 1, check=same_hook_calls_and_fused_again),
+    "hooks on generate": Row(hooked("generate"), N_MIXERS - 1, check=same_hook_calls_and_fused_again),
+    # the block runs the upstream forward, which calls the hooked mixer as a module: the mixer itself still fuses
+    "hooks on the mixer": Row(hooked(None), N_MIXERS, check=same_hook_calls_and_fused_again),
+    "global module hook": Row(global_hook, 0),
+    "LoRA (peft) on compress and generate": Row(lora, 0, changes=1e-3, needs="peft"),
+    "torchao int8 weight-only": Row(torchao_int8, 0, tol=1e-3, train=False, changes=1e-4, needs="torchao"),
+    "quantize_dynamic": Row(quantize_dynamic, 0, tol=1e-3, train=False, changes=1e-4, check=every_linear_quantized),
+    "prune.l1_unstructured on a generate": Row(pruned, N_MIXERS - 1, check=output_follows_a_new_mask),
+    "spectral_norm parametrization on a generate (train mode)": Row(first_mixer_part(
+        "generate", torch.nn.utils.parametrizations.spectral_norm), N_MIXERS - 1, changes=1e-3),
+    "weight_norm parametrization on a compress": Row(first_mixer_part(
+        "compress", torch.nn.utils.parametrizations.weight_norm), N_MIXERS - 1),
+    # Traced / scripted first, the model holds no DynaMixerOp for convert() to find: it runs the upstream code.
+    "torch.fx.symbolic_trace": Row(torch.fx.symbolic_trace, N_MIXERS, 0),
+    "torchvision create_feature_extractor": Row(feature_extractor, N_MIXERS, 0, needs="torchvision"),
+    "torch.jit.script": Row(torch.jit.script, N_MIXERS, 0),
+    "torch.fx.symbolic_trace, then torch.jit.script": Row(lambda net: torch.jit.script(torch.fx.symbolic_trace(net)),
+                                                          N_MIXERS, 0),
+}
+ORDERS = ("transform, then convert", "convert, then transform")
+
+
+def battery_cases():
+    """(row, order, backend, fused-op calls expected). A row runs every backend in the first order in which it fuses
+    (the Triton interpreter, slow, only there); its other order, and a row that runs the upstream code (where the
+    backend is only accepted), run the first backend."""
+    for name, row in TRANSFORMS.items():
+        every_backend_ran = False
+        for order in ORDERS if name != "nothing" else ORDERS[:1]:
+            fused = row.fused if order == ORDERS[1] or row.fused_if_transformed_first is None \
+                else row.fused_if_transformed_first
+            backends = BACKENDS if fused and not every_backend_ran else BACKENDS[:1]
+            every_backend_ran = every_backend_ran or len(backends) == len(BACKENDS)
+            for backend in backends:
+                yield pytest.param(name, order, backend, fused, id=f"{name}-{order}-{backend}")
+
+
+@pytest.fixture
+def remove_hooks():
+    yield
+    while HANDLES:
+        HANDLES.pop().remove()
+
+
+@pytest.mark.parametrize("name, order, backend, expected_fused_calls", list(battery_cases()))
+def test_transform_gives_the_upstream_answer(name, order, backend, expected_fused_calls, seed, remove_hooks):
+    row = TRANSFORMS[name]
+    if row.needs:
+        pytest.importorskip(row.needs)
+    base = randomize_(small_network())
+    x = image()
+    before = base(x).detach()
+    seed_for_the_transform = torch.randint(1 << 30, ()).item()   # LoRA's and spectral_norm's draws: the same in both
+
+    def transform(net):
+        torch.manual_seed(seed_for_the_transform)
+        return row.apply(net)
+
+    eager = transform(copy.deepcopy(base))
+    if order == ORDERS[0]:
+        fused = transform(copy.deepcopy(base))
+        state = {k: v.clone() for k, v in fused.state_dict().items() if type(v) in (torch.Tensor, nn.Parameter)}
+        fused = dynamixer_ops.convert(fused, backend=backend)
+        after = fused.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items()), "convert() changed the model's state"
+    else:
+        fused = transform(dynamixer_ops.convert(copy.deepcopy(base), backend=backend))
+    if row.changes is not None:
+        with torch.no_grad():
+            assert relative_error(eager(x), before) > row.changes, "the transform must change the output here"
+    assert fused_calls(fused, x) == expected_fused_calls
+    if row.train:
+        assert_same_training_step(fused, eager, x, f"{name}, {order}, {backend}", row.tol)
+    else:
+        with torch.no_grad():
+            assert_close_rel(fused(x), eager(x), row.tol, f"{name}, {order}, {backend}")
+    if row.check is not None:
+        row.check(fused, eager)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "user's own"])
+def test_mixing_matrices_are_what_the_layer_applies_and_keep_the_fused_forward(activation, seed):
+    eager = randomize_(small_network())
+    if activation != "softmax":
+        for m in mixers(eager):
+            m.activation = TemperatureSoftmax(dim=-2)
+    fused = dynamixer_ops.convert(copy.deepcopy(eager), backend="cpu")
+    seen = []
+    for m in mixers(eager):                 # the documented fallback: a hook on the upstream layer's activation
+        m.activation.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    x = image()
+    eager(x)
+    block_inputs = []
+    handles = [b.register_forward_pre_hook(lambda mod, args: block_inputs.append(args[0]))
+               for b in fused.modules() if isinstance(b, dnn.DynaMixerBlock)]
+    assert fused_calls(fused, x) == (N_MIXERS if activation == "softmax" else 0), "a block hook keeps the fused path"
+    for h in handles:
+        h.remove()
+    blocks = [b for b in fused.modules() if isinstance(b, dnn.DynaMixerBlock)]
+    for i, (block, h) in enumerate(zip(blocks, block_inputs)):
+        B, H, W, C = h.shape
+        with torch.no_grad():
+            P_h = block.mix_h.mixing_matrices(h.transpose(1, 2))          # (B, W, S, H, H): leading dims kept
+            P_w = block.mix_w.mixing_matrices(h)
+        S = block.mix_h.num_head
+        assert P_h.shape == (B, W, S, H, H) and P_w.shape == (B, H, S, W, W)
+        # upstream: mix_h on (B*W, H, C), then mix_w on (B*H, W, C); seen holds their (N, S, L, L)
+        assert_close_rel(P_h.flatten(0, 1), seen[2 * i], TOL, f"block {i} mix_h mixing matrices")
+        assert_close_rel(P_w.flatten(0, 1), seen[2 * i + 1], TOL, f"block {i} mix_w mixing matrices")
+        with torch.no_grad():               # and they are what the fused op applies
+            mixed = block.mix_w.fused_mix(h) if activation == "softmax" else block.mix_w.mix(h)
+        applied = torch.einsum("bhsij,bhisc->bhjsc", P_w, h.unflatten(-1, (S, C // S))).flatten(-2)
+        assert_close_rel(mixed, applied, TOL, f"block {i} mix_w applies its mixing matrices")
+
+
+def test_mixing_matrices_example_writes_a_png(tmp_path):
+    import subprocess
+    import sys
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "mixing_matrices.py")
+    out = tmp_path / "maps.png"
+    result = subprocess.run([sys.executable, example, "--img-size", "28", "--segments", "2", "--out", str(out)],
+                            env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- torch.func, forward-mode AD, double backward ----
@@ -427,6 +559,84 @@ def test_compiled_training_step_of_a_model_traces_the_fused_backward():
     assert len(graphs) == 2
     assert "dynamixer_ops.dynamic_mix.default" in graphs[0]
     assert "dynamixer_ops.dynamic_mix_backward.default" in graphs[1]
+
+
+# ---- FX and TorchScript of the models: the fused op stays in the graph ----
+
+def mixer_count(model) -> int:
+    return sum(isinstance(m, dnn.DynaMixerOp) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def model_and_upstream():
+    """models.dynamixer_<variant> at 28 px and the upstream network with its weights (built once per module: the
+    tests below only trace or script them)."""
+    from dynamixer_ops import models
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            torch.manual_seed(0)
+            model = getattr(models, f"dynamixer_{variant}")(img_size=28, num_classes=10).eval()
+            reference = upstream.eager_model(variant, img_size=28, num_classes=10).eval()
+            reference.load_state_dict(model.state_dict())
+            built[variant] = model, reference
+        return built[variant]
+    return get
+
+
+# M and L (seconds each to build and script) with the heavy timm suite's switch, which scripts all three at 224.
+SCRIPTED_VARIANTS = ["s", "m", "l"] if os.environ.get("DYNAMIXER_TIMM_SUITE") == "all" else ["s"]
+
+
+@pytest.mark.parametrize("variant", SCRIPTED_VARIANTS)
+def test_torchscript_models_call_the_fused_op(variant, model_and_upstream):
+    model, reference = model_and_upstream(variant)
+    scripted = torch.jit.script(model)
+    assert str(scripted.inlined_graph).count("dynamixer_ops::dynamic_mix") == mixer_count(model)
+    x = torch.randn(2, 3, 28, 28)
+    assert fused_calls(scripted, x) == mixer_count(model)
+    with torch.no_grad():
+        assert_close_rel(scripted(x), reference(x), TOL, f"scripted dynamixer_{variant}")
+
+
+def test_fx_symbolic_trace_and_feature_extractor_of_a_model_keep_the_fused_op(model_and_upstream):
+    create_feature_extractor = pytest.importorskip("torchvision.models.feature_extraction").create_feature_extractor
+    model, reference = model_and_upstream("s")
+    x = torch.randn(2, 3, 28, 28)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is dnn.fused_dynamic_mix]
+    assert len(calls) == mixer_count(model)
+    extractor = create_feature_extractor(model, return_nodes={"norm": "tokens", "head": "logits"})
+    with torch.no_grad():
+        ref_tokens = reference.forward_features(x)
+        assert_close_rel(traced(x), reference(x), TOL, "symbolic_trace of dynamixer_s")
+        features = extractor(x)
+        assert_close_rel(features["tokens"], ref_tokens, TOL, "create_feature_extractor of dynamixer_s: tokens")
+        assert_close_rel(features["logits"], reference(x), TOL, "create_feature_extractor of dynamixer_s: logits")
+    assert fused_calls(traced, x) == fused_calls(extractor, x) == mixer_count(model)
+
+
+def test_torchscript_saved_model_loads_and_runs_in_a_fresh_process(tmp_path, seed):
+    import subprocess
+    import sys
+    eager, fused = pair("auto")
+    x = image()
+    torch.jit.save(torch.jit.script(fused), tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.save({"x": x, "y": eager(x)}, tmp_path / "io.pt")
+    program = (
+        "import sys, torch, dynamixer_ops\n"      # the import registers the op's kernels
+        "m = torch.jit.load(sys.argv[1])\n"
+        "io = torch.load(sys.argv[2])\n"
+        "y = m(io['x'])\n"
+        "err = ((y - io['y']).norm() / io['y'].norm()).item()\n"
+        "assert 'dynamixer_ops::dynamic_mix' in str(m.inlined_graph), 'the fused op is not in the loaded graph'\n"
+        "assert err <= 1e-4, err\n"
+        "print('ok', err)\n")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr[-3000:]
 
 
 # ---- distributed and memory-saving wrappers ----

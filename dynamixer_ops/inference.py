@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import upstream
+from . import ops, upstream
+from .backends import resolve_backend
 from .nn import DynaMixerBlock
 from .plain import has_hooks, linear_reason
 
@@ -234,9 +235,9 @@ def _inference_forward(block, x: Tensor, dtype: torch.dtype) -> Tensor:
         w = _linear(attn.mix_w.out, mw, dtype)
         c = _linear(attn.mlp_c, y, dtype)
         B, _, _, C = x.shape
-        a = _mlp(attn.reweight, (h + w + c).mean(dim=(1, 2)), None, dtype)            # (B, 3C)
+        a = _mlp(attn.reweight, torch.add(h, w).add_(c).mean(dim=(1, 2)), None, dtype)    # (B, 3C)
         a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
-        s = h * a[0] + w * a[1] + c * a[2]
+        s = h.mul_(a[0]).addcmul_(w, a[1]).addcmul_(c, a[2])      # h*a0 + w*a1 + c*a2, in h's memory
         x = _linear_add(attn.proj, s, x, dtype)
         y = _layer_norm(block.norm2, x, amp)
         return _mlp(block.mlp, y.to(dtype), x, dtype)
@@ -250,10 +251,23 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor, amp: bool) -> Tensor:
 
 
 def _mix(op, x: Tensor, dtype: torch.dtype) -> Tensor:
-    from .ops import dynamic_mix
+    """``dynamic_mix(x, ...)`` of ``op``'s weights in ``dtype``, calling the backend's kernel the way the op's
+    kernel does: under no_grad on a plain CPU tensor (what :meth:`InferenceBlock.inference_reason` checks) the op
+    would run exactly this, and its Python entry point and two dispatcher hops cost more per call at batch 1 than
+    the mixing of a small image."""
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-    return dynamic_mix(x, cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight),
-                       cast(op.generate.bias), op.num_head, backend=op.backend)
+    weights = [cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight), cast(op.generate.bias)]
+    L, C, S, d = ops.check_inputs(x, *weights, op.num_head)
+    if weights[1] is None:
+        weights[1] = weights[0].new_zeros(S * d)
+    if weights[3] is None:
+        weights[3] = weights[2].new_zeros(L * L)
+    backend = resolve_backend(op.backend, "cpu", dtype)
+    y = torch.empty_like(x)       # x's strides: a transposed x gives a transposed y, as the op's kernel does
+    if ops.POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    backend.forward(x, *(w.contiguous() for w in weights), S, y)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------------------

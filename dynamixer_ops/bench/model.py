@@ -18,8 +18,8 @@ output under ``no_grad`` for inference; the output and the parameter gradients o
 training step). Then the variants of one mode are timed in interleaved rounds in one process
 (:func:`.timing.time_side_by_side`). Work: the FLOPs of the upstream network (``torch.utils.flop_counter``: the
 products of the Linears, convolutions and the mixing's matmuls, per image, measured once), so GFLOP/s is the same
-multiple of 1/time for every variant; % of the GEMM peak: that rate over the best GEMM rate measured on this
-machine in the run's compute dtype (:func:`.machine.measure_roofline`).
+multiple of 1/time for every variant; % of the GEMM peak: that rate over the best rate of a square GEMM in the
+run's compute dtype (torch.mm and oneDNN), timed in the same interleaved rounds (:func:`gemm_runs`).
 """
 from __future__ import annotations
 
@@ -183,15 +183,24 @@ def count_flops(net, x: torch.Tensor, train: bool) -> float:
     return float(counter.get_total_flops())
 
 
-def gemm_peak(device: torch.device, dtype: torch.dtype, threads: int, quick: bool) -> tuple[float, str] | None:
-    """The best GEMM rate measured here in ``dtype`` (GFLOP/s, what ran it); the FMA peak is not a GEMM."""
-    from .machine import measure_roofline
-    roof = measure_roofline(device, dtype, threads, quick)
-    gemms = {k: v for k, v in roof["gemm_candidates"].items() if not k.startswith("FMA")}
-    if not gemms:
-        return None
-    best = max(gemms, key=gemms.get)
-    return gemms[best], best
+def gemm_runs(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, tuple]:
+    """``{label: (call, FLOPs per call)}``: square GEMMs in ``dtype`` on torch.mm and (on a CPU) oneDNN, timed in
+    the same interleaved rounds as the networks so that the peak sees the load they see."""
+    n = 1024 if quick else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    runs = {f"{n}x{n}x{n} {name} torch.mm": (lambda: torch.mm(a, b), 2 * n ** 3)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                                  "_linear_pointwise"):
+        def onednn():
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        try:
+            onednn()
+            runs[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = (onednn, 2 * n ** 3)
+        except RuntimeError:      # a dtype this build's oneDNN does not take
+            pass
+    return runs
 
 
 def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], dict]:
@@ -226,9 +235,8 @@ def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], 
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     threads = torch.get_num_threads()
     compute = amp_dtype or dtype
-    peak = gemm_peak(device, compute, threads, args.quick) if device.type == "cpu" else None
-    work["gemm_peak"] = None if peak is None else {"GFLOPs": peak[0], "gemm": peak[1],
-                                                   "dtype": str(compute).replace("torch.", "")}
+    gemms = gemm_runs(device, compute, args.quick)
+    work["gemm_peak"] = {}
     modes = {"fwd": "inference", "fwdbwd": "train_step"}
     wanted = [modes[d] for d in args.direction]
 
@@ -343,16 +351,25 @@ def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], 
                     loss.backward()
                     opt.step()
             runs[vname] = run
+        gemm_rows = {label: {"status": "ok"} for label in gemms}
+        runs.update({label: call for label, (call, _) in gemms.items()})
         # one block per sample: a network call is long enough to time alone
-        medians = time_side_by_side(runs, mode_rows, device, warmup_ms=args.warmup, repeat_ms=args.repeat,
-                                    rounds=args.rounds, blocks=1)
+        medians = time_side_by_side(runs, {**mode_rows, **gemm_rows}, device, warmup_ms=args.warmup,
+                                    repeat_ms=args.repeat, rounds=args.rounds, blocks=1)
+        rates = {label: gemms[label][1] / medians[label] / 1e9 for label in gemms if label in medians}
+        if rates:
+            best = max(rates, key=rates.get)
+            work["gemm_peak"][mode] = {"GFLOPs": rates[best], "gemm": best,
+                                       "dtype": str(compute).replace("torch.", "")}
         flops = work["flops_per_image"][mode]
         for vname, med in medians.items():
+            if vname in gemms:
+                continue
             r = mode_rows[vname]
             r["images_per_s"] = B / med
             r["GFLOPs"] = flops * B / med / 1e9
-            if work["gemm_peak"]:
-                r["gemm_peak_pct"] = 100 * r["GFLOPs"] / work["gemm_peak"]["GFLOPs"]
+            if rates:
+                r["gemm_peak_pct"] = 100 * r["GFLOPs"] / rates[best]
         add_rival_ratios(mode_rows)
         out_rows += mode_rows.values()
         log(f"[{name}, {B} images, {mode}] " + ", ".join(

@@ -72,9 +72,9 @@ def model_notes(report: dict) -> list[str]:
     flops = work["flops_per_image"]
     lines = [f"work: {flops['inference'] / 1e9:.2f} GFLOP per image (inference), {flops['train_step'] / 1e9:.2f} "
              f"(training step), counted on the upstream network by torch.utils.flop_counter"]
-    if work.get("gemm_peak"):
-        g = work["gemm_peak"]
-        lines.append(f"% GEMM: of {g['GFLOPs']:.0f} GFLOP/s, the best {g['dtype']} GEMM measured here ({g['gemm']})")
+    for mode, g in (work.get("gemm_peak") or {}).items():
+        lines.append(f"% GEMM ({mode}): of {g['GFLOPs']:.0f} GFLOP/s, the best {g['dtype']} GEMM timed in the same "
+                     f"rounds ({g['gemm']})")
     return lines + list(report.get("summary") or [])
 
 

@@ -58,6 +58,8 @@ def _drop_path_types() -> tuple[type, ...]:
 
 
 _DROP_PATH_TYPES = _drop_path_types()
+# The parts whose output depends on their training flag: each must be in eval mode, not only the block.
+_TRAINING_DEPENDENT = (nn.Dropout, *_DROP_PATH_TYPES[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,8 +161,10 @@ class InferenceBlock(nn.Module):
         """Why this call runs the block's own forward, or None when it runs the inference path."""
         if not _KERNEL_EXISTS:
             return "this torch has no oneDNN linear kernels"
-        if self.training or torch.is_grad_enabled():
-            return "training mode or grad enabled"
+        if torch.is_grad_enabled() or self.training:
+            return "grad enabled or training mode"
+        if any(m.training for m in self.modules() if isinstance(m, _TRAINING_DEPENDENT)):
+            return "a dropout or drop-path in training mode"
         if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return "traced or compiled"
         if x.device.type != "cpu" or x.dim() != 4 or type(x) is not Tensor:

@@ -111,7 +111,8 @@ def _first_block(model):
     return next(m for m in model.modules() if isinstance(m, inference.InferenceBlock))
 
 
-@pytest.mark.parametrize("change", ["hook", "relu", "skip_lam", "wrapped_linear", "tanh_gelu", "training"])
+@pytest.mark.parametrize("change", ["hook", "relu", "skip_lam", "wrapped_linear", "tanh_gelu", "training",
+                                    "dropout_training"])
 def test_what_the_path_does_not_cover_falls_back(change, seed, calls):
     ref, ours = _pair("convert")
     block, ref_block = _first_block(ours), next(m for m in ref.modules() if type(m).__name__ == "VisionBlock")
@@ -131,6 +132,8 @@ def test_what_the_path_does_not_cover_falls_back(change, seed, calls):
     elif change == "training":
         block.train()
         ref_block.train()
+    elif change == "dropout_training":      # one submodule in training mode: p = 0, so the same answer
+        block.attn.proj_drop.train()
     x = _image(2, 49)
     with torch.no_grad():
         why = block.inference_reason(x.new_empty(2, 7, 7, 48))

@@ -212,6 +212,12 @@ class InferenceBlock(nn.Module):
             return super().forward(x)
         return _inference_forward(self, x, _compute_dtype(x))
 
+    def __reduce_ex__(self, protocol):
+        # Pickled (torch.save of a whole model, deepcopy) as the block's own class, made an inference block again
+        # on load: the class optimize() made is not importable by name.
+        own = next(c for c in type(self).__mro__ if c is not InferenceBlock and not issubclass(c, InferenceBlock))
+        return _restore, (own, self.__getstate__())
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled("cpu"):
@@ -287,6 +293,13 @@ def _inference_class(cls: type) -> type:
         _CLASSES[cls] = type(cls.__name__, (InferenceBlock, cls), {"__module__": cls.__module__,
                                                                    "__qualname__": cls.__qualname__})
     return _CLASSES[cls]
+
+
+def _restore(cls: type, state: dict) -> nn.Module:
+    block = cls.__new__(cls)
+    block.__setstate__(state)
+    block.__class__ = _inference_class(cls)
+    return block
 
 
 def _is_vision_block(module: nn.Module) -> bool:

@@ -4,6 +4,7 @@ in-place updates."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -195,6 +196,12 @@ def test_optimize_keeps_keys_classes_and_copies(seed):
     x = _image(1, 49)
     with torch.no_grad():
         assert relative_error(twin(x), ours(x)) <= 1e-6
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)                               # a whole model, pickled
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert len(inference.optimized_blocks(loaded)) == len(inference.optimized_blocks(ours))
+    with torch.no_grad():
+        assert relative_error(loaded(x), ours(x)) <= 1e-6
     assert dynamixer_ops.optimize(ours) is ours            # idempotent
     upstream_only = dynamixer_ops.optimize(copy.deepcopy(ref))     # nothing fused: nothing changes
     assert not inference.optimized_blocks(upstream_only)

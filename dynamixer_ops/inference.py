@@ -58,8 +58,6 @@ def _drop_path_types() -> tuple[type, ...]:
 
 
 _DROP_PATH_TYPES = _drop_path_types()
-# The parts whose output depends on their training flag: each must be in eval mode, not only the block.
-_TRAINING_DEPENDENT = (nn.Dropout, *_DROP_PATH_TYPES[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,6 +126,12 @@ def _gelu_reason(act) -> str | None:
     return None
 
 
+def _identity_now(part, types) -> bool:
+    """``part`` (a dropout, a drop-path) is the identity now: one of ``types``, in eval mode, without hooks (a
+    submodule's own training flag counts, not the block's)."""
+    return type(part) in types and (not part.training or type(part) is nn.Identity) and not has_hooks(part)
+
+
 def _mlp_reason(mlp, weight_dtype: torch.dtype) -> str | None:
     """An ``Mlp`` (upstream's, timm's or TokenMlp): fc1 -> GELU -> (dropout, identity norm) -> fc2 -> dropout."""
     if has_hooks(mlp):
@@ -141,8 +145,8 @@ def _mlp_reason(mlp, weight_dtype: torch.dtype) -> str | None:
         return f"act {why}"
     for name in ("drop", "drop1", "drop2", "norm"):
         part = getattr(mlp, name, None)
-        if part is not None and (type(part) not in _EVAL_IDENTITY or has_hooks(part)):
-            return f"{name} is a {type(part).__name__}"
+        if part is not None and not _identity_now(part, _EVAL_IDENTITY):
+            return f"{name} is a {type(part).__name__} in training mode or with hooks, or not a dropout"
     if not {"drop", "drop1"} & set(mlp._modules):
         return "has no dropout layers where an Mlp has them"
     return None
@@ -163,8 +167,6 @@ class InferenceBlock(nn.Module):
             return "this torch has no oneDNN linear kernels"
         if torch.is_grad_enabled() or self.training:
             return "grad enabled or training mode"
-        if any(m.training for m in self.modules() if isinstance(m, _TRAINING_DEPENDENT)):
-            return "a dropout or drop-path in training mode"
         if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return "traced or compiled"
         if x.device.type != "cpu" or x.dim() != 4 or type(x) is not Tensor:
@@ -180,8 +182,8 @@ class InferenceBlock(nn.Module):
             return "has hooks"
         if self.skip_lam != 1.0:
             return f"skip_lam = {self.skip_lam}"
-        if type(self.drop_path) not in _DROP_PATH_TYPES or has_hooks(self.drop_path):
-            return f"drop_path is a {type(self.drop_path).__name__}"
+        if not _identity_now(self.drop_path, _DROP_PATH_TYPES):
+            return f"drop_path is a {type(self.drop_path).__name__} in training mode or with hooks"
         for name in ("norm1", "norm2"):
             norm = getattr(self, name)
             if type(norm) is not nn.LayerNorm or has_hooks(norm) or len(norm.normalized_shape) != 1:
@@ -199,8 +201,8 @@ class InferenceBlock(nn.Module):
             why = _linear_ok(op.out, weight_dtype)
             if why is not None:
                 return f"attn mixer out {why}"
-        if type(attn.proj_drop) not in _EVAL_IDENTITY or has_hooks(attn.proj_drop):
-            return "attn.proj_drop is not a Dropout"
+        if not _identity_now(attn.proj_drop, _EVAL_IDENTITY):
+            return "attn.proj_drop is not a Dropout in eval mode without hooks"
         for name, mlp in (("attn.reweight", attn.reweight), ("mlp", self.mlp)):
             why = _mlp_reason(mlp, weight_dtype) if _is_mlp_class(mlp) else f"is a {type(mlp).__name__}"
             if why is not None:

@@ -20,8 +20,9 @@ CPU, or float32 weights under ``torch.autocast("cpu", torch.bfloat16)``):
   (``x + proj(...)`` in one pass over the output);
 * the mixing runs through the fused op as in :class:`dynamixer_ops.nn.DynaMixerBlock`.
 
-The arithmetic is the block's (same operations in the same precision; oneDNN's products differ from MKL's in
-rounding only), so the outputs match the upstream network within the project's tolerances
+The arithmetic is the block's: the same operations in the same precision, differing in rounding only (oneDNN's
+products instead of MKL's, the weighted sum of the three branches by ``addcmul``), so the outputs match the
+upstream network within the project's tolerances
 (``tests/test_inference.py``). Training is unchanged: in train mode or with grad enabled the block runs its own
 forward, the fused training path included.
 """

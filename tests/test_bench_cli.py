@@ -420,8 +420,8 @@ def test_model_mode_unknown_variant_is_named(capsys):
                            "on 2 busy cores): DYNAMIXER_BENCH_RIVALS=1")
 def test_model_mode_every_rival_and_path(tmp_path, capsys):
     path = tmp_path / "m.json"
-    variants = ["eager", "compile", "compile-freezing", "onnxruntime", "cpu", "cpu+compile", "cpu+optimize",
-                "cpu+aoti"]
+    variants = ["eager", "compile", "compile-freezing", "onnxruntime", "cpu", "cpu+compile", "cpu+compile-freezing",
+                "cpu+optimize", "cpu+aoti"]
     code, _, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--img-size", "14", "--batch", "2",
                            "--threads", "1", "--backends", *variants, "--warmup", "1", "--repeat", "1", "--rounds", "1",
                            "--json", str(path), "--plain"], capsys)

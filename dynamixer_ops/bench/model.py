@@ -10,8 +10,9 @@ Rivals (the upstream network, :mod:`dynamixer_ops.upstream`, run as a user would
 
 Ours (the fused network: :mod:`dynamixer_ops.models`, or ``convert(upstream)`` with ``--convert``), per fused
 backend ``B`` (e.g. ``cpu``): ``B`` (eager), ``B+compile`` (``torch.compile`` of it), ``B+optimize``
-(:func:`dynamixer_ops.optimize`, the CPU inference path; inference only) and ``B+aoti`` (an AOTInductor package of
-``torch.export`` of it, loaded back; inference only; compiled on request only: ``--backends cpu+aoti``).
+(:func:`dynamixer_ops.optimize`, the CPU inference path; inference only), and on request only (``--backends``:
+minutes of compilation each) ``B+compile-freezing`` (with Inductor freezing; inference only) and ``B+aoti`` (an
+AOTInductor package of ``torch.export`` of it, loaded back; inference only).
 
 Every variant is first checked against the float64 upstream network on the very inputs that are then timed (the
 output under ``no_grad`` for inference; the output and the parameter gradients of a training-mode forward for the
@@ -43,7 +44,9 @@ MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
 # The upstream network, run as a user would without this package. The first is the baseline of every ratio.
 RIVALS = ("eager", "compile", "compile-freezing", "onnxruntime")
 # What each fused backend B runs as: "B" (eager) and "B+<path>".
-PATHS = ("compile", "optimize", "aoti")
+PATHS = ("compile", "compile-freezing", "optimize", "aoti")
+# Built on request only (--backends), not by default: each costs minutes of compilation at 224 px.
+ON_REQUEST = ("compile-freezing", "aoti")
 INFERENCE_ONLY = {"compile-freezing": "Inductor freezing is an inference transform",
                   "onnxruntime": "inference only", "optimize": "an inference path (training runs the eager row)",
                   "aoti": "an inference package"}
@@ -81,7 +84,7 @@ def resolve_variants(requested: list[str] | None, device: torch.device, dtype: t
         names = [r for r in RIVALS if not (quick and "compile" in r)]
         for b in fused:
             names += [b] + [f"{b}+{p}" for p in PATHS
-                            if not (p == "aoti" or (quick and p == "compile")
+                            if not (p in ON_REQUEST or (quick and p == "compile")
                                     or (p == "optimize" and device.type != "cpu"))]
     else:
         names = list(dict.fromkeys(requested))
@@ -259,7 +262,7 @@ def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], 
             return optimize(net)
         if path == "aoti":
             return _Aoti(net, x)
-        if vname == "compile-freezing":
+        if vname == "compile-freezing" or path == "compile-freezing":
             # options, not the global config: a backend of its own, so dynamo never hands this variant the graph
             # it compiled for "compile" (same forward code) or the reverse
             return torch.compile(net, options={"freezing": True})

@@ -49,7 +49,8 @@ HISTORY = "## History\n"
 OUTPUT_OPTIONS = {"--json": 1, "--plot": 1, "--plain": 0, "--require": -1}
 
 
-from dynamixer_ops.bench.report import fmt_number, fmt_speedup, fmt_spread  # noqa: E402  (the CLI's own cell formats)
+# the CLI's own cell formats and notes
+from dynamixer_ops.bench.report import fmt_number, fmt_speedup, fmt_spread, model_notes  # noqa: E402
 
 
 def device_kind(report: dict) -> str:
@@ -129,13 +130,17 @@ def render(report: dict) -> str:
     lines.append("")
     notes: dict[str, int] = {}
     if report["mode"] == "model":
-        lines += ["| model | mode | images | backend | images/s | median ms | spread | vs eager | vs compile | status |",
-                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += ["| model | mode | images | backend | images/s | median ms | spread | vs eager | vs compile | "
+                  "vs best rival | GFLOP/s | % GEMM | status |",
+                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in report["results"]:
             lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['backend']} | "
                          f"{fmt_number(r.get('images_per_s'), '.1f')} | {fmt_number(r.get('median_ms'), '.2f')} | "
                          f"{fmt_spread(r)} | {fmt_speedup(r.get('speedup_vs_eager'))} | "
-                         f"{fmt_speedup(r.get('speedup_vs_compile'))} | {_status(r, notes)} |")
+                         f"{fmt_speedup(r.get('speedup_vs_compile'))} | "
+                         f"{fmt_speedup(r.get('speedup_vs_best_rival'))} | {fmt_number(r.get('GFLOPs'), '.1f')} | "
+                         f"{fmt_number(r.get('gemm_peak_pct'), '.1f')} | {_status(r, notes)} |")
+        lines += ["", *(f"- {line}" for line in model_notes(report))]
     else:
         for direction in s["directions"]:
             rows = [r for r in report["results"] if r["direction"] == direction]

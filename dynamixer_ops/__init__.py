@@ -10,7 +10,8 @@ from .backends import triton as _triton_backend        # noqa: F401  (registers 
 from . import nn
 from . import deploy              # decompositions() for torch.export, native_library_path() for C++ runners
 from .nn import convert
+from .inference import optimize     # the CPU inference path of whole networks
 
 __version__ = "0.1.0"
 __all__ = ["dynamic_mix", "available_backends", "unavailable_backends", "BackendUnavailableError", "convert",
-           "nn", "deploy", "__version__"]
+           "optimize", "nn", "deploy", "__version__"]

@@ -387,3 +387,49 @@ def test_check_gives_the_test_suites_verdict(scale):
         passed = False
     assert (err <= tol) == passed
     assert passed == (scale < 1e-3)
+
+
+@pytest.mark.skipif(not _has_models(), reason="dynamixer_ops.models / dynamixer_ops.upstream not merged yet")
+def test_model_mode_rows_of_our_paths_against_the_rivals(tmp_path, capsys):
+    """Our inference path beside the eager rows, at a tiny image size: checked, timed, GFLOP/s, % GEMM, the best
+    rival; inference-only paths skip the training step, saying why."""
+    path = tmp_path / "m.json"
+    code, out, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--img-size", "14", "--batch", "1",
+                             "--backends", "eager", "cpu", "cpu+optimize", "--warmup", "1", "--repeat", "1",
+                             "--rounds", "1", "--quick", "--threads", "1", "--json", str(path), "--plain"], capsys)
+    assert code == 0
+    report = json.loads(path.read_text())
+    rows = {(r["backend"], r["mode"]): r for r in report["results"]}
+    for name in ("eager", "cpu", "cpu+optimize"):
+        r = rows[name, "inference"]
+        assert r["status"] == "ok" and r["error"] <= r["tolerance"], r
+        assert r["GFLOPs"] > 0 and r["gemm_peak_pct"] > 0 and r["best_rival"] == "eager"
+        assert r["speedup_vs_best_rival"] == pytest.approx(r["speedup_vs_eager"], rel=1e-12)
+    assert rows["cpu+optimize", "train_step"]["status"] == "SKIPPED"
+    assert rows["cpu", "train_step"]["status"] == "ok"
+    assert report["work"]["flops_per_image"]["train_step"] > 2 * report["work"]["flops_per_image"]["inference"] > 0
+    assert "best rival eager" in out and "% GEMM" in out
+
+
+def test_model_mode_unknown_variant_is_named(capsys):
+    code, _, err = run_main(["--device", "cpu", "--model", "dynamixer_s", "--backends", "eager", "cpu+fast"],
+                            capsys)
+    assert code == 2 and "cpu+fast" in err
+
+
+@pytest.mark.skipif(os.environ.get("DYNAMIXER_BENCH_RIVALS") != "1",
+                    reason="compiles the network five times and builds an AOTInductor package (about 10 minutes "
+                           "on 2 busy cores): DYNAMIXER_BENCH_RIVALS=1")
+def test_model_mode_every_rival_and_path(tmp_path, capsys):
+    path = tmp_path / "m.json"
+    variants = ["eager", "compile", "compile-freezing", "onnxruntime", "cpu", "cpu+compile", "cpu+compile-freezing",
+                "cpu+optimize", "cpu+aoti"]
+    code, _, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--img-size", "14", "--batch", "2",
+                           "--threads", "1", "--backends", *variants, "--warmup", "1", "--repeat", "1", "--rounds", "1",
+                           "--json", str(path), "--plain"], capsys)
+    assert code == 0
+    rows = {(r["backend"], r["mode"]): r for r in json.loads(path.read_text())["results"]}
+    for name in variants:
+        assert rows[name, "inference"]["status"] == "ok", rows[name, "inference"]
+    for name in ("eager", "compile", "cpu", "cpu+compile"):
+        assert rows[name, "train_step"]["status"] == "ok", rows[name, "train_step"]

@@ -29,7 +29,7 @@ import torch
 from ..testing import MODEL_SHAPES, TOLERANCE
 from ..upstream import PATCH_SIZE
 from .machine import loadavg, machine_info, measure_roofline, versions
-from .model import MODELS, OPTIMIZERS, BenchError, run_model
+from .model import MODELS, OPTIMIZERS, BenchError, resolve_variants, run_model, summary
 from .op import (BYTES_CONVENTION, DEFAULTS, DIRECTIONS, DTYPE_BY_NAME, FLOP_CONVENTION, ROOFLINE_CONVENTION,
                  Shape, compile_mode, parse_shape, resolve_backends, run_op_sweep)
 from .report import case_label, json_safe, plot, print_table
@@ -113,8 +113,11 @@ examples:
                         "default mode on CPU). 'all': every registered backend that can run here, including "
                         "those never chosen automatically (e.g. the Triton interpreter), plus eager and compile. "
                         "Named backends that cannot run here are listed as SKIPPED with the reason. With --model: "
-                        "the fused networks' backends, 'eager' = the upstream network, 'compile' = torch.compile "
-                        "of it (default there: eager and the fused backends except 'reference')")
+                        "variants of the network: the rivals 'eager' (the upstream network), 'compile', "
+                        "'compile-freezing' (torch.compile of it, with Inductor freezing) and 'onnxruntime' (its "
+                        "ONNX export), and ours: a fused backend B (e.g. 'cpu') and B+compile, B+compile-freezing, "
+                        "B+optimize (dynamixer_ops.optimize), B+aoti (an AOTInductor package); default there: every "
+                        "rival and B, B+compile, B+optimize of the automatic backends (--quick: no compiled variant)")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help="named shapes (s1 s2 m1 m3 l1 l2, or 'all') or custom L,C,S,d (default: all named "
                         "shapes; --quick: s1 s2)")
@@ -281,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     requirements = parse_requirements(p, args.require)
     from .. import __version__  # noqa: F401  (imports the package: registers every backend)
     try:
-        backends, skipped = resolve_backends(args.backends, device, dtype, args.quick)
+        if args.model:      # the network's variants: rivals and our paths (.model.resolve_variants)
+            backends, skipped = resolve_variants(args.backends, device, dtype, args.quick, args.autocast)
+        else:
+            backends, skipped = resolve_backends(args.backends, device, dtype, args.quick)
     except ValueError as exc:
         p.error(f"argument --backends: {exc}")
-    if args.model and args.backends is None:
-        backends = [b for b in backends if b != "reference"]   # the plain-math backend: slow, not a contender
     log = Console()
     for name, why in skipped.items():
         log(f"dynamixer-bench: skipping {name}: {why}")
@@ -323,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model:
             report["shapes"] = []
-            report["results"] = run_model(args, device, dtype, backends, skipped, log)
+            report["results"], report["work"] = run_model(args, device, dtype, backends, skipped, log)
+            report["summary"] = summary(report["results"])
         else:
             log(f"dynamixer-bench: measuring the roofline on {device} ...")
             report["roofline"] = measure_roofline(device, dtype, threads, args.quick)

@@ -1,20 +1,57 @@
-"""The network benchmark: a fused DynaMixer against the upstream one with the same weights, checked against
-the float64 upstream network, then timed by :mod:`.timing` (images/s, inference and training step)."""
+"""The network benchmark: every way to run a DynaMixer network on one machine, side by side.
+
+Rivals (the upstream network, :mod:`dynamixer_ops.upstream`, run as a user would without this package):
+
+* ``eager``: the upstream network as it is (the baseline of every ratio);
+* ``compile``: ``torch.compile`` of it; ``compile-freezing``: the same with Inductor's ``freezing`` (weights
+  folded into the graph and prepacked; inference only);
+* ``onnxruntime``: ONNX Runtime on the upstream network's ONNX export (``torch.onnx.export``), with the run's
+  thread count (inference only, float32 only).
+
+Ours (the fused network: :mod:`dynamixer_ops.models`, or ``convert(upstream)`` with ``--convert``), per fused
+backend ``B`` (e.g. ``cpu``): ``B`` (eager), ``B+compile`` (``torch.compile`` of it), ``B+optimize``
+(:func:`dynamixer_ops.optimize`, the CPU inference path; inference only), and on request only (``--backends``:
+minutes of compilation each) ``B+compile-freezing`` (with Inductor freezing; inference only) and ``B+aoti`` (an
+AOTInductor package of ``torch.export`` of it, loaded back; inference only).
+
+Every variant is first checked against the float64 upstream network on the very inputs that are then timed (the
+output under ``no_grad`` for inference; the output and the parameter gradients of a training-mode forward for the
+training step). Then the variants of one mode are timed in interleaved rounds in one process
+(:func:`.timing.time_side_by_side`). Work: the FLOPs of the upstream network (``torch.utils.flop_counter``: the
+products of the Linears, convolutions and the mixing's matmuls, per image, measured once), so GFLOP/s is the same
+multiple of 1/time for every variant; % of the GEMM peak: that rate over the best rate of a square GEMM in the
+run's compute dtype (torch.mm and oneDNN), timed in the same interleaved rounds (:func:`gemm_runs`).
+"""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import os
+import tempfile
+import time
 
 import torch
 
+from .. import backends as registry
 from ..nn import convert
 from ..testing import MODEL_TOLERANCE, relative_error
 from .op import DTYPE_BY_NAME, compile_mode
-from .timing import BASELINES, first_line, time_side_by_side
+from .timing import first_line, time_side_by_side
 
 MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
 # The optimizers --optimizer accepts for the training step.
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+# The upstream network, run as a user would without this package. The first is the baseline of every ratio.
+RIVALS = ("eager", "compile", "compile-freezing", "onnxruntime")
+# What each fused backend B runs as: "B" (eager) and "B+<path>".
+PATHS = ("compile", "compile-freezing", "optimize", "aoti")
+# Built on request only (--backends), not by default: each costs minutes of compilation at 224 px.
+ON_REQUEST = ("compile-freezing", "aoti")
+INFERENCE_ONLY = {"compile-freezing": "Inductor freezing is an inference transform",
+                  "onnxruntime": "inference only", "optimize": "an inference path (training runs the eager row)",
+                  "aoti": "an inference package"}
 
 
 class BenchError(Exception):
@@ -30,7 +67,149 @@ def _load_model_modules():
     return models, upstream
 
 
-def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
+def _split(name: str) -> tuple[str, str | None]:
+    """``"cpu+optimize"`` -> ``("cpu", "optimize")``; a rival -> ``(name, None)``."""
+    backend, _, path = name.partition("+")
+    return backend, (path or None)
+
+
+def resolve_variants(requested: list[str] | None, device: torch.device, dtype: torch.dtype, quick: bool,
+                     autocast: str | None) -> tuple[list[str], dict[str, str]]:
+    """(variants to run, {variant: why it is skipped}) for ``--model``. Unknown names raise ValueError.
+
+    Default: every rival and, per fused backend that is chosen automatically here (not ``reference``), eager,
+    ``+compile`` and ``+optimize`` (CPU). ``--quick``: no compiled variant (compiling a network takes minutes)."""
+    registered = registry.registered_backends()
+    fused = [b.name for b in sorted(registered.values(), key=lambda b: b.priority.get(device.type, 100))
+             if b.name != "reference" and b.why_not(device.type, dtype) is None and b.auto(device.type)]
+    if requested is None or requested == ["all"]:
+        names = [r for r in RIVALS if not (quick and "compile" in r)]
+        for b in fused:
+            names += [b] + [f"{b}+{p}" for p in PATHS
+                            if not (p in ON_REQUEST or (quick and p == "compile")
+                                    or (p == "optimize" and device.type != "cpu"))]
+    else:
+        names = list(dict.fromkeys(requested))
+    known_backends = list(registered) + [n for n in registry.load_errors() if n not in registered]
+    unknown = [n for n in names if n not in RIVALS and not (_split(n)[0] in known_backends
+                                                            and _split(n)[1] in (None, *PATHS))]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(RIVALS)}, a backend "
+                         f"({', '.join(known_backends)}) or backend+path ({', '.join(PATHS)})")
+    skipped = {}
+    for name in names:
+        backend, path = _split(name)
+        if name == "onnxruntime":
+            why = _onnxruntime_missing()
+            if why is None and (dtype != torch.float32 or autocast):
+                why = "run in float32 only here (the upstream network exported in float32)"
+            if why is None and device.type != "cpu":
+                why = "run on the CPU only here"
+            if why:
+                skipped[name] = why
+            continue
+        if name in RIVALS:
+            continue
+        if path == "optimize" and device.type != "cpu":
+            skipped[name] = "dynamixer_ops.optimize is a CPU inference path"
+            continue
+        try:
+            registry.resolve_backend(backend, device.type, dtype)
+        except Exception as exc:  # BackendUnavailableError, or a load error recorded by the registry
+            skipped[name] = str(exc)
+    return names, skipped
+
+
+def _onnxruntime_missing() -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"needs onnx and onnxruntime ({exc})"
+    return None
+
+
+class _OnnxRuntime:
+    """The upstream network exported to ONNX, run by an ONNX Runtime session: ``net(x) -> torch.Tensor``."""
+
+    def __init__(self, net, x: torch.Tensor, threads: int):
+        import onnxruntime as ort
+        self.dir = tempfile.TemporaryDirectory(prefix="dynamixer-bench-onnx-")
+        path = os.path.join(self.dir.name, "model.onnx")
+        with torch.no_grad():
+            program = torch.onnx.export(net.eval(), (x,), dynamo=True, verbose=False)
+        program.save(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+    def eval(self):
+        return self
+
+
+class _Aoti:
+    """An AOTInductor package of ``torch.export`` of the network, loaded back: ``net(x)``."""
+
+    def __init__(self, net, x: torch.Tensor):
+        self.dir = tempfile.TemporaryDirectory(prefix="dynamixer-bench-aoti-")
+        with torch.no_grad():
+            program = torch.export.export(net.eval(), (x,))
+            path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(self.dir.name,
+                                                                                                  "net.pt2"))
+        self.runner = torch._inductor.aoti_load_package(path)
+        self.training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x)
+
+    def eval(self):
+        return self
+
+
+def count_flops(net, x: torch.Tensor, train: bool) -> float:
+    """FLOPs of one forward (or forward + backward) of ``net`` on ``x``, by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            net(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                net(x)
+    if train:
+        net.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def gemm_runs(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, tuple]:
+    """``{label: (call, FLOPs per call)}``: square GEMMs in ``dtype`` on torch.mm and (on a CPU) oneDNN, timed in
+    the same interleaved rounds as the networks so that the peak sees the load they see."""
+    n = 1024 if quick else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    runs = {f"{n}x{n}x{n} {name} torch.mm": (lambda: torch.mm(a, b), 2 * n ** 3)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                                  "_linear_pointwise"):
+        def onednn():
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        try:
+            onednn()
+            runs[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = (onednn, 2 * n ** 3)
+        except RuntimeError:      # a dtype this build's oneDNN does not take
+            pass
+    return runs
+
+
+def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], dict]:
+    """The rows (one per variant and mode) and the run's work figures (``flops_per_image``, ``gemm_peak``)."""
     models, upstream = _load_model_modules()
     name = args.model
     variant = name.removeprefix("dynamixer_")
@@ -43,82 +222,119 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
     x = torch.randn(B, *size, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     n_check = min(B, 2 if device.type == "cpu" else 8)
     # float64 upstream network: the truth for outputs and parameter gradients on the first n_check images
-    ref_net = upstream.eager_model(variant, **kw).double().eval()
-    ref_net.load_state_dict(state)
-    ref_net = ref_net.to(device)       # on the device x is on
+    ref_net = copy.deepcopy(base).double().eval().to(device)       # on the device x is on
     x64 = x[:n_check].double()
     ref_out = ref_net(x64)
     names, params = zip(*ref_net.named_parameters())
     ref_grads = dict(zip(names, torch.autograd.grad(ref_out.square().mean(), params)))
     ref_out = ref_out.detach()
     del ref_net
+    work = {"flops_per_image": {"inference": count_flops(base, x[:1].float().to(device), False),
+                                "train_step": count_flops(base.train(), x[:1].float().to(device), True)}}
+    base.eval()
 
     # --autocast: parameters and input stay in --dtype, the forward runs under torch.autocast (as users train)
     amp_dtype = DTYPE_BY_NAME[args.autocast] if args.autocast else None
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    nets, results = {}, []
-    for bname in backends:
-        row = {"model": name, "backend": bname, "images": B, "dtype": str(dtype).replace("torch.", ""),
-               "autocast": args.autocast, "device": str(device), "status": "ok", "message": None}
-        if bname in skipped:
-            nets[bname] = None
-            results.append(dict(row, status="SKIPPED", message=skipped[bname]))
+    threads = torch.get_num_threads()
+    compute = amp_dtype or dtype
+    gemms = gemm_runs(device, compute, args.quick)
+    work["gemm_peak"] = {}
+    modes = {"fwd": "inference", "fwdbwd": "train_step"}
+    wanted = [modes[d] for d in args.direction]
+
+    def build(vname):
+        backend, path = _split(vname)
+        if vname in RIVALS:
+            net = copy.deepcopy(base)
+        elif args.convert:
+            net = convert(copy.deepcopy(base), backend=backend)
+        else:
+            with torch.device("meta"):          # no initialisation: the weights are loaded next
+                net = getattr(models, name)(backend=backend, **kw)
+            net = net.to_empty(device="cpu")
+            net.load_state_dict(state)
+        net = net.to(device=device, dtype=dtype).eval()
+        if vname == "onnxruntime":
+            return _OnnxRuntime(net, x, threads)
+        if path == "optimize":
+            from ..inference import optimize
+            return optimize(net)
+        if path == "aoti":
+            return _Aoti(net, x)
+        if vname == "compile-freezing" or path == "compile-freezing":
+            # options, not the global config: a backend of its own, so dynamo never hands this variant the graph
+            # it compiled for "compile" (same forward code) or the reverse
+            return torch.compile(net, options={"freezing": True})
+        if vname == "compile" or path == "compile":
+            return torch.compile(net, mode=compile_mode(device, args.compile_mode))
+        return net
+
+    nets, rows = {}, {}
+    for vname in variants:
+        for mode in wanted:
+            rows[vname, mode] = {"model": name, "backend": vname, "images": B,
+                                 "dtype": str(dtype).replace("torch.", ""), "autocast": args.autocast,
+                                 "device": str(device), "mode": mode, "status": "ok", "message": None}
+        if vname in skipped:
+            for mode in wanted:
+                rows[vname, mode].update(status="SKIPPED", message=skipped[vname])
             continue
         try:
-            if bname in BASELINES:
-                net = upstream.eager_model(variant, **kw)
-            elif args.convert:
-                net = convert(upstream.eager_model(variant, **kw), backend=bname)
-            else:
-                net = models.create(variant, backend=bname, **kw)
-            net.load_state_dict(state)
-            net = net.to(device=device, dtype=dtype)
-            if bname == "compile":
-                net = torch.compile(net, mode=compile_mode(device, args.compile_mode))
-            nets[bname] = net
+            start = time.perf_counter()
+            nets[vname] = build(vname)
+            if vname in ("onnxruntime",) or _split(vname)[1] == "aoti":
+                log(f"dynamixer-bench: built {vname} in {time.perf_counter() - start:.0f} s")
         except Exception as exc:
-            nets[bname] = None
-            results.append(dict(row, status="ERROR", message=first_line(exc)))
-            continue
-        results.append(row)
+            for mode in wanted:
+                rows[vname, mode].update(status="ERROR", message=first_line(exc))
+    for (vname, mode), row in rows.items():
+        why = INFERENCE_ONLY.get(vname) or INFERENCE_ONLY.get(_split(vname)[1] or "")
+        if mode == "train_step" and why and row["status"] == "ok":
+            row.update(status="SKIPPED", message=why)
 
-    # correctness, in eval mode (no dropout / drop-path), against the float64 upstream network
+    # correctness against the float64 upstream network, on the timed input (compiled variants see one shape)
     errs = {}
-    for row in results:
-        net = nets.get(row["backend"])
+    named_ref = list(ref_grads)
+    for (vname, mode), row in rows.items():
+        net = nets.get(vname)
         if net is None or row["status"] != "ok":
             continue
+        start = time.perf_counter()
         try:
-            net.eval()
-            with amp():
-                out = net(x[:n_check])
-            # parameters matched by name: a fused module may register them in another order
-            named = dict(getattr(net, "_orig_mod", net).named_parameters())
-            grads = torch.autograd.grad(out.double().square().mean(), [named[n] for n in ref_grads])
-            g = torch.cat([t.double().flatten() for t in grads])
-            r = torch.cat([t.flatten() for t in ref_grads.values()])
-            errs[row["backend"]] = max(relative_error(out, ref_out), relative_error(g, r))
+            if mode == "inference":
+                with torch.no_grad(), amp():
+                    out = net.eval()(x)[:n_check]
+                errs[vname, mode] = relative_error(out, ref_out)
+            else:
+                net.train()
+                with amp():
+                    out = net(x)[:n_check]
+                named = dict(getattr(net, "_orig_mod", net).named_parameters())
+                grads = torch.autograd.grad(out.double().square().mean(),
+                                            [named[n] for n in named_ref])
+                g = torch.cat([t.double().flatten() for t in grads])
+                r = torch.cat([t.flatten() for t in ref_grads.values()])
+                errs[vname, mode] = max(relative_error(out, ref_out), relative_error(g, r))
         except Exception as exc:
             row.update(status="ERROR", message=first_line(exc))
-    own = errs.get("eager")
-    tol = max(MODEL_TOLERANCE[amp_dtype or dtype], 2 * own if own is not None and math.isfinite(own) else 0)
-    for row in results:
-        if row["backend"] in errs:
-            err = errs[row["backend"]]
-            row.update(error=err if math.isfinite(err) else None, tolerance=tol)
-            if not err <= tol:
-                row.update(status="WRONG", message=f"relative error {err:.3g} > tolerance {tol:.3g}")
+        took = time.perf_counter() - start
+        if took > 20:
+            log(f"dynamixer-bench: {vname} ({mode}): first call (compilation) took {took:.0f} s")
+    own = [e for (v, _), e in errs.items() if v == "eager" and math.isfinite(e)]
+    tol = max(MODEL_TOLERANCE[amp_dtype or dtype], 2 * max(own) if own else 0)
+    for key, err in errs.items():
+        rows[key].update(error=err if math.isfinite(err) else None, tolerance=tol)
+        if not err <= tol:
+            rows[key].update(status="WRONG", message=f"relative error {err:.3g} > tolerance {tol:.3g}")
 
-    mode_of = {"fwd": "inference", "fwdbwd": "train_step"}
     out_rows = []
-    for direction in args.direction:
-        mode = mode_of[direction]
-        rows, runs = {}, {}
-        for row in results:
-            r = dict(row, mode=mode)
-            rows[r["backend"]] = r
-            net = nets.get(r["backend"])
-            if r["status"] != "ok":
+    for mode in wanted:
+        mode_rows = {v: rows[v, mode] for v in variants}
+        runs = {}
+        for vname, row in mode_rows.items():
+            net = nets.get(vname)
+            if row["status"] != "ok":
                 continue
             if mode == "inference":
                 net.eval()
@@ -137,14 +353,56 @@ def run_model(args, device, dtype, backends, skipped, log) -> list[dict]:
                         loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
                     loss.backward()
                     opt.step()
-            runs[r["backend"]] = run
+            runs[vname] = run
+        gemm_rows = {label: {"status": "ok"} for label in gemms}
+        runs.update({label: call for label, (call, _) in gemms.items()})
         # one block per sample: a network call is long enough to time alone
-        medians = time_side_by_side(runs, rows, device, warmup_ms=args.warmup, repeat_ms=args.repeat,
-                                    rounds=args.rounds, blocks=1)
-        for bname, med in medians.items():
-            rows[bname]["images_per_s"] = B / med
-        out_rows += rows.values()
+        medians = time_side_by_side(runs, {**mode_rows, **gemm_rows}, device, warmup_ms=args.warmup,
+                                    repeat_ms=args.repeat, rounds=args.rounds, blocks=1)
+        rates = {label: gemms[label][1] / medians[label] / 1e9 for label in gemms if label in medians}
+        if rates:
+            best = max(rates, key=rates.get)
+            work["gemm_peak"][mode] = {"GFLOPs": rates[best], "gemm": best,
+                                       "dtype": str(compute).replace("torch.", "")}
+        flops = work["flops_per_image"][mode]
+        for vname, med in medians.items():
+            if vname in gemms:
+                continue
+            r = mode_rows[vname]
+            r["images_per_s"] = B / med
+            r["GFLOPs"] = flops * B / med / 1e9
+            if rates:
+                r["gemm_peak_pct"] = 100 * r["GFLOPs"] / rates[best]
+        add_rival_ratios(mode_rows)
+        out_rows += mode_rows.values()
         log(f"[{name}, {B} images, {mode}] " + ", ".join(
             f"{n} {r['images_per_s']:.3g} img/s" if r.get("images_per_s") else f"{n} {r['status']}"
-            for n, r in rows.items()))
-    return out_rows
+            for n, r in mode_rows.items()))
+    return out_rows, work
+
+
+def add_rival_ratios(rows: dict[str, dict]) -> None:
+    """``best_rival`` (the fastest timed rival of these rows) and, on every row, ``speedup_vs_best_rival``."""
+    timed = {n: r["median_ms"] for n, r in rows.items() if n in RIVALS and r.get("median_ms")}
+    best = min(timed, key=timed.get) if timed else None
+    for r in rows.values():
+        r["best_rival"] = best
+        t = r.get("median_ms")
+        r["speedup_vs_best_rival"] = timed[best] / t if (best and t) else None
+
+
+def summary(results: list[dict]) -> list[str]:
+    """One line per mode: the best rival, and the best of ours against it and against eager."""
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        rows = [r for r in results if r["mode"] == mode and r.get("median_ms")]
+        rivals = [r for r in rows if r["backend"] in RIVALS]
+        ours = [r for r in rows if r["backend"] not in RIVALS]
+        if not rivals or not ours:
+            continue
+        best_rival = min(rivals, key=lambda r: r["median_ms"])
+        best = min(ours, key=lambda r: r["median_ms"])
+        lines.append(f"{mode}: best rival {best_rival['backend']} ({best_rival['speedup_vs_eager']:.2f}x eager); "
+                     f"best of ours {best['backend']}: {best['speedup_vs_best_rival']:.2f}x the best rival, "
+                     f"{best['speedup_vs_eager']:.2f}x eager")
+    return lines

@@ -26,13 +26,15 @@ def fmt_spread(r):
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     _, numbers = _notes(report)
     if report["mode"] == "model":
-        head = ["model", "mode", "backend", "images/s", "median ms", "spread", "vs eager", "vs compile",
-                "status"]
+        head = ["model", "mode", "backend", "images/s", "median ms", "spread", "vs eager", "vs best rival",
+                "GFLOP/s", "% GEMM", "max rel err", "status"]
         rows = []
         for r in report["results"]:
             rows.append([r["model"], r["mode"], r["backend"], fmt_number(r.get("images_per_s"), ".1f"),
                          fmt_number(r.get("median_ms"), ".2f"), fmt_spread(r), fmt_speedup(r.get("speedup_vs_eager")),
-                         fmt_speedup(r.get("speedup_vs_compile")), _status(r, numbers)])
+                         fmt_speedup(r.get("speedup_vs_best_rival")), fmt_number(r.get("GFLOPs"), ".1f"),
+                         fmt_number(r.get("gemm_peak_pct"), ".1f"), fmt_number(r.get("error"), ".1e"),
+                         _status(r, numbers)])
         return head, rows
     head = ["shape", "N", "dir", "backend", "median ms", "spread", "vs eager", "vs compile", "GB/s", "GFLOP/s",
             "% roof", "saved MiB", "max rel err", "status"]
@@ -62,10 +64,25 @@ def _status(r, numbers=None):
     return f"{r['status']} [{numbers[r['backend'] + ': ' + r['message']]}]"
 
 
+def model_notes(report: dict) -> list[str]:
+    """The lines under a --model table: the work convention and the best rival per mode."""
+    work = report.get("work")
+    if report["mode"] != "model" or not work:
+        return []
+    flops = work["flops_per_image"]
+    lines = [f"work: {flops['inference'] / 1e9:.2f} GFLOP per image (inference), {flops['train_step'] / 1e9:.2f} "
+             f"(training step), counted on the upstream network by torch.utils.flop_counter"]
+    for mode, g in (work.get("gemm_peak") or {}).items():
+        lines.append(f"% GEMM ({mode}): of {g['GFLOPs']:.0f} GFLOP/s, the best {g['dtype']} GEMM timed in the same "
+                     f"rounds ({g['gemm']})")
+    return lines + list(report.get("summary") or [])
+
+
 def print_table(report: dict, stream=None, plain: bool = False):
     stream = stream or sys.stdout
     head, rows = table_rows(report)
     notes, _ = _notes(report)
+    notes = dict(notes, **{f"*{i}": line for i, line in enumerate(model_notes(report))})
     title = report.get("title", "")
     if not plain:
         try:
@@ -83,7 +100,7 @@ def print_table(report: dict, stream=None, plain: bool = False):
         console = Console(file=stream, width=None if stream.isatty() else 200)
         console.print(table)
         for n, text in notes.items():
-            console.print(f"[{n}] {text}", markup=False, soft_wrap=True)
+            console.print(text if str(n).startswith("*") else f"[{n}] {text}", markup=False, soft_wrap=True)
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     if title:
@@ -93,7 +110,7 @@ def print_table(report: dict, stream=None, plain: bool = False):
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=stream)
     for n, text in notes.items():
-        print(f"[{n}] {text}", file=stream)
+        print(text if str(n).startswith("*") else f"[{n}] {text}", file=stream)
 
 
 def case_label(r: dict) -> str:

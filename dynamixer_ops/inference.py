@@ -1,0 +1,336 @@
+"""The fastest CPU inference of a DynaMixer network: :func:`optimize`.
+
+``optimize(model)`` turns, in place, every DynaMixer ``VisionBlock`` whose mixer is a fused
+:class:`dynamixer_ops.nn.DynaMixerBlock` (the models of :mod:`dynamixer_ops.models`, or a network after
+:func:`dynamixer_ops.convert`) into an :class:`InferenceBlock`: a subclass of the block's own class, with the same
+submodules, Parameters, hooks and state_dict keys. Its forward runs the inference path below where that computes
+what the block's own code would, and the block's own forward everywhere else (training mode, grad enabled, a
+non-CPU tensor, a hook, a LoRA-wrapped or quantized Linear, a non-GELU activation, ``skip_lam != 1``, ...; the
+checks are :meth:`InferenceBlock.inference_reason`, each part checked as :mod:`dynamixer_ops.plain` says).
+
+The inference path, per block (under ``torch.no_grad`` / ``inference_mode``, eval mode, float32 or bfloat16 on a
+CPU, or float32 weights under ``torch.autocast("cpu", torch.bfloat16)``):
+
+* every Linear runs on oneDNN with its weight reordered once into oneDNN's blocked layout (what Inductor's freezing
+  does for a compiled model). The packed copy is keyed by the Parameter object, its ``_version`` and its
+  ``data_ptr()``: an optimizer step, ``load_state_dict`` or any in-place write through the Parameter repacks it at
+  the next call. A write that bypasses the version counter (``weight.data.copy_(...)``) is not seen: call
+  :func:`release` (or ``optimize`` again) after one;
+* GELU runs as the post-op of ``fc1`` and the two residual additions as post-ops of ``proj`` and ``fc2``
+  (``x + proj(...)`` in one pass over the output);
+* the mixing runs through the fused op as in :class:`dynamixer_ops.nn.DynaMixerBlock`.
+
+The arithmetic is the block's: the same operations in the same precision, differing in rounding only (oneDNN's
+products instead of MKL's, the weighted sum of the three branches by ``addcmul``), so the outputs match the
+upstream network within the project's tolerances
+(``tests/test_inference.py``). Training is unchanged: in train mode or with grad enabled the block runs its own
+forward, the fused training path included.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, upstream
+from .backends import resolve_backend
+from .nn import DynaMixerBlock
+from .plain import has_hooks, linear_reason
+
+__all__ = ["InferenceBlock", "optimize", "optimized_blocks", "release"]
+
+_KERNEL_EXISTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_DTYPES = (torch.float32, torch.bfloat16)
+_GELU_ALGORITHM = {"none": "none", "tanh": "tanh"}
+# Parts that are the identity in eval mode.
+_EVAL_IDENTITY = (nn.Identity, nn.Dropout)
+
+
+def _drop_path_types() -> tuple[type, ...]:
+    types = [nn.Identity, upstream.DropPath]
+    try:
+        from timm.layers import DropPath
+        types.append(DropPath)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_DROP_PATH_TYPES = _drop_path_types()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed weights: one oneDNN-blocked copy per (Linear weight, compute dtype), valid while the Parameter is the same
+# object with the same version counter and storage.
+
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
+
+
+def _stamp(w: Tensor, b: Tensor | None) -> tuple:
+    return (w._version, w.data_ptr()) + ((-1, 0) if b is None else (b._version, b.data_ptr()))
+
+
+def _packed(layer: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    w, b = layer.weight, layer.bias
+    cache = _PACKED.get(layer)
+    if cache is None:
+        cache = _PACKED[layer] = {}
+    entry = cache.get(dtype)
+    stamp = _stamp(w, b)
+    if entry is not None and entry[0] is w and entry[1] is b and entry[2] == stamp:
+        return entry[3], entry[4]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), None)
+        bias = None if b is None else b.detach().to(dtype).contiguous()
+    cache[dtype] = (w, b, stamp, packed, bias)
+    return packed, bias
+
+
+def release(model: nn.Module) -> None:
+    """Drop the packed weights of ``model``'s Linears (they are rebuilt at the next inference call)."""
+    for m in model.modules():
+        _PACKED.pop(m, None)
+
+
+def _linear(layer: nn.Linear, x: Tensor, dtype: torch.dtype, attr: str = "none", algorithm: str = "") -> Tensor:
+    w, b = _packed(layer, dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
+
+
+def _linear_add(layer: nn.Linear, x: Tensor, residual: Tensor, dtype: torch.dtype) -> Tensor:
+    """``residual + layer(x)``; the addition is oneDNN's post-op where both are in ``dtype``."""
+    w, b = _packed(layer, dtype)
+    if residual.dtype == dtype:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+    return residual + torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checks
+
+def _linear_ok(layer, dtype: torch.dtype) -> str | None:
+    why = linear_reason(layer)
+    if why is None and layer.weight.dtype != dtype:
+        why = f"has {layer.weight.dtype} weights, the input is {dtype}"
+    return why
+
+
+def _gelu_reason(act) -> str | None:
+    if type(act) is not nn.GELU:
+        return f"is a {type(act).__name__}, not nn.GELU"
+    if act.approximate not in _GELU_ALGORITHM:
+        return f"is GELU(approximate={act.approximate!r})"
+    if has_hooks(act):
+        return "has hooks"
+    return None
+
+
+def _identity_now(part, types) -> bool:
+    """``part`` (a dropout, a drop-path) is the identity now: one of ``types``, in eval mode, without hooks (a
+    submodule's own training flag counts, not the block's)."""
+    return type(part) in types and (not part.training or type(part) is nn.Identity) and not has_hooks(part)
+
+
+def _mlp_reason(mlp, weight_dtype: torch.dtype) -> str | None:
+    """An ``Mlp`` (upstream's, timm's or TokenMlp): fc1 -> GELU -> (dropout, identity norm) -> fc2 -> dropout."""
+    if has_hooks(mlp):
+        return "has hooks"
+    for name in ("fc1", "fc2"):
+        why = _linear_ok(getattr(mlp, name, None), weight_dtype)
+        if why is not None:
+            return f"{name} {why}"
+    why = _gelu_reason(getattr(mlp, "act", None))
+    if why is not None:
+        return f"act {why}"
+    for name in ("drop", "drop1", "drop2", "norm"):
+        part = getattr(mlp, name, None)
+        if part is not None and not _identity_now(part, _EVAL_IDENTITY):
+            return f"{name} is a {type(part).__name__} in training mode or with hooks, or not a dropout"
+    if not {"drop", "drop1"} & set(mlp._modules):
+        return "has no dropout layers where an Mlp has them"
+    return None
+
+
+def _is_mlp_class(mlp) -> bool:
+    names = {c.__name__ for c in type(mlp).__mro__}
+    return "Mlp" in names
+
+
+class InferenceBlock(nn.Module):
+    """Mixin of the blocks :func:`optimize` made: the inference path where :meth:`inference_reason` is None, the
+    block's own forward (the next class in the MRO) everywhere else."""
+
+    def inference_reason(self, x: Tensor) -> str | None:
+        """Why this call runs the block's own forward, or None when it runs the inference path."""
+        if not _KERNEL_EXISTS:
+            return "this torch has no oneDNN linear kernels"
+        if torch.is_grad_enabled() or self.training:
+            return "grad enabled or training mode"
+        if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return "traced or compiled"
+        if x.device.type != "cpu" or x.dim() != 4 or type(x) is not Tensor:
+            return "not a plain 4-D CPU tensor"
+        if torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return "ONNX export or a torch.func transform"
+        compute = _compute_dtype(x)
+        if compute not in _DTYPES:
+            return f"computes in {compute}"
+        # Under autocast float32 weights are cast (and packed) to the autocast dtype, as autocast casts them.
+        weight_dtype = torch.float32 if torch.is_autocast_enabled("cpu") else compute
+        if has_hooks(self):
+            return "has hooks"
+        if self.skip_lam != 1.0:
+            return f"skip_lam = {self.skip_lam}"
+        if not _identity_now(self.drop_path, _DROP_PATH_TYPES):
+            return f"drop_path is a {type(self.drop_path).__name__} in training mode or with hooks"
+        for name in ("norm1", "norm2"):
+            norm = getattr(self, name)
+            if type(norm) is not nn.LayerNorm or has_hooks(norm) or len(norm.normalized_shape) != 1:
+                return f"{name} is not a plain nn.LayerNorm over the channels"
+        attn = self.attn
+        if type(attn) is not DynaMixerBlock or has_hooks(attn) or not attn.fuses():
+            return "attn is not a fused DynaMixerBlock that fuses"
+        if x.shape[1] != attn.resolution or x.shape[2] != attn.resolution:
+            return "input is not (B, resolution, resolution, C)"
+        for name in ("mlp_c", "proj"):
+            why = _linear_ok(getattr(attn, name), weight_dtype)
+            if why is not None:
+                return f"attn.{name} {why}"
+        for op in (attn.mix_h, attn.mix_w):
+            why = _linear_ok(op.out, weight_dtype)
+            if why is not None:
+                return f"attn mixer out {why}"
+        if not _identity_now(attn.proj_drop, _EVAL_IDENTITY):
+            return "attn.proj_drop is not a Dropout in eval mode without hooks"
+        for name, mlp in (("attn.reweight", attn.reweight), ("mlp", self.mlp)):
+            why = _mlp_reason(mlp, weight_dtype) if _is_mlp_class(mlp) else f"is a {type(mlp).__name__}"
+            if why is not None:
+                return f"{name} {why}"
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inference_reason(x) is not None:
+            return super().forward(x)
+        return _inference_forward(self, x, _compute_dtype(x))
+
+    def __reduce_ex__(self, protocol):
+        # Pickled (torch.save of a whole model, deepcopy) as the block's own class, made an inference block again
+        # on load: the class optimize() made is not importable by name.
+        own = next(c for c in type(self).__mro__ if c is not InferenceBlock and not issubclass(c, InferenceBlock))
+        return _restore, (own, self.__getstate__())
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def _mlp(mlp, x: Tensor, residual: Tensor | None, dtype: torch.dtype) -> Tensor:
+    h = _linear(mlp.fc1, x, dtype, "gelu", _GELU_ALGORITHM[mlp.act.approximate])
+    if residual is None:
+        return _linear(mlp.fc2, h, dtype)
+    return _linear_add(mlp.fc2, h, residual, dtype)
+
+
+def _inference_forward(block, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``VisionBlock.forward`` in eval mode (drop-path and dropouts are identities, skip_lam = 1)."""
+    attn = block.attn
+    amp = torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", enabled=False):
+        y = _layer_norm(block.norm1, x, amp).to(dtype)
+        # The mixers' inputs, as in DynaMixerBlock.forward; under autocast the op casts its weights itself.
+        mh = _mix(attn.mix_h, y.transpose(1, 2), dtype).transpose(1, 2)
+        mw = _mix(attn.mix_w, y, dtype)
+        h = _linear(attn.mix_h.out, mh, dtype)
+        w = _linear(attn.mix_w.out, mw, dtype)
+        c = _linear(attn.mlp_c, y, dtype)
+        B, _, _, C = x.shape
+        a = _mlp(attn.reweight, torch.add(h, w).add_(c).mean(dim=(1, 2)), None, dtype)    # (B, 3C)
+        a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+        s = h.mul_(a[0]).addcmul_(w, a[1]).addcmul_(c, a[2])      # h*a0 + w*a1 + c*a2, in h's memory
+        x = _linear_add(attn.proj, s, x, dtype)
+        y = _layer_norm(block.norm2, x, amp)
+        return _mlp(block.mlp, y.to(dtype), x, dtype)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor, amp: bool) -> Tensor:
+    """``norm(x)``; under autocast in float32, as autocast runs layer_norm."""
+    if amp:
+        x = x.float()
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _mix(op, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dynamic_mix(x, ...)`` of ``op``'s weights in ``dtype``, calling the backend's kernel the way the op's
+    kernel does: under no_grad on a plain CPU tensor (what :meth:`InferenceBlock.inference_reason` checks) the op
+    would run exactly this, and its Python entry point and two dispatcher hops cost more per call at batch 1 than
+    the mixing of a small image."""
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    weights = [cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight), cast(op.generate.bias)]
+    L, C, S, d = ops.check_inputs(x, *weights, op.num_head)
+    if weights[1] is None:
+        weights[1] = weights[0].new_zeros(S * d)
+    if weights[3] is None:
+        weights[3] = weights[2].new_zeros(L * L)
+    backend = resolve_backend(op.backend, "cpu", dtype)
+    y = torch.empty_like(x)       # x's strides: a transposed x gives a transposed y, as the op's kernel does
+    if ops.POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    backend.forward(x, *(w.contiguous() for w in weights), S, y)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimize()
+
+_CLASSES: dict[type, type] = {}
+
+
+def _inference_class(cls: type) -> type:
+    if issubclass(cls, InferenceBlock):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (InferenceBlock, cls), {"__module__": cls.__module__,
+                                                                   "__qualname__": cls.__qualname__})
+    return _CLASSES[cls]
+
+
+def _restore(cls: type, state: dict) -> nn.Module:
+    block = cls.__new__(cls)
+    block.__setstate__(state)
+    block.__class__ = _inference_class(cls)
+    return block
+
+
+def _is_vision_block(module: nn.Module) -> bool:
+    """A DynaMixer ``VisionBlock`` (by class name and structure, as convert() recognises layers)."""
+    return (type(module).__name__ == "VisionBlock"
+            and all(isinstance(getattr(module, a, None), nn.Module) for a in ("norm1", "attn", "norm2", "mlp",
+                                                                                "drop_path"))
+            and isinstance(getattr(module, "skip_lam", None), (int, float)))
+
+
+def optimized_blocks(model: nn.Module) -> list[str]:
+    """The names of ``model``'s blocks that :func:`optimize` made inference blocks."""
+    return [name for name, m in model.named_modules() if isinstance(m, InferenceBlock)]
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Fastest CPU inference for a DynaMixer network, in place; returns ``model``.
+
+    Each DynaMixer ``VisionBlock`` (recognised by class name and structure) whose ``attn`` is a fused
+    :class:`dynamixer_ops.nn.DynaMixerBlock` becomes an :class:`InferenceBlock` of its own class (same object,
+    submodules, Parameters, hooks and state_dict; ``isinstance`` with its old class holds). Upstream layers are not
+    converted here: call :func:`dynamixer_ops.convert` first (``optimize(convert(upstream_model))``). Training and
+    every case the inference path does not cover run the block's own forward (module docstring). Packed weights are
+    built at the first inference call and follow in-place updates of the Parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if _is_vision_block(module) and isinstance(module.attn, DynaMixerBlock):
+            module.__class__ = _inference_class(type(module))
+    return model

@@ -115,13 +115,13 @@ def test_native_op_checks_its_contract():
     x, wc, bc, wg, bg = make_inputs((2, 3), 4, 8, 2, 1, dtype=torch.float32, device="cpu")
     ops = torch.ops.dynamixer_ops_C
     with pytest.raises(RuntimeError, match="y must have x's shape"):
-        ops.mix_forward(x, wc, bc, wg, bg, 2, torch.empty(2, 3, 4, 9))
+        ops.dynamic_mix_out(x, wc, bc, wg, bg, 2, torch.empty(2, 3, 4, 9))
     grads = [torch.empty_like(t) for t in (x, wc, bc, wg, bg)]
     with pytest.raises(RuntimeError, match="grad_y must have unit stride"):
-        ops.mix_backward(torch.randn(2, 3, 4, 16)[..., ::2], x, wc, bc, wg, bg, 2, *grads)
+        ops.dynamic_mix_backward_out(torch.randn(2, 3, 4, 16)[..., ::2], x, wc, bc, wg, bg, 2, *grads)
     grads[3] = torch.empty(wg.shape[1], wg.shape[0]).t()
     with pytest.raises(RuntimeError, match="weight gradients must be contiguous"):
-        ops.mix_backward(torch.randn_like(x), x, wc, bc, wg, bg, 2, *grads)
+        ops.dynamic_mix_backward_out(torch.randn_like(x), x, wc, bc, wg, bg, 2, *grads)
 
 
 def _forward_with_bf16_operands(x, compress_weight, compress_bias, generate_weight, generate_bias, S):
@@ -232,4 +232,4 @@ def test_kept_probabilities_of_the_wrong_shape_or_dtype_are_refused(seed):
         if probs.dtype == torch.float32:
             probs = torch.zeros(3, 7, 7)                                                # wrong shape
         with pytest.raises(RuntimeError, match=r"probs must be a contiguous \(N\*S, L, L\) = \(2, 7, 7\) Float"):
-            torch.ops.dynamixer_ops_C.mix_backward_kept(x4, x4, probs, wc, bc, wg, bg, 2, *outs)
+            torch.ops.dynamixer_ops_C.dynamic_mix_backward_kept_out(x4, x4, probs, wc, bc, wg, bg, 2, *outs)

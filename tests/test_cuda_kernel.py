@@ -184,8 +184,8 @@ def test_cuda_kernels_are_built_where_a_toolkit_is_present():
         pytest.skip(f"torch {torch.__version__} is a CPU-only build")
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit on this machine")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_backward", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_out", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_backward_out", "CUDA")
 
 
 def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():

@@ -27,7 +27,7 @@ assert "cpu" in dynamixer_ops.available_backends("cpu"), dynamixer_ops.unavailab
 if any(name.startswith("_C_cuda.") for name in os.listdir(os.path.dirname(dynamixer_ops.__file__))):
     if torch.version.cuda:
         assert len(libraries) == 2, dynamixer_ops.unavailable_backends()["cuda"]
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_out", "CUDA")
     else:
         assert "CPU-only" in dynamixer_ops.unavailable_backends()["cuda"], dynamixer_ops.unavailable_backends()
 

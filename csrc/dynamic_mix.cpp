@@ -10,7 +10,8 @@
 // kernel that runs every backend of the registry, plus the one fake kernel and the one autograd formula; the
 // kernels here then only serve processes without Python.
 //
-// dynamixer_ops_C::mix_forward / mix_backward (the native kernels, out-variants): each device registers its
+// dynamixer_ops_C::dynamic_mix_out / dynamic_mix_backward_out (the native kernels, out-variants; the _keep_out /
+// _backward_kept_out pair likewise): each device registers its
 // implementation in its own file (csrc/cpu/dynamic_mix_cpu.cpp; csrc/cuda/dynamic_mix_cuda_host.cpp, built into a
 // second library, _C_cuda, that loads after this one where a CUDA torch runs).
 #include <string>
@@ -30,17 +31,17 @@ STABLE_TORCH_LIBRARY(dynamixer_ops, m) {
 }
 
 STABLE_TORCH_LIBRARY(dynamixer_ops_C, m) {
-  m.def("mix_forward(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+  m.def("dynamic_mix_out(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
         "Tensor generate_bias, int num_segments, Tensor(a!) y) -> ()");
-  m.def("mix_backward(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, "
+  m.def("dynamic_mix_backward_out(Tensor grad_y, Tensor x, Tensor compress_weight, Tensor compress_bias, "
         "Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
         "Tensor(b!) grad_compress_weight, Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, "
         "Tensor(e!) grad_generate_bias) -> ()");
   // The same, keeping P from the forward for the backward (backends that implement them: CPU).
-  m.def("mix_forward_keep(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
+  m.def("dynamic_mix_keep_out(Tensor x, Tensor compress_weight, Tensor compress_bias, Tensor generate_weight, "
         "Tensor generate_bias, int num_segments, Tensor(a!) y, Tensor(b!) probs) -> ()");
-  m.def("mix_backward_kept(Tensor grad_y, Tensor x, Tensor probs, Tensor compress_weight, Tensor compress_bias, "
-        "Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
+  m.def("dynamic_mix_backward_kept_out(Tensor grad_y, Tensor x, Tensor probs, Tensor compress_weight, "
+        "Tensor compress_bias, Tensor generate_weight, Tensor generate_bias, int num_segments, Tensor(a!) grad_x, "
         "Tensor(b!) grad_compress_weight, Tensor(c!) grad_compress_bias, Tensor(d!) grad_generate_weight, "
         "Tensor(e!) grad_generate_bias) -> ()");
   // Whether CUDA matmuls may run fp32 products as tf32 (torch.backends.cuda.matmul.allow_tf32), asked by the CUDA
@@ -85,7 +86,7 @@ Tensor dynamic_mix_native(const Tensor& x, const Tensor& compress_weight, const 
   const Tensor xs = unit_last_stride(x);
   Tensor y = torch::stable::empty_like(xs);   // keeps x's strides: a transposed x gives a transposed y, as in Python
   if (y.numel())
-    call_native("dynamixer_ops_C::mix_forward", xs, dense(compress_weight), dense(compress_bias),
+    call_native("dynamixer_ops_C::dynamic_mix_out", xs, dense(compress_weight), dense(compress_bias),
                 dense(generate_weight), dense(generate_bias), num_segments, y);
   return y;
 }
@@ -101,7 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dynamic_mix_backward_native(
   Tensor dbc = torch::stable::empty_like(bc), dwg = torch::stable::empty_like(wg);
   Tensor dbg = torch::stable::empty_like(bg);
   // zeroes the weight gradients for an empty batch
-  call_native("dynamixer_ops_C::mix_backward", dys, xs, wc, bc, wg, bg, num_segments, dx, dwc, dbc, dwg, dbg);
+  call_native("dynamixer_ops_C::dynamic_mix_backward_out", dys, xs, wc, bc, wg, bg, num_segments, dx, dwc, dbc, dwg,
+              dbg);
   return {dx, dwc, dbc, dwg, dbg};
 }
 

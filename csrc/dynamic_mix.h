@@ -1,4 +1,4 @@
-// The contract every native implementation of dynamixer_ops_C::mix_forward / mix_backward relies on.
+// The contract every native implementation of the dynamixer_ops_C::dynamic_mix*_out ops relies on.
 // dynamixer_ops/ops.py validates the user's arguments with clear messages before any kernel runs; the
 // checks here only guard the contract (a direct torch.ops call with bad arguments fails cleanly, not inside a
 // kernel).
@@ -122,24 +122,26 @@ inline MixShape check_mix_contract(const Tensor& x, const Tensor& compress_weigh
 
 // The C++ signatures of the schemas in dynamic_mix.cpp: every device's kernel is cast to these types before
 // TORCH_BOX boxes it, so that the devices' kernels of one op cannot drift apart.
-using MixForwardFn = void(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
-                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                          Tensor& y);
-using MixBackwardFn = void(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
-                           const Tensor& compress_bias, const Tensor& generate_weight, const Tensor& generate_bias,
-                           int64_t num_segments, Tensor& grad_x, Tensor& grad_compress_weight,
-                           Tensor& grad_compress_bias, Tensor& grad_generate_weight, Tensor& grad_generate_bias);
+using DynamicMixOutFn = void(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                             const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                             Tensor& y);
+using DynamicMixBackwardOutFn = void(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
+                                     const Tensor& compress_bias, const Tensor& generate_weight,
+                                     const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
+                                     Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                                     Tensor& grad_generate_weight, Tensor& grad_generate_bias);
 
 // The variants that keep the probabilities P (N*S, L, L), in the compute type (float32 for 16-bit inputs), from the
 // forward for the backward, which then skips recomputing them (a backend chooses when: dynamixer_ops/backends).
-using MixForwardKeepFn = void(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
-                              const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                              Tensor& y, Tensor& probs);
-using MixBackwardKeptFn = void(const Tensor& grad_y, const Tensor& x, const Tensor& probs,
-                               const Tensor& compress_weight, const Tensor& compress_bias,
-                               const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                               Tensor& grad_x, Tensor& grad_compress_weight, Tensor& grad_compress_bias,
-                               Tensor& grad_generate_weight, Tensor& grad_generate_bias);
+using DynamicMixKeepOutFn = void(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                                 const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                                 Tensor& y, Tensor& probs);
+using DynamicMixBackwardKeptOutFn = void(const Tensor& grad_y, const Tensor& x, const Tensor& probs,
+                                         const Tensor& compress_weight, const Tensor& compress_bias,
+                                         const Tensor& generate_weight, const Tensor& generate_bias,
+                                         int64_t num_segments, Tensor& grad_x, Tensor& grad_compress_weight,
+                                         Tensor& grad_compress_bias, Tensor& grad_generate_weight,
+                                         Tensor& grad_generate_bias);
 
 // The kept probabilities' contract: (A*B*S, L, L), contiguous, in the kernels' compute type, on x's device.
 inline void check_probs(const Tensor& probs, const MixShape& s, const Tensor& x) {

@@ -102,13 +102,13 @@ def test_native_op_checks_its_contract():
     x, wc, bc, wg, bg = make_inputs((2, 3), 4, 8, 2, 1, dtype=torch.float32, device="cpu")
     ops = torch.ops.dynamixer_ops_C
     with pytest.raises(RuntimeError, match="y must have x's shape"):
-        ops.mix_forward(x, wc, bc, wg, bg, 2, torch.empty(2, 3, 4, 9))
+        ops.dynamic_mix_out(x, wc, bc, wg, bg, 2, torch.empty(2, 3, 4, 9))
     grads = [torch.empty_like(t) for t in (x, wc, bc, wg, bg)]
     with pytest.raises(RuntimeError, match="grad_y must have unit stride"):
-        ops.mix_backward(torch.randn(2, 3, 4, 16)[..., ::2], x, wc, bc, wg, bg, 2, *grads)
+        ops.dynamic_mix_backward_out(torch.randn(2, 3, 4, 16)[..., ::2], x, wc, bc, wg, bg, 2, *grads)
     grads[3] = torch.empty(wg.shape[1], wg.shape[0]).t()
     with pytest.raises(RuntimeError, match="weight gradients must be contiguous"):
-        ops.mix_backward(torch.randn_like(x), x, wc, bc, wg, bg, 2, *grads)
+        ops.dynamic_mix_backward_out(torch.randn_like(x), x, wc, bc, wg, bg, 2, *grads)
 
 
 def _forward_with_bf16_operands(x, compress_weight, compress_bias, generate_weight, generate_bias, S):
@@ -219,4 +219,41 @@ def test_kept_probabilities_of_the_wrong_shape_or_dtype_are_refused(seed):
         if probs.dtype == torch.float32:
             probs = torch.zeros(3, 7, 7)                                                # wrong shape
         with pytest.raises(RuntimeError, match=r"probs must be a contiguous \(N\*S, L, L\) = \(2, 7, 7\) Float"):
-            torch.ops.dynamixer_ops_C.mix_backward_kept(x4, x4, probs, wc, bc, wg, bg, 2, *outs)
+            torch.ops.dynamixer_ops_C.dynamic_mix_backward_kept_out(x4, x4, probs, wc, bc, wg, bg, 2, *outs)
+
+
+@pytest.mark.parametrize("isa", [None, "generic"], ids=["best", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_deep_chunks_spill_weight_gradients_to_float64(dtype, isa, monkeypatch, seed):
+    """From ~2,000 sequences a chunk sums more blocks than one float32 partial may hold (128 sequences): its partial
+    is added to a float64 spill and restarted (mix_backward_impl). 2,100 tiny sequences: 17 blocks of 128 in 16
+    chunks, so one chunk spills; the only case of that path in this file (and so in .ci/sanitize)."""
+    if isa is not None:
+        _use_isa(monkeypatch, isa)
+    inputs = make_inputs((3, 700), 2, 4, 2, 1, dtype=dtype, device="cpu")
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = _run(inputs, 2, grad_y)
+    assert_matches_reference(y, grads, inputs, 2, grad_y, tolerance(dtype, "cpu"), prefix=f"{isa} ")
+
+
+def test_python_free_kernels_run_the_cpu_kernel(seed):
+    """The library's own kernels of the public ops (csrc/dynamic_mix.cpp: what a process without Python runs; in
+    Python the registry's kernels take the CPU key, so call them through their dispatch key) give the CPU backend's
+    results bitwise, x transposed included; its fallback of cuda_matmul_allow_tf32 answers torch's default."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    x, *weights = make_inputs((2, 3), 7, 48, 2, 3, dtype=torch.float32, device="cpu", layout="transposed")
+    grad_y = torch.randn(*x.shape[:-1], 2 * x.shape[-1])[..., ::2]           # channels 2 apart: copied first
+    ops = torch.ops.dynamixer_ops
+    y = ops.dynamic_mix.default.redispatch(keys, x, *weights, 2, "cpu")
+    grads = ops.dynamic_mix_backward.default.redispatch(keys, grad_y, x, *weights, 2, "auto")
+    assert torch.equal(y, ops.dynamic_mix(x, *weights, 2, "cpu"))
+    for name, a, b in zip(GRAD_NAMES, grads, ops.dynamic_mix_backward(grad_y.contiguous(), x, *weights, 2, "cpu")):
+        assert torch.equal(a, b), name
+    assert torch.ops.dynamixer_ops_C.cuda_matmul_allow_tf32.default.redispatch(keys, x) is False
+    # An empty batch: no y, and weight gradients of zero (the native backward zeroes them).
+    empty = x[:0]
+    assert ops.dynamic_mix.default.redispatch(keys, empty, *weights, 2, "cpu").shape == empty.shape
+    grads = ops.dynamic_mix_backward.default.redispatch(keys, empty, empty, *weights, 2, "cpu")
+    assert grads[0].shape == empty.shape
+    for name, g, w in zip(GRAD_NAMES[1:], grads[1:], weights):
+        assert g.shape == w.shape and not g.any(), name

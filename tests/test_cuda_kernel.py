@@ -81,13 +81,15 @@ def test_emulated_small_shared_memory_gives_small_tiles(emu, seed):
     _check_all(y, grads, inputs, 2, grad_y, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32-tf32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bfloat16", "float16", "float32-tf32"])
 def test_emulated_tensor_core_tiles_that_do_not_fit_fall_back_to_simt(emu, dtype, seed):
     """Where the tensor-core tiles exceed the device's shared memory the fused SIMT kernels run (same results);
-    the limit here is the tensor-core forward's need minus one byte (the backward's is larger)."""
+    the limit here is the tensor-core forward's need minus one byte (the backward's is larger). The only cases of
+    the SIMT kernels in 16-bit types."""
     L, C, S, d = 14, 48, 2, 2
-    limit = emu.smem_bytes("forward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) - 1
-    assert emu.smem_bytes("backward_tc", L, C, S, d, 2 if dtype == torch.bfloat16 else 4) > limit
+    limit = emu.smem_bytes("forward_tc", L, C, S, d, dtype.itemsize) - 1
+    assert emu.smem_bytes("backward_tc", L, C, S, d, dtype.itemsize) > limit
     inputs = make_inputs((5,), L, C, S, d, dtype=dtype, device="cpu")
     grad_y = torch.randn_like(inputs[0])
     y, grads = emulate(emu, inputs, S, grad_y, smem_limit=limit, tf32=True)   # asserts the SIMT path
@@ -187,8 +189,8 @@ def test_cuda_kernels_are_built_where_a_toolkit_is_present():
         pytest.skip(f"torch {torch.__version__} is a CPU-only build")
     if switch == "auto" and shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit on this machine")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_backward", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_out", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_backward_out", "CUDA")
 
 
 def test_cuda_kernels_compile_without_spills_and_use_tensor_cores():

@@ -1,4 +1,4 @@
-// The fused CPU kernels of dynamixer_ops_C::mix_forward / mix_backward (float32, float64, bfloat16, float16).
+// The fused CPU kernels of the dynamixer_ops_C::dynamic_mix*_out ops (float32, float64, bfloat16, float16).
 //
 // Work is split into blocks of `nb` sequences (nb depends on the shape only, never on the thread count). For a
 // block, reduce -> generate -> softmax over the source token -> apply run on block-local buffers (the L x L
@@ -249,11 +249,24 @@ template <class H> bool all_products_on_dots(Isa isa, const MixShape& sh) {
 
 template <class T> constexpr ScalarType scalar_type_of = torch::headeronly::CppTypeToScalarType<T>::value;
 
+#if defined(__SANITIZE_ADDRESS__)
+#define DMX_POISON_SCRATCH 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DMX_POISON_SCRATCH 1
+#endif
+#endif
+
 // Uninitialized scratch of n values, 64-byte aligned as torch's CPU allocator aligns (the block kernels' buffers).
+// Sanitized builds fill it with 0xff bytes, a NaN as float32, float64 and either half of a bf16 pair (ASan fills only
+// the first 4 KiB of an allocation): a read of scratch that no kernel wrote shows as NaN in the results.
 template <class V> std::unique_ptr<V, void (*)(void*)> scratch(int64_t n) {
   const size_t bytes = (static_cast<size_t>(n) * sizeof(V) + 63) / 64 * 64;
   void* p = bytes ? std::aligned_alloc(64, bytes) : nullptr;
   DMX_CHECK(bytes == 0 || p != nullptr, "dynamixer_ops (cpu): could not allocate ", bytes, " bytes of workspace");
+#ifdef DMX_POISON_SCRATCH
+  if (p) std::memset(p, 0xff, bytes);
+#endif
   return {static_cast<V*>(p), &std::free};
 }
 
@@ -349,6 +362,27 @@ DotOperands carve_dots(int32_t* base, const DotSizes& s) {
   o.pr = take(s.pr); o.drt = take(s.drt); o.drp = take(s.drp); o.rows = reinterpret_cast<float*>(take(s.rows));
   return o;
 }
+
+// One thread's workspace for the blocks it runs, forward or backward: the block buffers, the bf16-dot operands
+// (where every product runs on the dots) and `staged` buffers of `rows` float32 values each (one block's x, dy or
+// its result, for 16-bit inputs staged through float32).
+template <class T> struct BlockScratch {
+  static constexpr int kMaxStaged = 3;
+  std::unique_ptr<T, void (*)(void*)> values;
+  std::unique_ptr<int32_t, void (*)(void*)> words;
+  DotOperands ops;
+  BlockBuffers<T> w;
+  T* staged[kMaxStaged] = {};
+
+  BlockScratch(const BufferSizes<T>& sizes, const DotSizes& dot_words, bool all_dots, int64_t rows, int nstaged)
+      : values(scratch<T>(sizes.total() + nstaged * rows)), words(scratch<int32_t>(dot_words.total())),
+        ops(carve_dots(words.get(), dot_words)), w(carve(values.get(), sizes)) {
+    if (all_dots) w.dots = &ops;
+    for (int i = 0; i < nstaged && i < kMaxStaged; ++i) staged[i] = values.get() + sizes.total() + i * rows;
+  }
+  BlockScratch(const BlockScratch&) = delete;             // w.dots points at ops
+  BlockScratch& operator=(const BlockScratch&) = delete;
+};
 
 // Packings of a (R, K) bfloat16 matrix W as the B operand of a bf16-dot GEMM (see bf16_gemm): rows of bf16 pairs
 // as int32, each row padded with zeros to a multiple of 16 pairs (the GEMM loads whole vectors), built with ATen's
@@ -493,13 +527,11 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const Tens
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x or y as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, ys{y, sh.B, L, C};
   torch::stable::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const auto ws = scratch<T>(sizes.total() + 2 * rows);
-    const auto dot_ws = scratch<int32_t>(dot_words.total());
-    const DotOperands ops = carve_dots(dot_ws.get(), dot_words);
-    BlockBuffers<T> w = carve(ws.get(), sizes);
-    if (all_dots) w.dots = &ops;
-    T* const x_rows = ws.get() + sizes.total();
-    T* const y_rows = x_rows + rows;
+    BlockScratch<T> ws(sizes, dot_words, all_dots, rows, 2);
+    const DotOperands& ops = ws.ops;
+    BlockBuffers<T>& w = ws.w;
+    T* const x_rows = ws.staged[0];
+    T* const y_rows = ws.staged[1];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, (blk + 1) * nb);
       if (all_dots) {
@@ -532,7 +564,7 @@ template <class F> void on_storage_type(ScalarType st, const char* op, const F& 
   }
 }
 
-// probs: null (the plain forward), or the kept-P output of mix_forward_keep.
+// probs: null (the plain forward), or the kept-P output of dynamic_mix_keep_out.
 void mix_forward_checked(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
                          Tensor& y, Tensor* probs) {
@@ -542,7 +574,8 @@ void mix_forward_checked(const Tensor& x, const Tensor& compress_weight, const T
   if (probs) check_probs(*probs, sh, x);
   if (sh.sequences() == 0 || sh.L == 0 || sh.C == 0) return;
   const Isa isa = chosen_isa();
-  on_storage_type(x.scalar_type(), "dynamixer_ops::mix_forward (cpu)", [&](auto storage) {
+  const char* op = probs ? "dynamixer_ops_C::dynamic_mix_keep_out (cpu)" : "dynamixer_ops_C::dynamic_mix_out (cpu)";
+  on_storage_type(x.scalar_type(), op, [&](auto storage) {
     using scalar_t = decltype(storage);
     using T = typename ComputeOf<scalar_t>::type;
     mix_forward_impl<scalar_t>(isa, sh, x, compress_weight, compress_bias, generate_weight, generate_bias, y,
@@ -550,15 +583,15 @@ void mix_forward_checked(const Tensor& x, const Tensor& compress_weight, const T
   });
 }
 
-void mix_forward_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
-                     const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                     Tensor& y) {
+void dynamic_mix_out_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                         const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                         Tensor& y) {
   mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, nullptr);
 }
 
-void mix_forward_keep_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
-                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                          Tensor& y, Tensor& probs) {
+void dynamic_mix_keep_out_cpu(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                              const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                              Tensor& y, Tensor& probs) {
   mix_forward_checked(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y, &probs);
 }
 
@@ -603,14 +636,12 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const Ten
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x, dy or grad_x as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, dys{grad_y, sh.B, L, C}, gxs{grad_x, sh.B, L, C};
   torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    const auto ws = scratch<T>(sizes.total() + 3 * rows);
-    const auto dot_ws = scratch<int32_t>(dot_words.total());
-    const DotOperands ops = carve_dots(dot_ws.get(), dot_words);
-    BlockBuffers<T> w = carve(ws.get(), sizes);
-    if (all_dots) w.dots = &ops;
-    T* const x_rows = ws.get() + sizes.total();
-    T* const dy_rows = x_rows + rows;
-    T* const gx_rows = dy_rows + rows;
+    BlockScratch<T> ws(sizes, dot_words, all_dots, rows, 3);
+    const DotOperands& ops = ws.ops;
+    BlockBuffers<T>& w = ws.w;
+    T* const x_rows = ws.staged[0];
+    T* const dy_rows = ws.staged[1];
+    T* const gx_rows = ws.staged[2];
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       T* pb = part_base + chunk * part_size;
       const Partials<T> p{pb, pb + LL * Ld, pb + LL * Ld + LL, pb + LL * Ld + LL + Sd * C};
@@ -707,7 +738,9 @@ void mix_backward_checked(const Tensor& grad_y, const Tensor& x, const Tensor* p
     return;
   }
   const Isa isa = chosen_isa();
-  on_storage_type(x.scalar_type(), "dynamixer_ops::mix_backward (cpu)", [&](auto storage) {
+  const char* op = probs ? "dynamixer_ops_C::dynamic_mix_backward_kept_out (cpu)"
+                          : "dynamixer_ops_C::dynamic_mix_backward_out (cpu)";
+  on_storage_type(x.scalar_type(), op, [&](auto storage) {
     using scalar_t = decltype(storage);
     using T = typename ComputeOf<scalar_t>::type;
     mix_backward_impl<scalar_t>(isa, sh, grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias,
@@ -716,21 +749,22 @@ void mix_backward_checked(const Tensor& grad_y, const Tensor& x, const Tensor* p
   });
 }
 
-void mix_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
-                      const Tensor& compress_bias, const Tensor& generate_weight,
-                      const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
-                      Tensor& grad_compress_weight, Tensor& grad_compress_bias,
-                      Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
+void dynamic_mix_backward_out_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
+                                  const Tensor& compress_bias, const Tensor& generate_weight,
+                                  const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
+                                  Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                                  Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
   mix_backward_checked(grad_y, x, nullptr, compress_weight, compress_bias, generate_weight, generate_bias,
                        num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
                        grad_generate_bias);
 }
 
-void mix_backward_kept_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& probs,
-                           const Tensor& compress_weight, const Tensor& compress_bias,
-                           const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                           Tensor& grad_x, Tensor& grad_compress_weight, Tensor& grad_compress_bias,
-                           Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
+void dynamic_mix_backward_kept_out_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& probs,
+                                       const Tensor& compress_weight, const Tensor& compress_bias,
+                                       const Tensor& generate_weight, const Tensor& generate_bias,
+                                       int64_t num_segments, Tensor& grad_x, Tensor& grad_compress_weight,
+                                       Tensor& grad_compress_bias, Tensor& grad_generate_weight,
+                                       Tensor& grad_generate_bias) {
   mix_backward_checked(grad_y, x, &probs, compress_weight, compress_bias, generate_weight, generate_bias,
                        num_segments, grad_x, grad_compress_weight, grad_compress_bias, grad_generate_weight,
                        grad_generate_bias);
@@ -740,10 +774,14 @@ void mix_backward_kept_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& 
 }  // namespace dynamixer_ops
 
 STABLE_TORCH_LIBRARY_IMPL(dynamixer_ops_C, CPU, m) {
-  m.impl("mix_forward", TORCH_BOX(static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cpu)));
-  m.impl("mix_backward", TORCH_BOX(static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cpu)));
-  m.impl("mix_forward_keep",
-         TORCH_BOX(static_cast<dynamixer_ops::MixForwardKeepFn*>(&dynamixer_ops::mix_forward_keep_cpu)));
-  m.impl("mix_backward_kept",
-         TORCH_BOX(static_cast<dynamixer_ops::MixBackwardKeptFn*>(&dynamixer_ops::mix_backward_kept_cpu)));
+  m.impl("dynamic_mix_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixOutFn*>(&dynamixer_ops::dynamic_mix_out_cpu)));
+  m.impl("dynamic_mix_backward_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixBackwardOutFn*>(
+             &dynamixer_ops::dynamic_mix_backward_out_cpu)));
+  m.impl("dynamic_mix_keep_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixKeepOutFn*>(&dynamixer_ops::dynamic_mix_keep_out_cpu)));
+  m.impl("dynamic_mix_backward_kept_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixBackwardKeptOutFn*>(
+             &dynamixer_ops::dynamic_mix_backward_kept_out_cpu)));
 }

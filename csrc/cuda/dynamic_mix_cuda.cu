@@ -1,4 +1,4 @@
-// CUDA kernels of dynamixer_ops_C::mix_forward / mix_backward (the math: docs/dynamic_mix.md).
+// CUDA kernels of dynamixer_ops_C::dynamic_mix_out / dynamic_mix_backward_out (the math: docs/dynamic_mix.md).
 //
 //   r[n,l,s,k] = x[n,l,:] . Wc[s*d+k,:] + bc[s*d+k]          z[n,s,l*d+k] = r[n,l,s,k]
 //   G[n,s,i,j] = z[n,s,:] . Wg[i*L+j,:] + bg[i*L+j]          P[n,s,:,j] = softmax_i(G[n,s,:,j])

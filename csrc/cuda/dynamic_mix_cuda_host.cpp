@@ -1,5 +1,5 @@
-// The CUDA implementations of dynamixer_ops_C::mix_forward / mix_backward: argument checks, shared-memory
-// sizing, fp32 workspaces and the deterministic weight-gradient reductions. The kernels are in
+// The CUDA implementations of dynamixer_ops_C::dynamic_mix_out / dynamic_mix_backward_out: argument checks,
+// shared-memory sizing, fp32 workspaces and the deterministic weight-gradient reductions. The kernels are in
 // dynamic_mix_cuda.cu; this file is compiled by the host compiler (nvcc never parses the torch headers). It is
 // built into the library _C_cuda, on libtorch's stable ABI like _C.
 // With DMX_EMULATE (tools/cuda_emu) only the device-independent core is compiled: run_forward / run_backward.
@@ -131,6 +131,9 @@ void reduce_atb(const Tensor& a, DType a_dtype, RowsArg b, DType b_dtype, int64_
   splits = (K + rows_per_split - 1) / rows_per_split;
   DMX_CHECK(tiles <= INT_MAX, "dynamixer_ops (cuda): weight gradient of ", Q, " x ", cols, " is too large");
   Tensor partial = empty({splits, Q, cols}, ScalarType::Float, a);
+#ifdef DMX_EMULATE
+  torch::stable::fill_(partial, NAN);   // shows an element no split writes
+#endif
   if (path == Path::TensorCores) {
     cuda::launch_splitk_atb_tc(operand, a_dtype, b_dtype, a.mutable_data_ptr(), K, Q, b, cols, splits, rows_per_split,
                                data_of<float>(partial), stream);
@@ -194,6 +197,9 @@ Path run_backward(const MixShape& sh, const Tensor& grad_y, const Tensor& x,
     const cuda::TcDims tc = cuda::tc_dims(sh.L, sh.C, sh.S, sh.d, x.element_size(), /*backward=*/true);
     const PaddedWeights w = pad_weights(sh, tc, compress_weight, generate_weight, /*backward=*/true);
     Tensor dbg_partial = empty({(dm.N + tc.ts - 1) / tc.ts, dm.LL}, f32, x);
+#ifdef DMX_EMULATE
+    torch::stable::fill_(dbg_partial, NAN);
+#endif
     cuda::launch_backward_tc(dtype, dm, tc, rows_of(grad_y), rows_of(x), w.wc_pad.mutable_data_ptr(),
                              compress_bias.mutable_data_ptr(), w.wgT_pad.mutable_data_ptr(),
                              generate_bias.mutable_data_ptr(), w.wg_pad.mutable_data_ptr(), data_of<float>(z), dg.mutable_data_ptr(), data_of<float>(dr),
@@ -268,9 +274,9 @@ int smem_limit_of(int device) {
   return limit;
 }
 
-void mix_forward_cuda(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
-                      const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
-                      Tensor& y) {
+void dynamic_mix_out_cuda(const Tensor& x, const Tensor& compress_weight, const Tensor& compress_bias,
+                          const Tensor& generate_weight, const Tensor& generate_bias, int64_t num_segments,
+                          Tensor& y) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_like(y, x, "y");
@@ -283,11 +289,11 @@ void mix_forward_cuda(const Tensor& x, const Tensor& compress_weight, const Tens
               allow_tf32(x), has_tensor_cores(device), current_stream(x));
 }
 
-void mix_backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
-                       const Tensor& compress_bias, const Tensor& generate_weight,
-                       const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
-                       Tensor& grad_compress_weight, Tensor& grad_compress_bias,
-                       Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
+void dynamic_mix_backward_out_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& compress_weight,
+                                   const Tensor& compress_bias, const Tensor& generate_weight,
+                                   const Tensor& generate_bias, int64_t num_segments, Tensor& grad_x,
+                                   Tensor& grad_compress_weight, Tensor& grad_compress_bias,
+                                   Tensor& grad_generate_weight, Tensor& grad_generate_bias) {
   const MixShape sh = check_mix_contract(x, compress_weight, compress_bias, generate_weight, generate_bias,
                                          num_segments);
   check_grads(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, grad_x,
@@ -312,7 +318,10 @@ void mix_backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& comp
 
 #ifndef DMX_EMULATE
 STABLE_TORCH_LIBRARY_IMPL(dynamixer_ops_C, CUDA, m) {
-  m.impl("mix_forward", TORCH_BOX(static_cast<dynamixer_ops::MixForwardFn*>(&dynamixer_ops::mix_forward_cuda)));
-  m.impl("mix_backward", TORCH_BOX(static_cast<dynamixer_ops::MixBackwardFn*>(&dynamixer_ops::mix_backward_cuda)));
+  m.impl("dynamic_mix_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixOutFn*>(&dynamixer_ops::dynamic_mix_out_cuda)));
+  m.impl("dynamic_mix_backward_out",
+         TORCH_BOX(static_cast<dynamixer_ops::DynamicMixBackwardOutFn*>(
+             &dynamixer_ops::dynamic_mix_backward_out_cuda)));
 }
 #endif

@@ -1,8 +1,9 @@
 """The ``cpu`` and ``cuda`` backends: the C++ kernels of the native library ``dynamixer_ops/_C*.so`` and the CUDA
 kernels of ``dynamixer_ops/_C_cuda*.so``.
 
-Both are implementations (CPU and CUDA dispatch keys) of the same two native ops,
-``dynamixer_ops_C::mix_forward`` and ``dynamixer_ops_C::mix_backward`` (schemas in ``csrc/dynamic_mix.cpp``).
+Both are implementations (CPU and CUDA dispatch keys) of the native out-variant ops
+``dynamixer_ops_C::dynamic_mix_out`` and ``dynamixer_ops_C::dynamic_mix_backward_out``; the ``cpu`` backend also of
+``dynamic_mix_keep_out`` and ``dynamic_mix_backward_kept_out`` (schemas in ``csrc/dynamic_mix.cpp``).
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from . import Backend, record_load_error, register_backend
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    return _KERNELS.get(dispatch_key, False)
+    return _KERNEL_REGISTERED.get(dispatch_key, False)
 
 
 # Looked up once: the kernels are registered when _C loads, and torch.compile cannot trace the lookup itself.
-_KERNELS = {} if _BUILD_ERROR else {
-    key: torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::mix_forward", key) for key in ("CPU", "CUDA")}
+_KERNEL_REGISTERED = {} if _BUILD_ERROR else {
+    key: torch._C._dispatch_has_kernel_for_dispatch_key("dynamixer_ops_C::dynamic_mix_out", key)
+    for key in ("CPU", "CUDA")}
 
 
 def _cuda_unavailable_reason() -> str | None:
@@ -44,7 +46,7 @@ else:
         torch.library.impl("dynamixer_ops_C::cuda_matmul_allow_tf32", "CUDA")(
             lambda x: torch.backends.cuda.matmul.allow_tf32)
     register_backend(Backend(
-        name="cpu", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cpu",),
+        name="cpu", forward=_ops.dynamic_mix_out, backward=_ops.dynamic_mix_backward_out, devices=("cpu",),
         # bf16/fp16 sum in float32; bf16's products run on AVX512-BF16 dots where the CPU has them, and are staged
         # through float32 elsewhere. fp16
         # has no dot instruction here; it is registered because the staged fused kernel beats `reference`.
@@ -52,11 +54,11 @@ else:
         unavailable_reason=lambda: None if _has_kernel("CPU") else "dynamixer_ops._C has no CPU kernel",
         # From d = 4 on the generate GEMM (L*d deep) dominates the backward's recompute of P: keeping P (N*S*L*L
         # values of the compute type) is worth its memory. Measured at DynaMixer-L stage 1 (d = 8): benchmarks/RESULTS.md.
-        forward_keep=_ops.mix_forward_keep, backward_kept=_ops.mix_backward_kept,
+        forward_keep=_ops.dynamic_mix_keep_out, backward_kept=_ops.dynamic_mix_backward_kept_out,
         keep_probabilities=lambda L, C, S, d: d >= 4,
     ))
     register_backend(Backend(
-        name="cuda", forward=_ops.mix_forward, backward=_ops.mix_backward, devices=("cuda",),
+        name="cuda", forward=_ops.dynamic_mix_out, backward=_ops.dynamic_mix_backward_out, devices=("cuda",),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         # First on CUDA until a GPU measurement says otherwise (README, "What has run where"). By
         # design (benchmarks/RESULTS.md, "CUDA tensor-core kernels: a prediction"): every product runs on tensor

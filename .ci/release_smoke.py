@@ -71,4 +71,5 @@ cuda = (os.path.basename(libraries[1]) if len(libraries) > 1
 print(f"release install OK on torch {torch.__version__}, Python {sys.version.split()[0]}: dynamixer_ops "
       f"{dynamixer_ops.__version__} from {os.path.dirname(dynamixer_ops.__file__)} "
       f"({os.path.basename(libraries[0])}; CUDA kernels {cuda}); cpu op max rel err {max(errors):.1e}; "
-      f"tiny model forward + backward, torch.compile, torch.export ({len(calls)} op calls) in {time.time() - start:.0f} s")
+      f"tiny model forward + backward, torch.compile, torch.export ({len(calls)} op calls) "
+      f"in {time.time() - start:.0f} s")

@@ -116,7 +116,8 @@ def render(report: dict) -> str:
         f"{v['dynamixer_ops']}" + (f" (git {git['commit'][:10]}{', uncommitted changes' if git.get('dirty') else ''})"
                                    if git.get("commit") else ""),
         f"- machine: {m['platform']}, Python {m['python']}; CPU {m['cpu']}, {m['cpu_count']} cores"
-        + (f"; GPU {m['gpu']['name']} (sm {m['gpu']['capability']}, {m['gpu']['memory_GiB']} GiB)" if m.get("gpu") else ""),
+        + (f"; GPU {m['gpu']['name']} (sm {m['gpu']['capability']}, {m['gpu']['memory_GiB']} GiB)"
+           if m.get("gpu") else ""),
         f"- timing: {s['timer']}, warm-up {s['warmup_ms']:g} ms, {s['repeat_ms']:g} ms timed per backend in "
         f"{s['rounds']} interleaved rounds; compile mode {s['compile_mode']}",
     ]

@@ -268,7 +268,8 @@ def _mix(op, x: Tensor, dtype: torch.dtype) -> Tensor:
     kernel does: under no_grad on a plain CPU tensor (what :meth:`InferenceBlock.inference_reason` checks) the op
     would run exactly this, and its Python entry point and two dispatcher hops cost more per call at batch 1 than
     the mixing of a small image."""
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
     weights = [cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight), cast(op.generate.bias)]
     L, C, S, d = ops.check_inputs(x, *weights, op.num_head)
     if weights[1] is None:

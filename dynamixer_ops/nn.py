@@ -318,7 +318,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
     convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules (the
     Linears and the ``activation``): the Parameters (and an optimizer that holds them), device, dtype, hooks and
-    train/eval mode are kept; no other module changes class. Layers that are already fused get ``backend`` set. A layer with a matching name but a malformed structure raises, naming it.
+    train/eval mode are kept; no other module changes class. Layers that are already fused get ``backend`` set. A
+    layer with a matching name but a malformed structure raises, naming it.
 
     Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).
     """

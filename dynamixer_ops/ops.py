@@ -216,9 +216,9 @@ def _(grad_y, x, probs, compress_weight, compress_bias, generate_weight, generat
 
 def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,
                   generate_bias: Tensor | None, num_segments: int, backend: str) -> Tensor:
-    """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.reference_forward`, with float16 /
-    bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is the op's
-    entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
+    """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.reference_forward`, with
+    float16 / bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is
+    the op's entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
     ``backend`` is ignored: every backend computes this function."""
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     inputs = (t if t is None else t.to(compute)
@@ -370,11 +370,12 @@ def decomposition_reason(tensors) -> str | None:
     """Why a call with these inputs must run :func:`decomposition` (the op's math in ATen ops, which every
     transform and tensor subclass understands) instead of the op, or ``None`` when the op computes exactly that.
 
-    ONNX export; and, since the op has no forward-mode formula, its autograd formula is not one torch.func can transform, and its kernels
-    read plain dense memory, so: ``torch.func.grad`` / ``jvp`` / ``jacrev`` (any transform but ``vmap``, which has
-    a rule), an input with a forward-mode tangent (``torch.autograd.forward_ad``), a tensor subclass that wraps
-    other tensors (quantized weights, DTensor, ...), and the meta device. Inside a compiled graph the op is always kept (the
-    graph is traced with plain fake tensors)."""
+    The reasons: ONNX export (the exporter knows only its own tables); a torch.func transform other than ``vmap``
+    (``grad`` / ``jvp`` / ``jacrev``: the op's autograd formula is not one they can transform; ``vmap`` has a rule);
+    an input with a forward-mode tangent (``torch.autograd.forward_ad``: the op has no forward-mode formula); a
+    tensor subclass that wraps other tensors (quantized weights, DTensor, ...) and the meta device (the kernels read
+    plain dense memory). Inside a compiled graph the op is always kept (the graph is traced with plain fake
+    tensors)."""
     if torch.onnx.is_in_onnx_export():
         # torch.onnx translates only the ops in its own tables (or in a custom_translation_table the user would have
         # to pass): the decomposition becomes standard ONNX ops.

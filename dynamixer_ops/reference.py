@@ -4,7 +4,8 @@ Three things live here and nowhere else:
 
 * :func:`reference_forward` — the op's math on ``(..., L, C)``, written for clarity. Tests run it in float64
   (through autograd) as the truth every backend is compared with.
-* :func:`reference_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates: :func:`backward_terms`).
+* :func:`reference_backward` — the closed-form backward of docs/dynamic_mix.md (its intermediates:
+  :func:`backward_terms`).
   The ``reference`` backend uses it, and the tests check it against autograd of :func:`reference_forward`, so the
   formula itself is verified.
 * :func:`upstream_chain` — a faithful restatement of the upstream eager layer's permute chain (without its

@@ -1,7 +1,8 @@
 """Train a small DynaMixer on scikit-learn's digits, fused or eager, on one process or under torchrun.
 
 The 8x8 digits (1,797 images, 10 classes) are upsampled to ``--img-size`` (default 28): with patch size 4 the
-first stage mixes L = 7 tokens along each axis and the second L = 3 (``--img-size 56``: 14 and 7). The model is the upstream network
+first stage mixes L = 7 tokens along each axis and the second L = 3 (``--img-size 56``: 14 and 7). The model is the
+upstream network
 (:mod:`dynamixer_ops.upstream`), converted to the fused layers with :func:`dynamixer_ops.convert` unless
 ``--backend eager``; the same seed gives the same initial weights and data order for every backend.
 

@@ -20,7 +20,8 @@ dynamixer_ops.ops.POISON_OUTPUTS = True
 @pytest.fixture
 def seed(request):
     """A fresh seed per test (new inputs every run), printed on failure so that a failure can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little") if "DYNAMIXER_SEED" not in os.environ else int(os.environ["DYNAMIXER_SEED"])
+    fixed = os.environ.get("DYNAMIXER_SEED")
+    value = int(fixed) if fixed is not None else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     request.node.user_properties.append(("seed", value))
     print(f"seed={value} (replay with DYNAMIXER_SEED={value})")

@@ -1,9 +1,9 @@
 """What only the fused C++ CPU kernel has: one code path per instruction set (chosen at run time, forced here with
-DYNAMIXER_OPS_CPU_ISA; bfloat16 runs its products on the
-bf16 dot instruction on avx512bf16 (all of them where C/S is even) and is staged through float32 elsewhere, float16 is staged everywhere), blocks of
-sequences and chunked weight-gradient reductions whose partition depends on the
-shape only (so results are bitwise identical run to run and for any thread count), and its own contract checks.
-The shared grid (test_dynamic_mix.py) covers the default instruction set against the reference."""
+DYNAMIXER_OPS_CPU_ISA; bfloat16 runs its products on the bf16 dot instruction on avx512bf16 (all of them where C/S is
+even) and is staged through float32 elsewhere, float16 is staged everywhere), blocks of sequences and chunked
+weight-gradient reductions whose partition depends on the shape only (so results are bitwise identical run to run and
+for any thread count), and its own contract checks. The shared grid (test_dynamic_mix.py) covers the default
+instruction set against the reference."""
 from __future__ import annotations
 
 import pytest
@@ -93,7 +93,8 @@ def test_gradcheck_float64(seed):
 def test_rejects_unknown_instruction_set(monkeypatch):
     monkeypatch.setenv("DYNAMIXER_OPS_CPU_ISA", "sse9")
     x, wc, bc, wg, bg = make_inputs((1,), 3, 4, 2, 1, dtype=torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got 'sse9'"):
+    with pytest.raises(RuntimeError,
+                       match="DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got 'sse9'"):
         dynamic_mix(x, wc, bc, wg, bg, 2, backend="cpu")
 
 

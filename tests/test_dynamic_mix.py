@@ -46,7 +46,8 @@ def test_forward_and_gradients_match_reference(backend, device, dtype, shape, se
 @pytest.mark.parametrize("backend, device", backend_device_pairs())
 def test_without_biases_and_noncontiguous_grad(backend, device, seed):
     """Biases of None act as zeros and get no gradient; a non-contiguous grad_y is read correctly."""
-    dtype = torch.float32 if torch.float32 in supported_dtypes(backend, device) else supported_dtypes(backend, device)[0]
+    dtypes = supported_dtypes(backend, device)
+    dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]
     x, wc, _, wg, _ = make_inputs((3,), 7, 48, 2, 2, dtype=dtype, device=device, bias=False)
     leaves = [t.requires_grad_() for t in (x, wc, wg)]
     y = dynamic_mix(leaves[0], leaves[1], None, leaves[2], None, 2, backend=backend)
@@ -67,7 +68,8 @@ def test_transposed_input_is_not_copied_and_output_keeps_layout(backend, device,
 
 @pytest.mark.parametrize("backend, device", backend_device_pairs())
 def test_repeated_backward_is_bitwise_deterministic(backend, device, seed):
-    dtype = torch.float32 if torch.float32 in supported_dtypes(backend, device) else supported_dtypes(backend, device)[0]
+    dtypes = supported_dtypes(backend, device)
+    dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]
     inputs = [t.requires_grad_() for t in make_inputs((37,), 7, 48, 2, 2, dtype=dtype, device=device)]
     grad_y = torch.randn(37, 7, 48, dtype=dtype, device=device)
     first = torch.autograd.grad(dynamic_mix(*inputs, 2, backend=backend), inputs, grad_y)

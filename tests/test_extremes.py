@@ -46,8 +46,10 @@ def _exact_large_logit_inputs(N, L, C, S, d):
     """float64 inputs whose logits are integers of size ~1e4 (both signs; exact in fp32 arithmetic and held by
     every dtype) with gaps that are multiples of 1024, except that generate_bias ties the top two sources of every
     target of sequence 0, segment 0: the softmax is exact (P in {0, 1/2, 1}, exp(-1024) = 0 in every dtype)."""
+    def sign(*shape):
+        return torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
+
     for _ in range(100):
-        sign = lambda *shape: torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
         x, wc = sign(N, L, C), sign(S * d, C)
         bc = torch.randint(-1, 2, (S * d,), dtype=torch.float64)
         wg = torch.randint(-1, 2, (L * L, L * d), dtype=torch.float64) * 1024

@@ -27,7 +27,8 @@ def test_opcheck_forward_and_backward(backend, device, layout, seed):
                           (grad_y, *(a.detach() for a in args[:5]), 2, backend))
 
 
-@pytest.mark.skipif(not any(b == "cpu" for b, _ in backend_device_pairs()), reason="the native CPU backend is not built")
+@pytest.mark.skipif(not any(b == "cpu" for b, _ in backend_device_pairs()),
+                    reason="the native CPU backend is not built")
 def test_opcheck_keep_variants_cpu(seed):
     """The training-step pair that keeps P (used by backends with forward_keep: cpu, from d = 4)."""
     x, wc, bc, wg, bg = make_inputs((2, 3), 7, 48, 2, 4, dtype=torch.float32, device="cpu", layout="transposed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dynamixer_ops
 
 from dynamixer_ops.testing import assert_matches_reference, make_inputs, tolerance
 from helpers import backend_device_pairs, is_interpreted, op_outputs, supported_dtypes

@@ -55,7 +55,8 @@ CASES = [
     ("num_segments negative", lambda a: None, -2, ["num_segments must be a positive int", "-2"]),
     ("compress rows % S", lambda a: (a.__setitem__(1, torch.randn(5, 48)), a.__setitem__(2, torch.randn(5))), 2,
      ["compress_weight has 5 rows", "num_segments=2"]),
-    ("compress cols", lambda a: a.__setitem__(1, torch.randn(4, 40)), 2, ["compress_weight must have shape", "(4, 40)"]),
+    ("compress cols", lambda a: a.__setitem__(1, torch.randn(4, 40)), 2,
+     ["compress_weight must have shape", "(4, 40)"]),
     ("compress 1-D", lambda a: a.__setitem__(1, torch.randn(48)), 2, ["compress_weight must have shape", "(48)"]),
     ("not a tensor", lambda a: a.__setitem__(1, [[1.0]]), 2, ["compress_weight must be a torch.Tensor"]),
     ("generate shape", lambda a: a.__setitem__(3, torch.randn(49, 7)), 2,
@@ -65,7 +66,8 @@ CASES = [
     ("generate for another L", lambda a: (a.__setitem__(3, torch.randn(64, 16)), a.__setitem__(4, torch.randn(64))), 2,
      ["generate_weight must have shape (L*L, L*d) = (49, 14)"]),
     ("generate weight not a tensor", lambda a: a.__setitem__(3, None), 2, ["generate_weight must be a torch.Tensor"]),
-    ("compress bias", lambda a: a.__setitem__(2, torch.randn(3)), 2, ["compress_bias must have shape (S*d,) = (4,)", "got (3)"]),
+    ("compress bias", lambda a: a.__setitem__(2, torch.randn(3)), 2,
+     ["compress_bias must have shape (S*d,) = (4,)", "got (3)"]),
     ("generate bias", lambda a: a.__setitem__(4, torch.randn(48)), 2, ["generate_bias must have shape (L*L,) = (49,)"]),
     ("dtype mismatch", lambda a: a.__setitem__(3, a[3].double()), 2, ["generate_weight has dtype torch.float64",
                                                                       "x has dtype torch.float32"]),
@@ -179,7 +181,8 @@ def test_gpu_only_backend_given_cpu_tensors():
     with pytest.raises(BackendUnavailableError) as info:
         dynamic_mix(x, *weights, 2, backend="cuda")
     message = str(info.value)
-    assert message.startswith("backend 'cuda' cannot run these inputs: ") or "backend 'cuda' is not available" in message
+    assert (message.startswith("backend 'cuda' cannot run these inputs: ")
+            or "backend 'cuda' is not available" in message)
     if get_backend("cuda").unavailable_reason() is None:      # built and a GPU is visible: the device is the reason
         assert "inputs are on cpu" in message
     else:

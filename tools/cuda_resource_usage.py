@@ -261,9 +261,9 @@ def predict(table, elem=2):
 
 
 def print_prediction(rows):
-    print(f"| shape (L, C, S, d) | sequences | fwd DRAM MB (x + y) | fwd Wg+Wc L2 MB | fwd GFLOP useful / issued "
-          f"| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (of it dG) | bwd GFLOP issued "
-          f"| bwd us: memory / tensor | **bwd us** |")
+    print("| shape (L, C, S, d) | sequences | fwd DRAM MB (x + y) | fwd Wg+Wc L2 MB | fwd GFLOP useful / issued "
+          "| fwd us: memory / tensor / exp | **fwd us** | bwd DRAM MB (of it dG) | bwd GFLOP issued "
+          "| bwd us: memory / tensor | **bwd us** |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} ({r['L']}, {r['C']}, {r['S']}, {r['d']}) | {r['N']} | {r['fwd_bytes'] / 1e6:.1f} | "

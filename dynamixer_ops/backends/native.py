@@ -53,7 +53,8 @@ else:
         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), priority={"cpu": 0},
         unavailable_reason=lambda: None if _has_kernel("CPU") else "dynamixer_ops._C has no CPU kernel",
         # From d = 4 on the generate GEMM (L*d deep) dominates the backward's recompute of P: keeping P (N*S*L*L
-        # values of the compute type) is worth its memory. Measured at DynaMixer-L stage 1 (d = 8): benchmarks/RESULTS.md.
+        # values of the compute type) is worth its memory. Measured at DynaMixer-L stage 1 (d = 8):
+        # benchmarks/RESULTS.md.
         forward_keep=_ops.dynamic_mix_keep_out, backward_kept=_ops.dynamic_mix_backward_kept_out,
         keep_probabilities=lambda L, C, S, d: d >= 4,
     ))

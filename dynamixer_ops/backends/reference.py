@@ -14,7 +14,8 @@ def _upcast(*tensors):
 
 
 def _forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, y):
-    y.copy_(reference_forward(*_upcast(x, compress_weight, compress_bias, generate_weight, generate_bias), num_segments))
+    upcast = _upcast(x, compress_weight, compress_bias, generate_weight, generate_bias)
+    y.copy_(reference_forward(*upcast, num_segments))
 
 
 def _backward(grad_y, x, compress_weight, compress_bias, generate_weight, generate_bias, num_segments, *grads):

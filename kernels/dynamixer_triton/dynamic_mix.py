@@ -44,8 +44,8 @@ batch stride overflows int32 long before memory runs out); weight offsets are < 
 
 Where these kernels have run: README.md, "What has run where". ``tools/triton_resource_usage.py`` compiles them
 for sm_90 at every model shape (Triton's own compiler and ptxas, no GPU needed; a test runs it): the GPU launch
-table (:func:`gpu_config`) fits shared memory there, and its registers and spills are printed. The ``tl.dot`` paths carry
-``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
+table (:func:`gpu_config`) fits shared memory there, and its registers and spills are printed. The ``tl.dot`` paths
+carry ``tl.static_assert``s for the GPU's ``M, N, K >= 16``; every masked load has ``other=``; ``tl.exp`` sees fp32.
 """
 from __future__ import annotations
 
@@ -298,9 +298,9 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dxm_ptr, dr_ptr, z_ptr, wc_ptr, bc_ptr, w
 def _backward_dwg_kernel(x_ptr, dy_ptr, z_ptr, wg_ptr, bg_ptr, dwg_part_ptr, dbg_part_ptr,
                          N, B, ITERS, PARTS, sx_a, sx_b, sx_l, sdy_a, sdy_b, sdy_l,
                          L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                         STATIC_ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_GEN: tl.constexpr, DOT_DP: tl.constexpr,
-                         DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                         STATIC_ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                         BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_GEN: tl.constexpr,
+                         DOT_DP: tl.constexpr, DOT_WG: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Partial ``dWg[i*L+j, m] = sum_{n,s} dG[n,s,i,j] z[n,s,m]`` and ``dbg`` for one block of targets, over the
     tiles ``part + it*PARTS`` and all segments, accumulated in registers and written once. ``z`` comes from the
     dx kernel's scratch: recomputing it here would read all C channels of x once per target block."""

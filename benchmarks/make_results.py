@@ -77,6 +77,16 @@ def configuration(command: str) -> str:
     return shlex.join(kept)
 
 
+def shown_command(command: str) -> str:
+    """The command as a section shows it: output files by their names only (where a run wrote them is no part of
+    what it measured)."""
+    words = shlex.split(command)
+    for i, word in enumerate(words[:-1]):
+        if word in ("--json", "--plot"):
+            words[i + 1] = os.path.basename(words[i + 1])
+    return shlex.join(words)
+
+
 def where(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     if device_kind(report) == "GPU":
@@ -111,7 +121,7 @@ def render(report: dict) -> str:
     if s.get("quick"):
         lines += ["> `--quick` smoke run: short timings on tiny inputs, not for decisions.", ""]
     lines += [
-        f"- command: `{report['command']}`",
+        f"- command: `{shown_command(report['command'])}`",
         f"- versions: torch {v['torch']}, triton {v.get('triton')}, CUDA {v.get('cuda')}, dynamixer_ops "
         f"{v['dynamixer_ops']}" + (f" (git {git['commit'][:10]}{', uncommitted changes' if git.get('dirty') else ''})"
                                    if git.get("commit") else ""),

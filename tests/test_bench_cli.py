@@ -332,7 +332,9 @@ def test_make_results_keeps_the_latest_per_configuration_and_the_history(quick_r
     _, report = quick_run
     text = make_results.update(make_results.HEADER, report)
     cpu_at, gpu_at, history_at = (text.index(h) for h in ("## Latest on CPU", "## Latest on GPU", "## History"))
-    assert gpu_at < cpu_at < text.index(report["command"]) < history_at    # a CPU run lands under CPU only
+    shown = make_results.shown_command(report["command"])                # output files by name only
+    assert os.path.dirname(report["command"].split("--json ")[-1].split()[0]) and "/" not in shown.split("--json ")[-1]
+    assert gpu_at < cpu_at < text.index(shown) < history_at              # a CPU run lands under CPU only
     assert "_No GPU run recorded yet._" in text and "_No CPU run recorded yet._" not in text
     assert make_results.update(text, report) == text                   # filing the same JSON again: no change
     # a later run of the same configuration (only the output options differ) replaces it; the old one moves to

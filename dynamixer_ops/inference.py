@@ -271,16 +271,12 @@ def _mix(op, x: Tensor, dtype: torch.dtype) -> Tensor:
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)
     weights = [cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight), cast(op.generate.bias)]
-    L, C, S, d = ops.check_inputs(x, *weights, op.num_head)
-    if weights[1] is None:
-        weights[1] = weights[0].new_zeros(S * d)
-    if weights[3] is None:
-        weights[3] = weights[2].new_zeros(L * L)
+    L, _, S, _ = ops.check_inputs(x, *weights, op.num_head)
     backend = resolve_backend(op.backend, "cpu", dtype)
     y = torch.empty_like(x)       # x's strides: a transposed x gives a transposed y, as the op's kernel does
     if ops.POISON_OUTPUTS:
         y.fill_(float("nan"))
-    backend.forward(x, *(w.contiguous() for w in weights), S, y)
+    backend.forward(x, *ops.dense_weights(*weights, L), S, y)
     return y
 
 

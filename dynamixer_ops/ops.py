@@ -12,7 +12,7 @@ ATen decomposition computes (:func:`decomposition_reason`), :func:`dynamic_mix` 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,8 +27,8 @@ from .backends import env_flag, resolve_backend, get_backend
 from .plain import plain_tensor
 from .reference import reference_backward, reference_forward
 
-__all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "decomposition", "decomposition_reason",
-           "forward_flops"]
+__all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "dense_weights", "decomposition",
+           "decomposition_reason", "forward_flops"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -420,6 +420,27 @@ def _to_4d(x: Tensor) -> Tensor:
     return _unit_last_stride(x)
 
 
+def _from_4d(y4: Tensor, x: Tensor) -> Tensor:
+    """The op's (N, B, L, C) output in the shape of the caller's x (:func:`_to_4d`'s inverse)."""
+    if x.dim() == 3:
+        return y4.squeeze(0)
+    if x.dim() > 4:
+        return y4.reshape(x.shape)
+    return y4
+
+
+def dense_weights(compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
+                  generate_bias: Optional[Tensor], L: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four weights as every kernel takes them: contiguous, a missing bias as zeros (TorchScript-compilable, for
+    :func:`scripted_dynamic_mix`)."""
+    if compress_bias is None:
+        compress_bias = compress_weight.new_zeros([compress_weight.size(0)])
+    if generate_bias is None:
+        generate_bias = generate_weight.new_zeros([L * L])
+    return (compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
+            generate_bias.contiguous())
+
+
 def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None, generate_weight: Tensor,
                 generate_bias: Tensor | None, num_segments: int, *, backend: str = "auto") -> Tensor:
     r"""DynaMixer's dynamic token mixing, fused: reduce, generate, softmax over the source token, apply.
@@ -459,22 +480,13 @@ def dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | None
     if decomposition_reason((x, compress_weight, compress_bias, generate_weight, generate_bias)) is not None:
         return decomposition(x, compress_weight, compress_bias, generate_weight, generate_bias, S, backend)
     chosen = resolve_backend(backend, x.device.type, x.dtype)
-    if compress_bias is None:
-        compress_bias = compress_weight.new_zeros(S * d)
-    if generate_bias is None:
-        generate_bias = generate_weight.new_zeros(L * L)
     x4 = _to_4d(x)
-    weights = (compress_weight.contiguous(), compress_bias.contiguous(), generate_weight.contiguous(),
-               generate_bias.contiguous())
+    weights = dense_weights(compress_weight, compress_bias, generate_weight, generate_bias, L)
     if _keeps_probabilities(chosen, L, C, S, d, (x4, *weights)):
         y4 = _dynamic_mix_keep_op(x4, *weights, S, chosen.name)[0]
     else:
         y4 = _dynamic_mix_op(x4, *weights, S, chosen.name)
-    if x.dim() == 3:
-        return y4.squeeze(0)
-    if x.dim() > 4:
-        return y4.reshape(x.shape)
-    return y4
+    return _from_4d(y4, x)
 
 
 def scripted_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
@@ -482,21 +494,5 @@ def scripted_dynamic_mix(x: Tensor, compress_weight: Tensor, compress_bias: Opti
     """:func:`dynamic_mix` for TorchScript, which cannot compile its Python-side checks: the same op call on the
     same arguments (the op's kernels resolve ``"auto"`` by the inputs' device and dtype), for the fused layers'
     scripted forward. The layer's shapes were checked when it was built; autocast is not applied."""
-    L = x.size(-2)
-    if compress_bias is None:
-        compress_bias = compress_weight.new_zeros([compress_weight.size(0)])
-    if generate_bias is None:
-        generate_bias = generate_weight.new_zeros([L * L])
-    x4 = x
-    if x.dim() == 3:
-        x4 = x.unsqueeze(0)
-    elif x.dim() > 4:
-        x4 = x.flatten(0, -4)
-    if x4.stride(-1) != 1:
-        x4 = x4.clone(memory_format=torch.contiguous_format)
-    y4 = torch.ops.dynamixer_ops.dynamic_mix(x4, compress_weight.contiguous(), compress_bias.contiguous(),
-                                             generate_weight.contiguous(), generate_bias.contiguous(), num_segments,
-                                             backend)
-    if x.dim() == 4:
-        return y4
-    return y4.reshape(x.shape)
+    cw, cb, gw, gb = dense_weights(compress_weight, compress_bias, generate_weight, generate_bias, x.size(-2))
+    return _from_4d(torch.ops.dynamixer_ops.dynamic_mix(_to_4d(x), cw, cb, gw, gb, num_segments, backend), x)

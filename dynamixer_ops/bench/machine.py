@@ -67,6 +67,20 @@ def _onednn_gemm(a: torch.Tensor, b_t: torch.Tensor):
     return gemm
 
 
+def gemm_candidates(device: torch.device, dtype: torch.dtype, n: int) -> dict:
+    """``{label: call}``: an n x n x n GEMM in ``dtype`` on torch.mm and, on a CPU where this torch has it, on
+    oneDNN; fresh random operands."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    gemms = {f"{n}x{n}x{n} {name} torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu":
+        onednn = _onednn_gemm(a, b)
+        if onednn is not None:
+            gemms[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = onednn
+    return gemms
+
+
 def measure_roofline(device: torch.device, dtype: torch.dtype, threads: int, quick: bool) -> dict:
     """Copy bandwidth (bytes read + written per second) and the machine's best GEMM rate in ``dtype``, measured
     here, now: the fastest of torch.mm (MKL on a CPU, cuBLAS on a GPU) and, on a CPU, oneDNN's GEMM, or the FMA
@@ -78,14 +92,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, threads: int, qui
     n = 1024 if quick else (2048 if device.type == "cpu" else 8192)
     src = torch.empty(copy_mb * 2 ** 20 // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    name = str(dtype).replace("torch.", "")
-    gemms = {f"{n}x{n}x{n} {name} torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu":
-        onednn = _onednn_gemm(a, b)
-        if onednn is not None:
-            gemms[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = onednn
+    gemms = gemm_candidates(device, dtype, n)
     copy = lambda: dst.copy_(src)         # noqa: E731
     if device.type == "cuda":
         from triton.testing import do_bench

@@ -36,6 +36,7 @@ import torch
 from .. import backends as registry
 from ..nn import convert
 from ..testing import MODEL_TOLERANCE, relative_error
+from .machine import gemm_candidates
 from .op import DTYPE_BY_NAME, compile_mode
 from .timing import first_line, time_side_by_side
 
@@ -192,20 +193,7 @@ def gemm_runs(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str
     """``{label: (call, FLOPs per call)}``: square GEMMs in ``dtype`` on torch.mm and (on a CPU) oneDNN, timed in
     the same interleaved rounds as the networks so that the peak sees the load they see."""
     n = 1024 if quick else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    name = str(dtype).replace("torch.", "")
-    runs = {f"{n}x{n}x{n} {name} torch.mm": (lambda: torch.mm(a, b), 2 * n ** 3)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                                  "_linear_pointwise"):
-        def onednn():
-            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        try:
-            onednn()
-            runs[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = (onednn, 2 * n ** 3)
-        except RuntimeError:      # a dtype this build's oneDNN does not take
-            pass
-    return runs
+    return {label: (call, 2 * n ** 3) for label, call in gemm_candidates(device, dtype, n).items()}
 
 
 def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], dict]:

@@ -28,37 +28,28 @@ forward, the fused training path included.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, upstream
+from . import ops
 from .backends import resolve_backend
+from .known import known_kind, named_like, unknown_reason
+from .linear import onednn_dtype_reason
 from .nn import DynaMixerBlock
 from .plain import has_hooks, linear_reason
 
 __all__ = ["InferenceBlock", "optimize", "optimized_blocks", "release"]
 
 _KERNEL_EXISTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-_DTYPES = (torch.float32, torch.bfloat16)
 _GELU_ALGORITHM = {"none": "none", "tanh": "tanh"}
 # Parts that are the identity in eval mode.
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout)
 
 
-def _drop_path_types() -> tuple[type, ...]:
-    types = [nn.Identity, upstream.DropPath]
-    try:
-        from timm.layers import DropPath
-        types.append(DropPath)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-_DROP_PATH_TYPES = _drop_path_types()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,9 +119,11 @@ def _gelu_reason(act) -> str | None:
 
 
 def _identity_now(part, types) -> bool:
-    """``part`` (a dropout, a drop-path) is the identity now: one of ``types``, in eval mode, without hooks (a
-    submodule's own training flag counts, not the block's)."""
-    return type(part) in types and (not part.training or type(part) is nn.Identity) and not has_hooks(part)
+    """``part`` (a dropout, a drop-path) is the identity now: one of ``types`` (or a drop-path whose code we know),
+    in eval mode, without hooks (a submodule's own training flag counts, not the block's)."""
+    if type(part) not in types and known_kind(part) != "DropPath":
+        return False
+    return (not part.training or type(part) is nn.Identity) and not has_hooks(part)
 
 
 def _mlp_reason(mlp, weight_dtype: torch.dtype) -> str | None:
@@ -153,11 +146,6 @@ def _mlp_reason(mlp, weight_dtype: torch.dtype) -> str | None:
     return None
 
 
-def _is_mlp_class(mlp) -> bool:
-    names = {c.__name__ for c in type(mlp).__mro__}
-    return "Mlp" in names
-
-
 class InferenceBlock(nn.Module):
     """Mixin of the blocks :func:`optimize` made: the inference path where :meth:`inference_reason` is None, the
     block's own forward (the next class in the MRO) everywhere else."""
@@ -175,15 +163,16 @@ class InferenceBlock(nn.Module):
         if torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None:
             return "ONNX export or a torch.func transform"
         compute = _compute_dtype(x)
-        if compute not in _DTYPES:
-            return f"computes in {compute}"
+        why = onednn_dtype_reason(compute)
+        if why is not None:
+            return f"computes in {compute}: {why}"
         # Under autocast float32 weights are cast (and packed) to the autocast dtype, as autocast casts them.
         weight_dtype = torch.float32 if torch.is_autocast_enabled("cpu") else compute
         if has_hooks(self):
             return "has hooks"
         if self.skip_lam != 1.0:
             return f"skip_lam = {self.skip_lam}"
-        if not _identity_now(self.drop_path, _DROP_PATH_TYPES):
+        if not _identity_now(self.drop_path, _EVAL_IDENTITY):
             return f"drop_path is a {type(self.drop_path).__name__} in training mode or with hooks"
         for name in ("norm1", "norm2"):
             norm = getattr(self, name)
@@ -205,7 +194,7 @@ class InferenceBlock(nn.Module):
         if not _identity_now(attn.proj_drop, _EVAL_IDENTITY):
             return "attn.proj_drop is not a Dropout in eval mode without hooks"
         for name, mlp in (("attn.reweight", attn.reweight), ("mlp", self.mlp)):
-            why = _mlp_reason(mlp, weight_dtype) if _is_mlp_class(mlp) else f"is a {type(mlp).__name__}"
+            why = _mlp_reason(mlp, weight_dtype) if known_kind(mlp) == "Mlp" else unknown_reason(mlp)
             if why is not None:
                 return f"{name} {why}"
         return None
@@ -264,20 +253,14 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor, amp: bool) -> Tensor:
 
 
 def _mix(op, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``dynamic_mix(x, ...)`` of ``op``'s weights in ``dtype``, calling the backend's kernel the way the op's
-    kernel does: under no_grad on a plain CPU tensor (what :meth:`InferenceBlock.inference_reason` checks) the op
-    would run exactly this, and its Python entry point and two dispatcher hops cost more per call at batch 1 than
-    the mixing of a small image."""
+    """``dynamic_mix(x, ...)`` of ``op``'s weights in ``dtype``: the op's own kernel (:func:`ops.forward_kernel`),
+    called as the op would call it on the plain CPU tensors that :meth:`InferenceBlock.inference_reason` checked."""
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)
     weights = [cast(op.compress.weight), cast(op.compress.bias), cast(op.generate.weight), cast(op.generate.bias)]
     L, _, S, _ = ops.check_inputs(x, *weights, op.num_head)
     backend = resolve_backend(op.backend, "cpu", dtype)
-    y = torch.empty_like(x)       # x's strides: a transposed x gives a transposed y, as the op's kernel does
-    if ops.POISON_OUTPUTS:
-        y.fill_(float("nan"))
-    backend.forward(x, *ops.dense_weights(*weights, L), S, y)
-    return y
+    return ops.forward_kernel(x, *ops.dense_weights(*weights, L), S, backend.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,8 +286,8 @@ def _restore(cls: type, state: dict) -> nn.Module:
 
 
 def _is_vision_block(module: nn.Module) -> bool:
-    """A DynaMixer ``VisionBlock`` (by class name and structure, as convert() recognises layers)."""
-    return (type(module).__name__ == "VisionBlock"
+    """A DynaMixer ``VisionBlock``: its code (:mod:`dynamixer_ops.known`) and its parts."""
+    return (known_kind(module) == "VisionBlock"
             and all(isinstance(getattr(module, a, None), nn.Module) for a in ("norm1", "attn", "norm2", "mlp",
                                                                                 "drop_path"))
             and isinstance(getattr(module, "skip_lam", None), (int, float)))
@@ -327,7 +310,15 @@ def optimize(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if _is_vision_block(module) and isinstance(module.attn, DynaMixerBlock):
-            module.__class__ = _inference_class(type(module))
+    kept: dict = {}
+    for name, module in model.named_modules():
+        if isinstance(module, InferenceBlock):
+            continue
+        if _is_vision_block(module):
+            if isinstance(module.attn, DynaMixerBlock):
+                module.__class__ = _inference_class(type(module))
+        elif named_like(module, ("VisionBlock",)):
+            kept.setdefault(type(module), (name or "model", unknown_reason(module)))
+    for cls, (where, why) in kept.items():
+        warnings.warn(f"optimize: kept {cls.__name__} blocks as they are (first at {where}): {why}", stacklevel=2)
     return model

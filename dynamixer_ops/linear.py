@@ -15,6 +15,8 @@ on / off (read at every call).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from torch.autograd import forward_ad
 from .backends import env_flag
 from .plain import plain_linear
 
-__all__ = ["linear", "onednn_linear_enabled"]
+__all__ = ["linear", "onednn_linear_enabled", "onednn_dtype_reason"]
 
 
 def _probe() -> tuple[bool, bool]:
@@ -38,6 +40,28 @@ def _probe() -> tuple[bool, bool]:
 
 # Read once at import: a constant, so that torch.compile never traces the probe.
 _KERNEL_EXISTS, _INTEL_CPU = _probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_packs(dtype: torch.dtype) -> str | None:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "this torch has no oneDNN linear kernels"
+    # oneDNN itself is asked (its answer follows the CPU and ONEDNN_MAX_CPU_ISA); then one small packing, in case
+    # a torch build answers the first question and fails the second.
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bfloat16 kernels on this CPU (they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)
+    except RuntimeError as exc:
+        return f"oneDNN cannot pack {dtype} weights here ({str(exc).splitlines()[0]})"
+    return None
+
+
+def onednn_dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why oneDNN's prepacked Linear cannot run in ``dtype`` on this CPU, or None where it can (asked once)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN's prepacked Linear does not compute in {dtype}"
+    return _onednn_packs(dtype)
 
 
 def onednn_linear_enabled() -> bool:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import upstream
 from .linear import linear
 from .ops import dynamic_mix, scripted_dynamic_mix
+from .known import known_kind, named_like, unknown_reason
 from .plain import has_hooks, linear_reason, softmax_reason
 from .reference import apply_mixing
 
@@ -194,8 +195,8 @@ class DynaMixerBlock(upstream.DynaMixerBlock):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# convert(): recognise upstream-style layers by class name and structure, never by import path, so that it
-# works on dynamixer_ops.upstream and on the original repository's classes alike.
+# convert(): recognise upstream-style layers by their code (dynamixer_ops.known) and check their structure, never by
+# import path, so that it works on dynamixer_ops.upstream and on the original repository's classes alike.
 
 def _linear_shape(module, attr: str, where: str):
     """(out_features, in_features) of ``module.<attr>``, read without running anything: a parametrized weight is
@@ -267,12 +268,14 @@ def _fused_op(op: nn.Module, backend: str, where: str) -> DynaMixerOp:
     return _take_hooks(fused, op).train(op.training)
 
 
-def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
+def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock | None:
     missing = [a for a in ("mix_h", "mix_w", "mlp_c", "reweight", "proj") if not isinstance(getattr(block, a, None),
                                                                                        nn.Module)]
     if missing:
-        raise TypeError(f"convert: {where} is named DynaMixerBlock but lacks the submodule(s) {missing} of an "
+        raise TypeError(f"convert: {where} runs the DynaMixerBlock forward but lacks the submodule(s) {missing} of an "
                         f"upstream DynaMixerBlock")
+    if not all(known_kind(m) == "DynaMixerOp" for m in (block.mix_h, block.mix_w)):
+        return None       # the block's own forward stays; _convert_children looks at its mixers
     mix_h = _fused_op(block.mix_h, backend, f"{where}.mix_h")
     mix_w = _fused_op(block.mix_w, backend, f"{where}.mix_w")
     if (mix_h.dim, mix_h.seq_len) != (mix_w.dim, mix_w.seq_len):
@@ -286,40 +289,50 @@ def _fused_block(block: nn.Module, backend: str, where: str) -> DynaMixerBlock:
     return _take_hooks(fused, block).train(block.training)
 
 
-def _fuse(module: nn.Module, backend: str, where: str):
-    """The fused replacement of ``module``, or None when it is not an upstream-style layer."""
+# Class names that say "a DynaMixer layer": such a layer whose code is not one we implement is kept, with a warning.
+_LAYER_NAMES = ("DynaMixerOp", "DynaMixerBlock")
+
+
+def _fuse(module: nn.Module, backend: str, where: str, kept: dict):
+    """The fused replacement of ``module``, or None where it is not a layer whose code we implement (recognised by
+    code, :mod:`dynamixer_ops.known`; ``kept`` collects the classes named like one whose code differs)."""
     if isinstance(module, (DynaMixerOp, DynaMixerBlock)):
         return None
-    name = type(module).__name__
-    if name == "DynaMixerBlock":
+    kind = known_kind(module)
+    if kind == "DynaMixerBlock":
         return _fused_block(module, backend, where)
-    if name == "DynaMixerOp":
+    if kind == "DynaMixerOp":
         return _fused_op(module, backend, where)
+    if named_like(module, _LAYER_NAMES):
+        kept.setdefault(type(module), (where, unknown_reason(module)))
     return None
 
 
-def _convert_children(module: nn.Module, backend: str, prefix: str) -> None:
+def _convert_children(module: nn.Module, backend: str, prefix: str, kept: dict) -> None:
     for name, child in module.named_children():
         where = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (DynaMixerOp, DynaMixerBlock)):
             child.backend = backend
             continue
-        fused = _fuse(child, backend, where)
+        fused = _fuse(child, backend, where, kept)
         if fused is not None:
             setattr(module, name, fused)
         else:
-            _convert_children(child, backend, where)
+            _convert_children(child, backend, where, kept)
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap, in place, every upstream-style ``DynaMixerOp`` / ``DynaMixerBlock`` in ``model`` for the fused one.
 
-    Layers are recognised by class name and checked by structure (``out``, ``compress``, ``generate``,
-    ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``, ``reweight``, ``proj``), so the original repository's classes
-    convert as well as :mod:`dynamixer_ops.upstream`'s. The fused layers take over the original submodules (the
-    Linears and the ``activation``): the Parameters (and an optimizer that holds them), device, dtype, hooks and
-    train/eval mode are kept; no other module changes class. Layers that are already fused get ``backend`` set. A
-    layer with a matching name but a malformed structure raises, naming it.
+    Layers are recognised by their code, not their names (:mod:`dynamixer_ops.known`): a module is replaced only
+    when its forward is the seed repository's (a copy under any module path) or :mod:`dynamixer_ops.upstream`'s,
+    and checked by structure (``out``, ``compress``, ``generate``, ``num_head``; ``mix_h``, ``mix_w``, ``mlp_c``,
+    ``reweight``, ``proj``). A fork that changes a forward keeps its own, and its inner layers whose code is known
+    are still fused (a forked block's seed ``DynaMixerOp`` mixers, a seed block's forked mixers stay the user's and
+    the block its own); one warning per such class named like a DynaMixer layer says so. The fused layers take over
+    the original submodules (the Linears and the ``activation``): the Parameters (and an optimizer that holds them),
+    device, dtype, hooks and train/eval mode are kept; no other module changes class. Layers that are already fused
+    get ``backend`` set. A layer with a known forward but a malformed structure raises, naming it.
 
     Returns ``model`` (or, when ``model`` itself is such a layer, its fused replacement).
     """
@@ -328,8 +341,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     if isinstance(model, (DynaMixerOp, DynaMixerBlock)):
         model.backend = backend
         return model
-    root = _fuse(model, backend, "model")
-    if root is not None:
-        return root
-    _convert_children(model, backend, "")
-    return model
+    kept: dict = {}
+    root = _fuse(model, backend, "model", kept)
+    if root is None:
+        _convert_children(model, backend, "", kept)
+    for cls, (where, why) in kept.items():
+        warnings.warn(f"convert: kept {cls.__name__} layers as they are (first at {where}): {why}", stacklevel=2)
+    return model if root is None else root

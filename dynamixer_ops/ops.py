@@ -27,7 +27,7 @@ from .backends import env_flag, resolve_backend, get_backend
 from .plain import plain_tensor
 from .reference import reference_backward, reference_forward
 
-__all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "dense_weights", "decomposition",
+__all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "dense_weights", "decomposition", "forward_kernel",
            "decomposition_reason", "forward_flops"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
@@ -111,8 +111,11 @@ def _kernel_backend(name: str, x: Tensor):
     return get_backend(name) if name != "auto" else resolve_backend(name, x.device.type, x.dtype)
 
 
-def _dynamic_mix_kernel(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
-                        generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+def forward_kernel(x: Tensor, compress_weight: Tensor, compress_bias: Tensor, generate_weight: Tensor,
+                   generate_bias: Tensor, num_segments: int, backend: str) -> Tensor:
+    """The forward op's kernel for CPU and CUDA tensors: the one place a backend's forward runs. Besides the op,
+    only :mod:`dynamixer_ops.inference` calls it, under no_grad on plain CPU tensors it has checked as the op would
+    (the op's entry and two dispatcher hops cost more per call at batch 1 than the mixing of a small image)."""
     y = _new_like(x)
     if y.numel():
         _kernel_backend(backend, x).forward(x, compress_weight, compress_bias, generate_weight, generate_bias,
@@ -170,7 +173,7 @@ def _dynamic_mix_backward_kept_kernel(grad_y: Tensor, x: Tensor, probs: Tensor, 
     return tuple(grads)
 
 
-_KERNELS = {FORWARD_OP: _dynamic_mix_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel,
+_KERNELS = {FORWARD_OP: forward_kernel, BACKWARD_OP: _dynamic_mix_backward_kernel,
             KEEP_OP: _dynamic_mix_keep_kernel, KEPT_BACKWARD_OP: _dynamic_mix_backward_kept_kernel}
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from torch import nn
 
 import dynamixer_ops
 from dynamixer_ops import inference, models, upstream
+from dynamixer_ops.linear import onednn_dtype_reason
 from dynamixer_ops.testing import MODEL_TOLERANCE, relative_error
 from test_modules import randomize_
 
@@ -87,7 +91,14 @@ def test_bfloat16_inference_matches_upstream(kind, how, seed, calls):
                 got = ours(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 upstream_err = relative_error(ref(x), want)
-    assert calls[0] == len(inference.optimized_blocks(ours))
+    # Where oneDNN has no bf16 kernels (an AVX2-only CPU) every block runs its own forward, saying why.
+    unsupported = onednn_dtype_reason(torch.bfloat16)
+    assert calls[0] == (0 if unsupported else len(inference.optimized_blocks(ours)))
+    if unsupported:
+        block = _first_block(ours)
+        side, channels = block.attn.resolution, block.norm1.normalized_shape[0]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "bfloat16" in block.inference_reason(x.new_empty(1, side, side, channels))
     err = relative_error(got, want)
     assert err <= MODEL_TOLERANCE[torch.bfloat16], err
     if how == "autocast":   # the same arithmetic as the upstream network under autocast: errors of one size
@@ -207,3 +218,30 @@ def test_optimize_keeps_keys_classes_and_copies(seed):
     assert not inference.optimized_blocks(upstream_only)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dynamixer_ops.optimize("model")
+
+
+_NO_BF16_SCRIPT = """
+import copy, torch, dynamixer_ops
+from dynamixer_ops import upstream
+from dynamixer_ops.linear import onednn_dtype_reason
+from dynamixer_ops.testing import MODEL_TOLERANCE, relative_error
+assert onednn_dtype_reason(torch.bfloat16) is not None
+torch.manual_seed(0)
+ref = upstream.VisionModel(layers=[1, 1], img_size=49, patch_size=7, transitions=[True, False], embed_dims=[48, 72],
+                           num_heads=[2, 3], reduced_dims=[1, 8], mlp_ratios=[3, 2], num_classes=11).eval()
+ours = dynamixer_ops.optimize(dynamixer_ops.convert(copy.deepcopy(ref)))
+x = torch.randn(2, 3, 49, 49)
+want = copy.deepcopy(ref).double()(x.double())
+with torch.no_grad():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = ours(x)
+    bf16 = ours.bfloat16()(x.bfloat16())
+for got in (amp, bf16):
+    assert relative_error(got, want) <= MODEL_TOLERANCE[torch.bfloat16], relative_error(got, want)
+"""
+
+
+def test_bfloat16_without_onednn_bf16_falls_back_and_agrees():
+    """A CPU without oneDNN bf16 kernels (AVX2 only), rehearsed on any CPU by capping oneDNN at AVX2."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    subprocess.run([sys.executable, "-c", _NO_BF16_SCRIPT], env=env, check=True, timeout=300)

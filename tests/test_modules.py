@@ -40,9 +40,10 @@ def randomize_(module: nn.Module, logit_scale: float = 2.0) -> nn.Module:
 def compare_with_upstream(fused: nn.Module, eager: nn.Module, x: torch.Tensor, what: str, tol=TOL32):
     """Forward and the gradients of the input and of every parameter (by name): fused fp32 vs eager fp64.
 
-    The bound is ``tol``, or twice the error of the eager module itself in fp32 where that is larger: through a
-    whole network (LayerNorms, residual sums) a small gradient can lose more than 1e-5 to fp32 rounding alone,
-    and the fused layers must be as exact as the layers they replace, not more."""
+    The bound is ``tol`` beyond the error of the eager module itself in fp32, or twice that error where it is
+    larger: through a whole network (LayerNorms, residual sums) a small gradient (a bias summed over every token)
+    can lose 1e-5 to fp32 rounding alone, and the fused layers must be as exact as the layers they replace, not
+    more."""
     truth = copy.deepcopy(eager).double()
     eager32 = copy.deepcopy(eager).float()
     inputs = [x.detach().to(dtype).requires_grad_() for dtype in (torch.float32, torch.float64, torch.float32)]
@@ -55,7 +56,8 @@ def compare_with_upstream(fused: nn.Module, eager: nn.Module, x: torch.Tensor, w
     pairs = [("forward", *(o.detach() for o in outs)), ("grad of the input", *(i.grad for i in inputs))]
     pairs += [(f"grad of {name}", named[0][name].grad, named[1][name].grad, named[2][name].grad) for name in named[0]]
     for label, got, ref, eager_got in pairs:
-        bound = max(tol, 2 * relative_error(eager_got, ref))
+        eager_error = relative_error(eager_got, ref)
+        bound = max(tol + eager_error, 2 * eager_error)
         assert_close_rel(got, ref, bound, f"{what}: {label}")
 
 
@@ -207,7 +209,8 @@ def test_convert_rejects_malformed_layers():
         dynamixer_ops.convert(_nested(bad))
     bad = upstream.DynaMixerBlock(24, resolution=7, num_head=2)
     del bad.mix_w
-    with pytest.raises(TypeError, match=r"stage\.0 is named DynaMixerBlock but lacks the submodule\(s\) \['mix_w'\]"):
+    with pytest.raises(TypeError, match=r"stage\.0 runs the DynaMixerBlock forward but lacks the submodule\(s\) "
+                                        r"\['mix_w'\]"):
         dynamixer_ops.convert(_nested(bad))
     bad = upstream.DynaMixerBlock(24, resolution=7, num_head=2)
     bad.mix_h = upstream.DynaMixerOp(24, 5, 2)

@@ -1,6 +1,9 @@
 """The op as torch sees it: opcheck of both custom ops for every backend, and torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -77,3 +80,12 @@ def test_autocast_casts_inputs_to_the_autocast_dtype(seed):
     assert y.dtype == torch.bfloat16
     ref_y, _ = reference_outputs(inputs, 2, torch.ones(2, 7, 48))
     assert_close_rel(y, ref_y, 2e-2, "y under autocast")
+
+
+def test_import_loads_neither_timm_nor_torchvision():
+    """The op costs an import of torch and nothing heavier: timm and torchvision load only with the models (and a
+    torchvision that cannot load beside this torch does not break the op)."""
+    code = ("import sys, dynamixer_ops, dynamixer_ops.nn; from dynamixer_ops import dynamic_mix, convert, optimize; "
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

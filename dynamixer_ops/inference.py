@@ -29,7 +29,6 @@ forward, the fused training path included.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,64 +37,17 @@ from torch import Tensor, nn
 from . import ops
 from .backends import resolve_backend
 from .known import known_kind, named_like, unknown_reason
-from .linear import onednn_dtype_reason
+from .linear import packed_linear, packed_linear_reason, release
 from .nn import DynaMixerBlock
 from .plain import has_hooks, linear_reason
 
 __all__ = ["InferenceBlock", "optimize", "optimized_blocks", "release"]
 
-_KERNEL_EXISTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _GELU_ALGORITHM = {"none": "none", "tanh": "tanh"}
 # Parts that are the identity in eval mode.
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout)
 
 
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Packed weights: one oneDNN-blocked copy per (Linear weight, compute dtype), valid while the Parameter is the same
-# object with the same version counter and storage.
-
-_PACKED: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
-
-
-def _stamp(w: Tensor, b: Tensor | None) -> tuple:
-    return (w._version, w.data_ptr()) + ((-1, 0) if b is None else (b._version, b.data_ptr()))
-
-
-def _packed(layer: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    w, b = layer.weight, layer.bias
-    cache = _PACKED.get(layer)
-    if cache is None:
-        cache = _PACKED[layer] = {}
-    entry = cache.get(dtype)
-    stamp = _stamp(w, b)
-    if entry is not None and entry[0] is w and entry[1] is b and entry[2] == stamp:
-        return entry[3], entry[4]
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), None)
-        bias = None if b is None else b.detach().to(dtype).contiguous()
-    cache[dtype] = (w, b, stamp, packed, bias)
-    return packed, bias
-
-
-def release(model: nn.Module) -> None:
-    """Drop the packed weights of ``model``'s Linears (they are rebuilt at the next inference call)."""
-    for m in model.modules():
-        _PACKED.pop(m, None)
-
-
-def _linear(layer: nn.Linear, x: Tensor, dtype: torch.dtype, attr: str = "none", algorithm: str = "") -> Tensor:
-    w, b = _packed(layer, dtype)
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
-
-
-def _linear_add(layer: nn.Linear, x: Tensor, residual: Tensor, dtype: torch.dtype) -> Tensor:
-    """``residual + layer(x)``; the addition is oneDNN's post-op where both are in ``dtype``."""
-    w, b = _packed(layer, dtype)
-    if residual.dtype == dtype:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
-    return residual + torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,8 +104,6 @@ class InferenceBlock(nn.Module):
 
     def inference_reason(self, x: Tensor) -> str | None:
         """Why this call runs the block's own forward, or None when it runs the inference path."""
-        if not _KERNEL_EXISTS:
-            return "this torch has no oneDNN linear kernels"
         if torch.is_grad_enabled() or self.training:
             return "grad enabled or training mode"
         if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -163,7 +113,7 @@ class InferenceBlock(nn.Module):
         if torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None:
             return "ONNX export or a torch.func transform"
         compute = _compute_dtype(x)
-        why = onednn_dtype_reason(compute)
+        why = packed_linear_reason(compute)
         if why is not None:
             return f"computes in {compute}: {why}"
         # Under autocast float32 weights are cast (and packed) to the autocast dtype, as autocast casts them.
@@ -218,10 +168,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _mlp(mlp, x: Tensor, residual: Tensor | None, dtype: torch.dtype) -> Tensor:
-    h = _linear(mlp.fc1, x, dtype, "gelu", _GELU_ALGORITHM[mlp.act.approximate])
-    if residual is None:
-        return _linear(mlp.fc2, h, dtype)
-    return _linear_add(mlp.fc2, h, residual, dtype)
+    h = packed_linear(mlp.fc1, x, dtype, "gelu", _GELU_ALGORITHM[mlp.act.approximate])
+    return packed_linear(mlp.fc2, h, dtype, residual=residual)
 
 
 def _inference_forward(block, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -233,14 +181,14 @@ def _inference_forward(block, x: Tensor, dtype: torch.dtype) -> Tensor:
         # The mixers' inputs, as in DynaMixerBlock.forward; under autocast the op casts its weights itself.
         mh = _mix(attn.mix_h, y.transpose(1, 2), dtype).transpose(1, 2)
         mw = _mix(attn.mix_w, y, dtype)
-        h = _linear(attn.mix_h.out, mh, dtype)
-        w = _linear(attn.mix_w.out, mw, dtype)
-        c = _linear(attn.mlp_c, y, dtype)
+        h = packed_linear(attn.mix_h.out, mh, dtype)
+        w = packed_linear(attn.mix_w.out, mw, dtype)
+        c = packed_linear(attn.mlp_c, y, dtype)
         B, _, _, C = x.shape
         a = _mlp(attn.reweight, torch.add(h, w).add_(c).mean(dim=(1, 2)), None, dtype)    # (B, 3C)
         a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
         s = h.mul_(a[0]).addcmul_(w, a[1]).addcmul_(c, a[2])      # h*a0 + w*a1 + c*a2, in h's memory
-        x = _linear_add(attn.proj, s, x, dtype)
+        x = packed_linear(attn.proj, s, dtype, residual=x)
         y = _layer_norm(block.norm2, x, amp)
         return _mlp(block.mlp, y.to(dtype), x, dtype)
 

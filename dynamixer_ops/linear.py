@@ -16,6 +16,9 @@ on / off (read at every call).
 from __future__ import annotations
 
 import functools
+import os
+import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,8 @@ from torch.autograd import forward_ad
 from .backends import env_flag
 from .plain import plain_linear
 
-__all__ = ["linear", "onednn_linear_enabled", "onednn_dtype_reason"]
+__all__ = ["linear", "onednn_linear_enabled", "onednn_dtype_reason", "packed_linear", "packed_linear_reason", "release",
+           "product_candidates", "product_choices", "PRODUCTS"]
 
 
 def _probe() -> tuple[bool, bool]:
@@ -44,7 +48,7 @@ _KERNEL_EXISTS, _INTEL_CPU = _probe()
 
 @functools.lru_cache(maxsize=None)
 def _onednn_packs(dtype: torch.dtype) -> str | None:
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    if not (_KERNEL_EXISTS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return "this torch has no oneDNN linear kernels"
     # oneDNN itself is asked (its answer follows the CPU and ONEDNN_MAX_CPU_ISA); then one small packing, in case
     # a torch build answers the first question and fails the second.
@@ -131,3 +135,132 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
                                     or (layer.bias is not None and layer.bias.requires_grad)):
         return _OneDnnLinear.apply(x, layer.weight, layer.bias)
     return _onednn(x, layer.weight, layer.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prepacked products for inference (dynamixer_ops.optimize): each Linear's weight reordered once for the product
+# that is fastest for its shape on this machine, the packed copy kept valid by the Parameter's version counter.
+#
+# The candidates compute the same F.linear in the same precision and differ only in rounding: oneDNN's prepacked
+# kernel (with GELU or the residual addition as post-ops), MKL's packed sgemm (what Inductor's freezing uses for
+# float32; bit-identical to torch's own MKL product) and torch's own product. Which is fastest depends on the CPU
+# (oneDNN ~2x MKL on AVX-512 AMD EPYC; MKL ahead on AVX2-only ones) and on the shape, so it is timed once per
+# (rows, in, out, dtype, post-op, threads) at the first call that needs it. DYNAMIXER_OPS_PRODUCT=onednn|mkl|aten
+# fixes the choice where that candidate can run.
+
+_MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+PRODUCTS = ("onednn", "mkl", "aten")
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
+_CHOICES: dict[tuple, str] = {}
+
+
+def product_candidates(dtype: torch.dtype) -> list[str]:
+    """The products :func:`packed_linear` can run in ``dtype`` on this machine (:data:`PRODUCTS`)."""
+    found = ["onednn"] if onednn_dtype_reason(dtype) is None else []
+    if dtype == torch.float32:
+        found += ["mkl", "aten"] if _MKL_PACKED else ["aten"]
+    return found
+
+
+def packed_linear_reason(dtype: torch.dtype) -> str | None:
+    """Why :func:`packed_linear` cannot compute in ``dtype`` here, or None where it can."""
+    return None if product_candidates(dtype) else onednn_dtype_reason(dtype)
+
+
+def _pack(kind: str, w: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+    w = w.detach().to(dtype).contiguous()
+    if kind == "onednn":
+        return torch.ops.mkldnn._reorder_linear_weight(w, None)
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return w
+
+
+def _run(kind: str, x: Tensor, packed: Tensor, w: Tensor, b: Tensor | None, rows: int, act: str, algorithm: str,
+         residual: Tensor | None) -> Tensor:
+    """``residual + act(x @ w.T + b)`` on product ``kind`` (``act``: "none" or "gelu" with ``algorithm``)."""
+    if kind == "onednn":
+        if residual is not None and residual.dtype == x.dtype and act == "none":
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, b, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, b, act, [], algorithm)
+    else:
+        y = torch.ops.mkl._mkl_linear(x, packed, w, b, rows) if kind == "mkl" else F.linear(x, packed, b)
+        if act == "gelu":
+            y = F.gelu(y, approximate=algorithm)
+    return y if residual is None else residual + y
+
+
+def _fastest(candidates: list[str], rows: int, k: int, n: int, dtype: torch.dtype, act: str, residual: bool) -> str:
+    """The candidate with the shortest of three timed calls, the candidates interleaved (a load that comes and goes
+    slows all alike)."""
+    g = torch.Generator().manual_seed(0)       # the user's random stream is not touched
+    x, w, b = (torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g) / k ** 0.5,
+               torch.randn(n, generator=g))
+    res = torch.randn(rows, n, generator=g).to(dtype) if residual else None
+    packed = {kind: _pack(kind, w, dtype, rows) for kind in candidates}
+    bias = b.to(dtype)
+    best = dict.fromkeys(candidates, float("inf"))
+    for i in range(5):
+        for kind in candidates:
+            start = time.perf_counter()
+            _run(kind, x, packed[kind], w, bias, rows, act, "none", res)
+            if i >= 2:       # two warm-up rounds
+                best[kind] = min(best[kind], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def _product(rows: int, k: int, n: int, dtype: torch.dtype, act: str, residual: bool) -> str:
+    candidates = product_candidates(dtype)
+    forced = os.environ.get("DYNAMIXER_OPS_PRODUCT")
+    if forced in candidates:
+        return forced
+    key = (rows, k, n, dtype, act, residual, torch.get_num_threads())
+    if key not in _CHOICES:
+        with torch.no_grad():
+            _CHOICES[key] = _fastest(candidates, rows, k, n, dtype, act, residual)
+    return _CHOICES[key]
+
+
+def product_choices() -> dict[tuple, str]:
+    """The products chosen so far: ``(rows, in, out, dtype, post-op, residual, threads) -> "onednn" | "mkl" |
+    "aten"`` (what :func:`packed_linear` runs for each shape it has seen)."""
+    return dict(_CHOICES)
+
+
+def _stamp(w: Tensor, b: Tensor | None) -> tuple:
+    return (w._version, w.data_ptr()) + ((-1, 0) if b is None else (b._version, b.data_ptr()))
+
+
+def _packed(layer: nn.Linear, kind: str, dtype: torch.dtype, rows: int) -> tuple[Tensor, Tensor | None]:
+    """``layer``'s weight packed for ``kind`` and its bias in ``dtype``, rebuilt where the Parameters changed."""
+    w, b = layer.weight, layer.bias
+    cache = _PACKED.get(layer)
+    if cache is None:
+        cache = _PACKED[layer] = {}
+    key = (kind, dtype, rows if kind == "mkl" else 0)
+    entry = cache.get(key)
+    stamp = _stamp(w, b)
+    if entry is not None and entry[0] is w and entry[1] is b and entry[2] == stamp:
+        return entry[3], entry[4]
+    with torch.no_grad():
+        packed = _pack(kind, w, dtype, rows)
+        bias = None if b is None else b.detach().to(dtype).contiguous()
+    cache[key] = (w, b, stamp, packed, bias)
+    return packed, bias
+
+
+def release(model: nn.Module) -> None:
+    """Drop the packed weights of ``model``'s Linears (they are rebuilt at the next inference call)."""
+    for m in model.modules():
+        _PACKED.pop(m, None)
+
+
+def packed_linear(layer: nn.Linear, x: Tensor, dtype: torch.dtype, act: str = "none", algorithm: str = "none",
+                  residual: Tensor | None = None) -> Tensor:
+    """``residual + act(layer(x))`` in ``dtype`` with ``layer``'s weight prepacked, on the product fastest for this
+    shape here. For callers that checked that the layer is a plain ``nn.Linear`` (:func:`plain_linear`) of
+    ``dtype`` weights and that ``x`` is a plain CPU tensor under no_grad (:mod:`dynamixer_ops.inference`)."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    kind = _product(rows, k, layer.out_features, dtype, act, residual is not None)
+    packed, bias = _packed(layer, kind, dtype, rows)
+    return _run(kind, x, packed, layer.weight, bias, rows, act, algorithm, residual)

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 import dynamixer_ops
-from dynamixer_ops import inference, models, upstream
-from dynamixer_ops.linear import onednn_dtype_reason
+from dynamixer_ops import inference, linear, models, upstream
+from dynamixer_ops.linear import onednn_dtype_reason, packed_linear_reason
 from dynamixer_ops.testing import MODEL_TOLERANCE, relative_error
 from test_modules import randomize_
 
-pytestmark = pytest.mark.skipif(not inference._KERNEL_EXISTS, reason="this torch has no oneDNN linear kernels")
+pytestmark = pytest.mark.skipif(packed_linear_reason(torch.float32) is not None,
+                                reason=str(packed_linear_reason(torch.float32)))
 
 # A small network with odd shapes: L = 7 then 3 (img 49, patch 7, one transition), C/S = 24, d = 1 and 8.
 TINY = dict(layers=[1, 2], img_size=49, patch_size=7, transitions=[True, False], embed_dims=[48, 72],
@@ -223,7 +224,7 @@ def test_optimize_keeps_keys_classes_and_copies(seed):
 _NO_BF16_SCRIPT = """
 import copy, torch, dynamixer_ops
 from dynamixer_ops import upstream
-from dynamixer_ops.linear import onednn_dtype_reason
+from dynamixer_ops.linear import onednn_dtype_reason, packed_linear_reason
 from dynamixer_ops.testing import MODEL_TOLERANCE, relative_error
 assert onednn_dtype_reason(torch.bfloat16) is not None
 torch.manual_seed(0)
@@ -245,3 +246,36 @@ def test_bfloat16_without_onednn_bf16_falls_back_and_agrees():
     """A CPU without oneDNN bf16 kernels (AVX2 only), rehearsed on any CPU by capping oneDNN at AVX2."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     subprocess.run([sys.executable, "-c", _NO_BF16_SCRIPT], env=env, check=True, timeout=300)
+
+
+@pytest.mark.parametrize("post", ["none", "gelu", "tanh_gelu", "residual"])
+@pytest.mark.parametrize("product", linear.PRODUCTS)
+def test_every_product_computes_the_linear(product, post, seed, monkeypatch):
+    """Each candidate of the per-shape choice is F.linear (+ GELU or the residual), odd shapes, float64 truth."""
+    if product not in linear.product_candidates(torch.float32):
+        pytest.skip(f"{product} cannot run float32 here")
+    monkeypatch.setenv("DYNAMIXER_OPS_PRODUCT", product)
+    layer = nn.Linear(24, 37)
+    x = torch.randn(3, 7, 7, 24)
+    residual = torch.randn(3, 7, 7, 37) if post == "residual" else None
+    act, algorithm = {"gelu": ("gelu", "none"), "tanh_gelu": ("gelu", "tanh")}.get(post, ("none", "none"))
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        got = linear.packed_linear(layer, x, torch.float32, act, algorithm, residual)
+    assert torch.equal(torch.get_rng_state(), state), "choosing a product drew from the user's random stream"
+    want = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    if act == "gelu":
+        want = nn.functional.gelu(want, approximate=algorithm)
+    if residual is not None:
+        want = want + residual.double()
+    assert relative_error(got, want) <= 1e-6
+
+
+def test_product_choice_is_made_once_per_shape(seed, monkeypatch):
+    monkeypatch.delenv("DYNAMIXER_OPS_PRODUCT", raising=False)
+    layer = nn.Linear(17, 9)
+    with torch.no_grad():
+        for _ in range(3):
+            linear.packed_linear(layer, torch.randn(5, 17), torch.float32)
+    (kind,) = [kind for key, kind in linear.product_choices().items() if key[:3] == (5, 17, 9)]
+    assert kind in linear.product_candidates(torch.float32)

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                      "timer": "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark.Timer"},
         "conventions": {"flops": FLOP_CONVENTION, "bytes": BYTES_CONVENTION, "roofline": ROOFLINE_CONVENTION},
     }
-    where = report["machine"].get("gpu", {}).get("name") if device.type == "cuda" else report["machine"]["cpu"]
+    where = (report["machine"].get("gpu", {}).get("name") if device.type == "cuda" else
+             f"{report['machine']['cpu']} ({' '.join(report['machine']['instruction_sets']) or 'no AVX2'})")
     report["title"] = f"dynamixer-bench on {where}, {dname}, torch {torch.__version__}"
     if args.autocast:
         report["title"] += f", under autocast({args.autocast})"

@@ -55,35 +55,66 @@ def fma_peak(dtype: torch.dtype, threads: int) -> tuple[float | None, str]:
                                      f"({kind}; two FMA pipes per core assumed)")
 
 
-def _onednn_gemm(a: torch.Tensor, b_t: torch.Tensor):
-    """a @ b_t.T on oneDNN's GEMM (the kernel ``dynamixer_ops.linear`` runs), or None where this torch lacks it."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return None
-    gemm = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")   # noqa: E731
-    try:
-        gemm()
-    except RuntimeError:          # a dtype this build's oneDNN does not take
-        return None
-    return gemm
-
-
 def gemm_candidates(device: torch.device, dtype: torch.dtype, n: int) -> dict:
-    """``{label: call}``: an n x n x n GEMM in ``dtype`` on torch.mm and, on a CPU where this torch has it, on
-    oneDNN; fresh random operands."""
+    """``{label: call}``: an n x n x n GEMM in ``dtype`` on torch.mm and, on a CPU, on every product the inference
+    path can choose (:func:`dynamixer_ops.linear.product_candidates`: oneDNN with its weight prepacked, MKL's packed
+    sgemm as Inductor's freezing runs float32 Linears); fresh random operands."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     name = str(dtype).replace("torch.", "")
     gemms = {f"{n}x{n}x{n} {name} torch.mm": lambda: torch.mm(a, b)}
     if device.type == "cpu":
-        onednn = _onednn_gemm(a, b)
-        if onednn is not None:
-            gemms[f"{n}x{n}x{n} {name} oneDNN (torch.ops.mkldnn._linear_pointwise)"] = onednn
+        from ..linear import product_candidates
+        layer = torch.nn.Linear(n, n, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(b)
+        for kind in product_candidates(dtype):
+            if kind != "aten":      # torch's own product is torch.mm's
+                gemms[f"{n}x{n}x{n} {name} {PRODUCT_LABELS[kind]}"] = _packed_gemm(layer, a, dtype, kind)
     return gemms
+
+
+PRODUCT_LABELS = {"onednn": "oneDNN prepacked (torch.ops.mkldnn._linear_pointwise)",
+                  "mkl": "MKL packed sgemm (torch.ops.mkl._mkl_linear)"}
+
+
+def _packed_gemm(layer, a: torch.Tensor, dtype: torch.dtype, kind: str):
+    from ..linear import packed_linear
+
+    def gemm():
+        with _forced_product(kind), torch.no_grad():
+            return packed_linear(layer, a, dtype)
+    gemm()      # packs the weight once, outside the timing
+    return gemm
+
+
+class _forced_product:
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __enter__(self):
+        self.before = os.environ.get("DYNAMIXER_OPS_PRODUCT")
+        os.environ["DYNAMIXER_OPS_PRODUCT"] = self.kind
+
+    def __exit__(self, *exc):
+        if self.before is None:
+            del os.environ["DYNAMIXER_OPS_PRODUCT"]
+        else:
+            os.environ["DYNAMIXER_OPS_PRODUCT"] = self.before
+
+
+def instruction_sets() -> list[str]:
+    """The vector instruction sets of this CPU that decide which kernels run (ours, oneDNN's, MKL's)."""
+    flags = _cpu_flags()
+    wanted = (("avx2", "avx2"), ("fma", "fma"), ("avx512f", "avx512f"), ("avx512_bf16", "avx512_bf16"),
+              ("avx_vnni", "avx_vnni"), ("amx_bf16", "amx"), ("avx_ne_convert", "avx_ne_convert"))
+    return [name for flag, name in wanted if flag in flags]
 
 
 def measure_roofline(device: torch.device, dtype: torch.dtype, threads: int, quick: bool) -> dict:
     """Copy bandwidth (bytes read + written per second) and the machine's best GEMM rate in ``dtype``, measured
-    here, now: the fastest of torch.mm (MKL on a CPU, cuBLAS on a GPU) and, on a CPU, oneDNN's GEMM, or the FMA
+    here, now: the fastest of torch.mm (MKL on a CPU, cuBLAS on a GPU) and, on a CPU, the prepacked products
+    (oneDNN's, MKL's packed sgemm), or the FMA
     peak (:func:`fma_peak`) where that is higher, so that no kernel can pass 100% of it. Every candidate is in
     the result (``gemm_candidates``), the one used in ``gemm``.
 
@@ -155,6 +186,7 @@ def loadavg():
 
 def machine_info(device: torch.device, threads: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+            "instruction_sets": instruction_sets(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(), "torch_threads": threads, "loadavg_at_start": loadavg(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET",
                                                "CUDA_VISIBLE_DEVICES") if k in os.environ}}

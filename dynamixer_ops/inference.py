@@ -28,6 +28,7 @@ forward, the fused training path included.
 """
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -102,6 +103,7 @@ class InferenceBlock(nn.Module):
     """Mixin of the blocks :func:`optimize` made: the inference path where :meth:`inference_reason` is None, the
     block's own forward (the next class in the MRO) everywhere else."""
 
+    @torch.jit.unused
     def inference_reason(self, x: Tensor) -> str | None:
         """Why this call runs the block's own forward, or None when it runs the inference path."""
         if torch.is_grad_enabled() or self.training:
@@ -150,6 +152,14 @@ class InferenceBlock(nn.Module):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript compiles the block's own forward (own_forward: the class optimize() made keeps it under
+            # that name), not the inference path's Python.
+            return self.own_forward(x)
+        return self.eager_forward(x)
+
+    @torch.jit.unused
+    def eager_forward(self, x: Tensor) -> Tensor:
         if self.inference_reason(x) is not None:
             return super().forward(x)
         return _inference_forward(self, x, _compute_dtype(x))
@@ -222,8 +232,18 @@ def _inference_class(cls: type) -> type:
         return cls
     if cls not in _CLASSES:
         _CLASSES[cls] = type(cls.__name__, (InferenceBlock, cls), {"__module__": cls.__module__,
-                                                                   "__qualname__": cls.__qualname__})
+                                                                   "__qualname__": cls.__qualname__,
+                                                                   "own_forward": _renamed(cls.forward, "own_forward")})
     return _CLASSES[cls]
+
+
+def _renamed(function, name: str):
+    """``function`` under another name (TorchScript names a compiled method by its function's ``__name__``)."""
+    copy = types.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                              function.__closure__)
+    copy.__qualname__ = function.__qualname__.rsplit(".", 1)[0] + "." + name
+    copy.__kwdefaults__, copy.__doc__ = function.__kwdefaults__, function.__doc__
+    return copy
 
 
 def _restore(cls: type, state: dict) -> nn.Module:

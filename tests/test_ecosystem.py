@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamixer_ops
 from dynamixer_ops import nn as dnn
-from dynamixer_ops import upstream
+from dynamixer_ops import inference, upstream
 from dynamixer_ops.testing import MODEL_TOLERANCE, assert_close_rel, relative_error
 from test_modules import randomize_, small_network
 
@@ -370,6 +370,41 @@ def test_transform_gives_the_upstream_answer(name, order, backend, expected_fuse
             assert_close_rel(fused(x), eager(x), row.tol, f"{name}, {order}, {backend}")
     if row.check is not None:
         row.check(fused, eager)
+
+
+def _optimized(net, backend):
+    return dynamixer_ops.optimize(dynamixer_ops.convert(net, backend=backend))
+
+
+@pytest.mark.parametrize("name, order", [pytest.param(name, order, id=f"{name}-{order}")
+                                         for name in TRANSFORMS for order in ORDERS])
+def test_transform_of_an_optimized_network_gives_the_upstream_answer(name, order, seed, remove_hooks, monkeypatch):
+    """The battery on optimize(convert(upstream)), inference (eval, no_grad): the answer of the upstream network with
+    the same transform, whichever path each block takes."""
+    row = TRANSFORMS[name]
+    if row.needs:
+        pytest.importorskip(row.needs)
+    backend = BACKENDS[0]
+    base = randomize_(small_network()).eval()
+    x = image()
+    seed_for_the_transform = torch.randint(1 << 30, ()).item()
+
+    def transform(net):
+        torch.manual_seed(seed_for_the_transform)
+        return row.apply(net)
+
+    eager = transform(copy.deepcopy(base))
+    if order == ORDERS[0]:
+        ours = _optimized(transform(copy.deepcopy(base)), backend)
+    else:
+        ours = transform(_optimized(copy.deepcopy(base), backend))
+    ran = []
+    real = inference._inference_forward
+    monkeypatch.setattr(inference, "_inference_forward", lambda *args: ran.append(1) or real(*args))
+    with torch.no_grad():
+        assert_close_rel(ours(x), eager(x), row.tol, f"optimized: {name}, {order}")
+    if name == "nothing":
+        assert len(ran) == N_MIXERS // 2, "the seed's blocks took their own forward"
 
 
 @pytest.mark.parametrize("activation", ["softmax", "user's own"])

@@ -40,7 +40,7 @@ from .backends import resolve_backend
 from .known import known_kind, named_like, unknown_reason
 from .linear import packed_linear, packed_linear_reason, release
 from .nn import DynaMixerBlock
-from .plain import has_hooks, linear_reason
+from .plain import eager_context_reason, has_hooks, linear_reason
 
 __all__ = ["InferenceBlock", "optimize", "optimized_blocks", "release"]
 
@@ -108,12 +108,15 @@ class InferenceBlock(nn.Module):
         """Why this call runs the block's own forward, or None when it runs the inference path."""
         if torch.is_grad_enabled() or self.training:
             return "grad enabled or training mode"
-        if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return "traced or compiled"
-        if x.device.type != "cpu" or x.dim() != 4 or type(x) is not Tensor:
-            return "not a plain 4-D CPU tensor"
-        if torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None:
-            return "ONNX export or a torch.func transform"
+        if not isinstance(x, Tensor):
+            return "traced by FX"
+        why = eager_context_reason((x,))
+        if why is not None:
+            return why
+        if torch.autograd.forward_ad._current_level >= 0:
+            return "inside a forward-mode AD level (a Parameter may carry a tangent)"
+        if x.device.type != "cpu" or x.dim() != 4:
+            return "not a 4-D CPU tensor"
         compute = _compute_dtype(x)
         why = packed_linear_reason(compute)
         if why is not None:

@@ -23,10 +23,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from .backends import env_flag
-from .plain import plain_linear
+from .plain import eager_context_reason, plain_linear
 
 __all__ = ["linear", "onednn_linear_enabled", "onednn_dtype_reason", "packed_linear", "packed_linear_reason", "release",
            "product_candidates", "product_choices", "PRODUCTS"]
@@ -80,20 +79,17 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _onednn_applies(layer: nn.Module, x: Tensor) -> bool:
-    # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); the checks after this one are
-    # eager-only, and torch.compile must not trace them.
-    if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False            # an FX Proxy, or a traced graph
+    # Traced graphs must hold portable ATen ops (Inductor picks its own kernels); the autograd.Function below has
+    # neither a vmap nor a jvp rule (eager_context_reason).
+    if not isinstance(x, Tensor) or eager_context_reason((x,)) is not None:
+        return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0:
         return False
     if not plain_linear(layer) or layer.weight.dtype != torch.float32 or not onednn_linear_enabled():
         return False
-    if torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         return False
-    # torch.func transforms and forward-mode AD: the autograd.Function below has neither a vmap nor a jvp rule.
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(forward_ad.unpack_dual(t).tangent is None for t in (x, layer.weight))
+    return eager_context_reason((layer.weight, layer.bias)) is None
 
 
 class _OneDnnLinear(torch.autograd.Function):

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _library  # noqa: F401  (loads the native library, which defines the ops' schemas)
 from .backends import env_flag, resolve_backend, get_backend
-from .plain import plain_tensor
+from .plain import eager_context_reason, plain_tensor
 from .reference import reference_backward, reference_forward
 
 __all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "dense_weights", "decomposition", "forward_kernel",
@@ -408,9 +408,7 @@ def _keeps_probabilities(backend, L: int, C: int, S: int, d: int, tensors) -> bo
     P where that pays, outside traced graphs and torch.func transforms (the keep ops have no vmap rule)."""
     if torch.compiler.is_compiling() or backend.forward_keep is None or not backend.keep_probabilities(L, C, S, d):
         return False
-    if torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if not torch.is_grad_enabled() or eager_context_reason(tensors) is not None:
         return False
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 

@@ -12,12 +12,14 @@ torch.compile without a graph break.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "linear_reason", "plain_linear", "plain_tensor", "softmax_reason"]
+__all__ = ["eager_context_reason", "has_hooks", "linear_reason", "plain_linear", "plain_tensor", "softmax_reason"]
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
 # What torch.export and AOTAutograd trace with in place of plain tensors (parameters included).
@@ -72,4 +74,28 @@ def softmax_reason(layer) -> str | None:
         return f"is nn.Softmax(dim={layer.dim}), not over the source token (dim=-2)"
     if has_hooks(layer):
         return "has hooks (or global module hooks are registered)"
+    return None
+
+
+def eager_context_reason(tensors) -> str | None:
+    """Why a fast path that calls kernels directly, outside the op's autograd and dispatch (the prepacked Linears,
+    the inference blocks, the keep-P training variant), may not run in this context; None where it may. Such a path
+    must not run while torch.compile, torch.jit.trace / torch.export or ONNX export records a graph (the graph must
+    hold portable ops), under a torch.func transform (it has no transform rules), with an FX Proxy or a tensor
+    subclass for an input, or where an input carries a forward-mode AD tangent (it would be dropped). The op itself
+    has its own rule for what it decomposes (:func:`dynamixer_ops.ops.decomposition_reason`)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return "traced or compiled"
+    if torch.onnx.is_in_onnx_export():
+        return "ONNX export"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform"
+    dual = forward_ad._current_level >= 0
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TENSORS:
+            return f"an input is a {type(t).__name__}, not a plain tensor"
+        if dual and forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD"
     return None

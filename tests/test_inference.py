@@ -279,3 +279,15 @@ def test_product_choice_is_made_once_per_shape(seed, monkeypatch):
             linear.packed_linear(layer, torch.randn(5, 17), torch.float32)
     (kind,) = [kind for key, kind in linear.product_choices().items() if key[:3] == (5, 17, 9)]
     assert kind in linear.product_candidates(torch.float32)
+
+
+def test_forward_ad_under_no_grad_keeps_the_tangent(seed, calls):
+    """no_grad does not switch forward-mode AD off: the inference path (which would drop the tangent) stands aside."""
+    from torch.autograd import forward_ad
+    ref, ours = _pair("convert")
+    x, v = _image(1, 49), _image(1, 49)
+    with torch.no_grad(), forward_ad.dual_level():
+        want = forward_ad.unpack_dual(ref(forward_ad.make_dual(x, v))).tangent
+        got = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, v))).tangent
+    assert calls[0] == 0 and got is not None
+    assert relative_error(got, want) <= MODEL_TOLERANCE[torch.float32]

@@ -39,7 +39,7 @@ from . import ops
 from .backends import resolve_backend
 from .known import known_kind, named_like, unknown_reason
 from .linear import packed_linear, packed_linear_reason, release
-from .nn import DynaMixerBlock
+from .nn import DynaMixerBlock, Primitives, block_forward
 from .plain import eager_context_reason, has_hooks, linear_reason
 
 __all__ = ["InferenceBlock", "optimize", "optimized_blocks", "release"]
@@ -180,30 +180,44 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _mlp(mlp, x: Tensor, residual: Tensor | None, dtype: torch.dtype) -> Tensor:
-    h = packed_linear(mlp.fc1, x, dtype, "gelu", _GELU_ALGORITHM[mlp.act.approximate])
-    return packed_linear(mlp.fc2, h, dtype, residual=residual)
+class _Packed(Primitives):
+    """The inference path's primitives: prepacked products in ``dtype`` (GELU and residual additions fused where
+    the product can), the op's kernel without its per-call entry, sums in place (no autograd here)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def mix(self, op, x: Tensor) -> Tensor:
+        return _mix(op, x, self.dtype)
+
+    def linear(self, layer, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return packed_linear(layer, x, self.dtype, residual=residual)
+
+    def mlp(self, mlp, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """fc1 -> GELU -> fc2 (+ residual): the Mlp in eval mode (its dropouts and norm are identities: checked)."""
+        h = packed_linear(mlp.fc1, x, self.dtype, "gelu", _GELU_ALGORITHM[mlp.act.approximate])
+        return packed_linear(mlp.fc2, h, self.dtype, residual=residual)
+
+    def branch_sum(self, h: Tensor, w: Tensor, c: Tensor) -> Tensor:
+        return torch.add(h, w).add_(c)
+
+    def weighted_sum(self, h: Tensor, w: Tensor, c: Tensor, a: Tensor) -> Tensor:
+        return h.mul_(a[0]).addcmul_(w, a[1]).addcmul_(c, a[2])       # in h's memory
+
+
+_PRIMITIVES: dict[torch.dtype, _Packed] = {}
 
 
 def _inference_forward(block, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``VisionBlock.forward`` in eval mode (drop-path and dropouts are identities, skip_lam = 1)."""
-    attn = block.attn
+    """``VisionBlock.forward`` in eval mode (drop-path and dropouts are identities, skip_lam = 1): the fused block
+    (:func:`dynamixer_ops.nn.block_forward`) and the Mlp on the packed primitives, each residual addition fused into
+    the product before it."""
+    p = _PRIMITIVES.get(dtype) or _PRIMITIVES.setdefault(dtype, _Packed(dtype))
     amp = torch.is_autocast_enabled("cpu")
     with torch.autocast("cpu", enabled=False):
-        y = _layer_norm(block.norm1, x, amp).to(dtype)
-        # The mixers' inputs, as in DynaMixerBlock.forward; under autocast the op casts its weights itself.
-        mh = _mix(attn.mix_h, y.transpose(1, 2), dtype).transpose(1, 2)
-        mw = _mix(attn.mix_w, y, dtype)
-        h = packed_linear(attn.mix_h.out, mh, dtype)
-        w = packed_linear(attn.mix_w.out, mw, dtype)
-        c = packed_linear(attn.mlp_c, y, dtype)
-        B, _, _, C = x.shape
-        a = _mlp(attn.reweight, torch.add(h, w).add_(c).mean(dim=(1, 2)), None, dtype)    # (B, 3C)
-        a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
-        s = h.mul_(a[0]).addcmul_(w, a[1]).addcmul_(c, a[2])      # h*a0 + w*a1 + c*a2, in h's memory
-        x = packed_linear(attn.proj, s, dtype, residual=x)
-        y = _layer_norm(block.norm2, x, amp)
-        return _mlp(block.mlp, y.to(dtype), x, dtype)
+        # Under autocast LayerNorm runs in float32, as autocast runs it, and its output is cast for the products.
+        x = block_forward(block.attn, _layer_norm(block.norm1, x, amp).to(dtype), p, residual=x)
+        return p.mlp(block.mlp, _layer_norm(block.norm2, x, amp).to(dtype), residual=x)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, amp: bool) -> Tensor:

@@ -28,7 +28,7 @@ from .known import known_kind, named_like, unknown_reason
 from .plain import has_hooks, linear_reason, softmax_reason
 from .reference import apply_mixing
 
-__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert", "fused_dynamic_mix"]
+__all__ = ["DynaMixerOp", "DynaMixerBlock", "convert", "fused_dynamic_mix", "Primitives", "block_forward"]
 
 _WARNED: set[str] = set()
 
@@ -180,18 +180,55 @@ class DynaMixerBlock(upstream.DynaMixerBlock):
 
     def fused_forward(self, x: Tensor) -> Tensor:
         """The fused path, without asking whether it applies (:meth:`forward` decided, once for both mixers)."""
-        h = self.mix_h.fused_mix(x.transpose(1, 2)).transpose(1, 2)
-        w = self.mix_w.fused_mix(x)
         if torch.jit.is_scripting():
-            h, w, c = self.mix_h.out(h), self.mix_w.out(w), self.mlp_c(x)
-        else:
-            h, w, c = linear(self.mix_h.out, h), linear(self.mix_w.out, w), linear(self.mlp_c, x)
-        a = self.reweight((h + w + c).mean(dim=(1, 2)))                    # (B, 3C)
-        a = a.unflatten(-1, (-1, 3)).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
-        y = h * a[0] + w * a[1] + c * a[2]
-        if torch.jit.is_scripting():
-            return self.proj_drop(self.proj(y))
-        return self.proj_drop(linear(self.proj, y))
+            # TorchScript takes no module as a function argument: the same arithmetic, the layers called.
+            h = self.mix_h.out(self.mix_h.fused_mix(x.transpose(1, 2)).transpose(1, 2))
+            w, c = self.mix_w.out(self.mix_w.fused_mix(x)), self.mlp_c(x)
+            a = self.reweight((h + w + c).mean(dim=(1, 2)))
+            a = a.unflatten(-1, (-1, 3)).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+            return self.proj_drop(self.proj(h * a[0] + w * a[1] + c * a[2]))
+        return block_forward(self, x, FUSED)
+
+
+class Primitives:
+    """The steps of the fused block's arithmetic (:func:`block_forward`), as the fused layers run them: the op
+    through the layer (:meth:`DynaMixerOp.fused_mix`), the Linears through :func:`dynamixer_ops.linear.linear`
+    (the layer itself wherever oneDNN's product is not exact), the ``Mlp`` as a module call; autograd throughout.
+    :mod:`dynamixer_ops.inference` has the inference path's (prepacked products with post-ops, in-place sums)."""
+
+    def mix(self, op: DynaMixerOp, x: Tensor) -> Tensor:
+        return op.fused_mix(x)
+
+    def linear(self, layer: nn.Module, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        y = linear(layer, x)
+        return y if residual is None else residual + y
+
+    def mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
+        return mlp(x)
+
+    def branch_sum(self, h: Tensor, w: Tensor, c: Tensor) -> Tensor:
+        return h + w + c
+
+    def weighted_sum(self, h: Tensor, w: Tensor, c: Tensor, a: Tensor) -> Tensor:
+        return h * a[0] + w * a[1] + c * a[2]
+
+
+FUSED = Primitives()
+
+
+def block_forward(block: DynaMixerBlock, x: Tensor, p: Primitives, residual: Tensor | None = None) -> Tensor:
+    """The fused block on x (B, H, W, C), written once over the primitives ``p``; ``residual + block(x)`` where a
+    residual is given (``proj_drop`` must then be the identity: the caller checked). Mixing along H hands the op
+    the transposed view (no copy), so the result transposed back is contiguous for ``out``."""
+    h = p.linear(block.mix_h.out, p.mix(block.mix_h, x.transpose(1, 2)).transpose(1, 2))
+    w = p.linear(block.mix_w.out, p.mix(block.mix_w, x))
+    c = p.linear(block.mlp_c, x)
+    a = p.mlp(block.reweight, p.branch_sum(h, w, c).mean(dim=(1, 2)))          # (B, 3C)
+    a = a.unflatten(-1, (-1, 3)).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+    y = p.weighted_sum(h, w, c, a)
+    if residual is None:
+        return block.proj_drop(p.linear(block.proj, y))
+    return p.linear(block.proj, y, residual)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,12 +45,19 @@ def _probe() -> tuple[bool, bool]:
 _KERNEL_EXISTS, _INTEL_CPU = _probe()
 
 
+# oneDNN's instruction-set caps below its bf16 kernels (which need AVX512-BW/VL/DQ or AVX-NE-CONVERT).
+_ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
+
+
 @functools.lru_cache(maxsize=None)
 def _onednn_packs(dtype: torch.dtype) -> str | None:
     if not (_KERNEL_EXISTS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return "this torch has no oneDNN linear kernels"
     # oneDNN itself is asked (its answer follows the CPU and ONEDNN_MAX_CPU_ISA); then one small packing, in case
     # a torch build answers the first question and fails the second.
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if dtype == torch.bfloat16 and cap in _ONEDNN_CAPS_WITHOUT_BF16:
+        return f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), which has no bfloat16 kernels"
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "oneDNN has no bfloat16 kernels on this CPU (they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
     try:

@@ -81,3 +81,15 @@ class torch_threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.previous)
         return False
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap ``owner.<name>`` (for the test's duration) so that its calls are counted in the returned ``[n]``."""
+    count = [0]
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counting)
+    return count

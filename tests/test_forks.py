@@ -15,6 +15,7 @@ import dynamixer_ops
 import seed_dynamixer as seed
 from dynamixer_ops import inference, known, nn as dnn, upstream
 from dynamixer_ops.testing import relative_error
+from helpers import count_calls
 from test_modules import randomize_
 
 # fp32 against the fork itself in fp32: the fused parts differ from eager only in rounding; a replaced forward
@@ -106,14 +107,7 @@ FORKS = {
 
 
 def _count_fused_calls(monkeypatch):
-    calls = [0]
-    real = dnn.fused_dynamic_mix
-
-    def counting(*args):
-        calls[0] += 1
-        return real(*args)
-    monkeypatch.setattr(dnn, "fused_dynamic_mix", counting)
-    return calls
+    return count_calls(monkeypatch, dnn, "fused_dynamic_mix")
 
 
 @pytest.mark.parametrize("step", ["convert", "optimize"])

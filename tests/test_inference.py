@@ -17,6 +17,7 @@ import dynamixer_ops
 from dynamixer_ops import inference, linear, models, upstream
 from dynamixer_ops.linear import onednn_dtype_reason, packed_linear_reason
 from dynamixer_ops.testing import MODEL_TOLERANCE, relative_error
+from helpers import count_calls
 from test_modules import randomize_
 
 pytestmark = pytest.mark.skipif(packed_linear_reason(torch.float32) is not None,
@@ -46,14 +47,7 @@ def _pair(kind: str):
 @pytest.fixture
 def calls(monkeypatch):
     """How many blocks ran the inference path."""
-    count = [0]
-    real = inference._inference_forward
-
-    def counting(*args):
-        count[0] += 1
-        return real(*args)
-    monkeypatch.setattr(inference, "_inference_forward", counting)
-    return count
+    return count_calls(monkeypatch, inference, "_inference_forward")
 
 
 def _image(batch, size, dtype=torch.float32):

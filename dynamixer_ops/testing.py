@@ -143,7 +143,6 @@ def odd_shapes(check: str) -> list[OddShape]:
     return shapes
 
 
-
 # The C++ CPU kernel's instruction sets, best first: a CPU that has one has every one after it. The kernel runs the
 # best this CPU has; DYNAMIXER_OPS_CPU_ISA forces one (csrc/cpu/dynamic_mix_cpu.cpp).
 CPU_ISAS = ("avx512bf16", "avx512", "avx2", "generic")
@@ -183,6 +182,7 @@ def _cpu_runs(isa: str) -> bool:
         else:
             os.environ["DYNAMIXER_OPS_CPU_ISA"] = saved
     return True
+
 
 # Bounds on ||out - ref|| / ||ref|| against the float64 reference on the same inputs (docs/dynamic_mix.md,
 # "Tolerances"): float32 under 1e-5 on a CPU and about 1e-3 where a GPU may run its dots in tf32 (2e-3 leaves

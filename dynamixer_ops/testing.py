@@ -1,22 +1,25 @@
 """What tests, benchmarks and tools agree on, written once: the model shapes, the odd shapes of every check grid,
-random inputs, the float64 reference, and the pass rule (relative error, tolerances, and the rounding floors of
-outputs that cancel; ``docs/dynamic_mix.md``). The test suite, ``dynamixer-bench``'s correctness column and
-``benchmarks/gpu_tasks.py`` all judge with these functions, so the same numbers get the same verdict.
+the CPU kernel's instruction sets (and which of them run here), random inputs, the float64 reference, and the pass
+rule (relative error, tolerances, and the rounding floors of outputs that cancel; ``docs/dynamic_mix.md``). The test
+suite, ``dynamixer-bench``'s correctness column and ``benchmarks/gpu_tasks.py`` all judge with these functions, so
+the same numbers get the same verdict.
 
     from dynamixer_ops.testing import MODEL_SHAPES, make_inputs, reference_outputs, assert_matches_reference
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 
 import torch
 
 from .reference import backward_terms, reference_forward, segments, unsegment
 from .upstream import CONFIGS, PATCH_SIZE, stage_resolutions
 
-__all__ = ["MODEL_SHAPES", "model_shapes", "OddShape", "ODD_SHAPES", "odd_shapes", "TOLERANCE", "MODEL_TOLERANCE",
-           "tolerance", "make_inputs",
+__all__ = ["MODEL_SHAPES", "model_shapes", "OddShape", "ODD_SHAPES", "odd_shapes", "CPU_ISAS", "REHEARSED_CPU_ISA",
+           "cpu_isa_missing", "TOLERANCE", "MODEL_TOLERANCE", "tolerance", "make_inputs",
            "linear_init_inputs", "reference_outputs", "relative_error", "GRAD_NAMES", "CANCELLATION_FLOOR",
            "ROUNDED_OPERANDS_FLOOR", "cancellation_floor", "rounding_scales", "reference_floors",
            "assert_close_rel", "assert_all_close", "assert_matches_reference"]
@@ -138,6 +141,47 @@ def odd_shapes(check: str) -> list[OddShape]:
         raise ValueError(f"no odd shape is run by {check!r}; checks: "
                          f"{sorted({c for s in ODD_SHAPES for c in s.checks})}")
     return shapes
+
+
+# The C++ CPU kernel's instruction sets, best first: a CPU that has one has every one after it. The kernel runs the
+# best this CPU has; DYNAMIXER_OPS_CPU_ISA forces one (csrc/cpu/dynamic_mix_cpu.cpp).
+CPU_ISAS = ("avx512bf16", "avx512", "avx2", "generic")
+# DYNAMIXER_OPS_CPU_ISA as this process started, before any test forces a set: the tests and .ci/sanitize take it as
+# this CPU's best set, so that one CPU rehearses another with less (DYNAMIXER_OPS_CPU_ISA=avx2 on an AVX-512 CPU: the
+# kernels run avx2, and the tests and code of avx512 and avx512bf16 skip and are named not checked, as on an AVX2 CPU).
+REHEARSED_CPU_ISA = os.environ.get("DYNAMIXER_OPS_CPU_ISA") or None
+
+
+def cpu_isa_missing(isa: str, rehearsed: str | None = REHEARSED_CPU_ISA) -> str | None:
+    """Why the ``cpu`` backend cannot run the instruction set ``isa`` (one of :data:`CPU_ISAS`) here, or None where
+    it can: ``rehearsed`` (default :data:`REHEARSED_CPU_ISA`; None for this CPU as it is) is a lower set, or this
+    CPU (or build) has not got it. Needs the ``cpu`` backend."""
+    for name, value in (("isa", isa), ("DYNAMIXER_OPS_CPU_ISA", rehearsed)):
+        if value is not None and value not in CPU_ISAS:
+            raise ValueError(f"{name} must be one of {', '.join(CPU_ISAS)}, got '{value}'")
+    if rehearsed is not None and CPU_ISAS.index(isa) < CPU_ISAS.index(rehearsed):
+        return f"no {isa} here: DYNAMIXER_OPS_CPU_ISA={rehearsed} rehearses a CPU without it"
+    return None if _cpu_runs(isa) else f"this CPU has no {isa}"
+
+
+@functools.cache
+def _cpu_runs(isa: str) -> bool:
+    """Whether the cpu kernel runs ``isa`` when DYNAMIXER_OPS_CPU_ISA forces it (it refuses a set this CPU lacks)."""
+    from .ops import dynamic_mix
+    saved = os.environ.get("DYNAMIXER_OPS_CPU_ISA")
+    os.environ["DYNAMIXER_OPS_CPU_ISA"] = isa
+    try:
+        dynamic_mix(*make_inputs((1,), 2, 2, 1, 1, dtype=torch.float32, device="cpu"), 1, backend="cpu")
+    except RuntimeError as exc:
+        if "only supports a lower instruction set" not in str(exc):
+            raise
+        return False
+    finally:
+        if saved is None:
+            del os.environ["DYNAMIXER_OPS_CPU_ISA"]
+        else:
+            os.environ["DYNAMIXER_OPS_CPU_ISA"] = saved
+    return True
 
 
 # Bounds on ||out - ref|| / ||ref|| against the float64 reference on the same inputs (docs/dynamic_mix.md,

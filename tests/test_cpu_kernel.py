@@ -6,6 +6,8 @@ for any thread count), and its own contract checks. The shared grid (test_dynami
 instruction set against the reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,26 +15,22 @@ import dynamixer_ops
 from dynamixer_ops import dynamic_mix
 
 
-from dynamixer_ops.testing import (GRAD_NAMES, assert_close_rel, assert_matches_reference, make_inputs, odd_shapes,
-                                   relative_error, tolerance)
+from dynamixer_ops.testing import (CPU_ISAS, GRAD_NAMES, assert_close_rel, assert_matches_reference,
+                                   cpu_isa_missing, make_inputs, odd_shapes, relative_error, tolerance)
 
 pytestmark = pytest.mark.skipif("cpu" not in dynamixer_ops.available_backends("cpu"),
                                 reason="the native CPU backend is not built")
 
-ISAS = ("avx512bf16", "avx512", "avx2", "generic")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _use_isa(monkeypatch, isa):
-    """Force one instruction set; skip where this CPU lacks it."""
+    """Force one instruction set; skip where this CPU lacks it, or where DYNAMIXER_OPS_CPU_ISA rehearses a CPU that
+    lacks it."""
+    missing = cpu_isa_missing(isa)
+    if missing:
+        pytest.skip(missing)
     monkeypatch.setenv("DYNAMIXER_OPS_CPU_ISA", isa)
-    x, wc, bc, wg, bg = make_inputs((1,), 2, 2, 1, 1, dtype=torch.float32, device="cpu")
-    try:
-        dynamic_mix(x, wc, bc, wg, bg, 1, backend="cpu")
-    except RuntimeError as exc:
-        if "only supports a lower instruction set" in str(exc):
-            pytest.skip(f"this CPU has no {isa}")
-        raise
 
 
 def _run(inputs, S, grad_y):
@@ -45,7 +43,7 @@ def _run(inputs, S, grad_y):
 ISA_SHAPES = odd_shapes("cpu")
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", ISA_SHAPES, ids=lambda s: s.name)
 def test_every_instruction_set_matches_reference(isa, dtype, shape, monkeypatch, seed):
@@ -96,6 +94,33 @@ def test_rejects_unknown_instruction_set(monkeypatch):
     with pytest.raises(RuntimeError,
                        match="DYNAMIXER_OPS_CPU_ISA must be avx512bf16, avx512, avx2 or generic, got 'sse9'"):
         dynamic_mix(x, wc, bc, wg, bg, 2, backend="cpu")
+
+
+def test_rehearsing_a_cpu_with_fewer_instruction_sets():
+    """DYNAMIXER_OPS_CPU_ISA=<set> as a session starts rehearses a CPU whose best set is that one (the suite and
+    .ci/sanitize: DYNAMIXER_OPS_CPU_ISA=avx2 on an AVX-512 CPU shows what an AVX2 CPU will see): the sets above it
+    are missing, with the reason the tests skip with and .ci/sanitize prints, and the rest are as on this CPU. A
+    fresh process, as a session starts: generic, the set every CPU has."""
+    import subprocess
+    import sys
+    code = ("from dynamixer_ops.testing import CPU_ISAS, REHEARSED_CPU_ISA, cpu_isa_missing\n"
+            "print(REHEARSED_CPU_ISA, [cpu_isa_missing(isa) for isa in CPU_ISAS])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "DYNAMIXER_OPS_CPU_ISA": "generic"})
+    assert out.returncode == 0, out.stderr
+    expected = [f"no {isa} here: DYNAMIXER_OPS_CPU_ISA=generic rehearses a CPU without it" for isa in CPU_ISAS[:-1]]
+    assert out.stdout.strip() == f"generic {expected + [None]}"
+    for rehearsed in CPU_ISAS:
+        for isa in CPU_ISAS:
+            above = CPU_ISAS.index(isa) < CPU_ISAS.index(rehearsed)
+            assert cpu_isa_missing(isa, rehearsed) == (
+                f"no {isa} here: DYNAMIXER_OPS_CPU_ISA={rehearsed} rehearses a CPU without it" if above
+                else cpu_isa_missing(isa, None))
+    assert cpu_isa_missing("generic", None) is None
+    with pytest.raises(ValueError, match="DYNAMIXER_OPS_CPU_ISA must be one of avx512bf16, avx512, avx2, generic, "
+                                         "got 'sse9'"):
+        cpu_isa_missing("generic", "sse9")
 
 
 def test_native_op_checks_its_contract():

@@ -11,10 +11,15 @@ executed, then every source line with its count (gcov's notation: ##### for a li
 code).
 
 Exits 1 when a function of a file under a --check prefix (the kernels: csrc/cpu/, csrc/cuda/) never ran in any of
-its instantiations, except those of the instruction sets named by --lacking (the CPU has not got them; listed by
-name every run). An instantiation that never ran (a register tile of one particular size, say) runs the same source
-lines as one that did: reported, not fatal. The build must use -fno-early-inlining: gcc's early inliner otherwise
-folds small functions into their callers before they are instrumented, and they vanish from the report.
+its instantiations, except the code of the instruction sets named by --lacking (this run cannot execute them; listed
+by name every run). A function is an instruction set's code when its qualified name has a namespace isa_<set> (the
+set's copy of mix_cpu_kernels.inc, compiled for it) or isa_<set>_<what> (host code compiled for every CPU but reached
+only from that set's path, e.g. isa_avx512bf16_setup); the lambdas inside a function carry its name. Code that
+several sets reach goes in the lowest one's namespace: a CPU that has a set has every set below it. Every other
+function is common code, which every run must execute. An instantiation that never ran (a register tile of one
+particular size, say) runs the same source lines as one that did: reported, not fatal. The build must use
+-fno-early-inlining: gcc's early inliner otherwise folds small functions into their callers before they are
+instrumented, and they vanish from the report.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import re
 import subprocess
 import sys
 
-ISA_NAMESPACE = re.compile(r"\bisa_(\w+?)::")
+# isa_<set>:: or isa_<set>_<what>:: (set names have no underscore: avx512bf16, avx512, avx2, generic).
+ISA_NAMESPACE = re.compile(r"\bisa_([a-z0-9]+)(?:_\w+)?::")
 
 
 def gcov_json(gcda: str) -> list[dict]:
@@ -78,6 +84,44 @@ def collect(build_dirs: list[str], source_root: str):
     return lines, functions, sources
 
 
+def isa_of(function: str) -> str:
+    """The instruction set whose code `function` (a demangled name) is, or "" for common code: read from the
+    namespaces of its qualified name (a lambda's include its function's), not from its parameters' types."""
+    qualified = function.replace("(anonymous namespace)", "").split("(", 1)[0]
+    found = ISA_NAMESPACE.search(qualified)
+    return found.group(1) if found else ""
+
+
+def judge(lines, functions, check: list[str], lacking: list[str]):
+    """The coverage rule on collect()'s counts. Returns the table's rows (file, lines executed, executable lines,
+    functions executed, functions, instantiations executed, instantiations), the functions that fail the run
+    ("file:line name", under a --check prefix), {set: its functions not checked} for the sets in `lacking`, and how
+    many functions outside the --check prefixes never ran."""
+    missed, skipped_isa, unchecked = [], collections.defaultdict(list), 0
+    rows = []
+    for key in sorted(lines):
+        executable = len(lines[key])
+        executed = sum(1 for c in lines[key].values() if c)
+        fns = functions.get(key, {})
+        # A function of the source: its first line and its instruction set; its instantiations' counts.
+        groups: dict[tuple, list] = {}
+        for name, (line, count) in fns.items():
+            group = groups.setdefault((line, isa_of(name)), [0, name])
+            group[0] += count
+        rows.append((key, executed, executable, sum(1 for c, _ in groups.values() if c), len(groups),
+                     sum(1 for _, c in fns.values() if c), len(fns)))
+        for (line, isa), (count, name) in sorted(groups.items()):
+            if count:
+                continue
+            if isa and isa in lacking:
+                skipped_isa[isa].append(f"{key}:{line} {name}")
+            elif not any(key.startswith(prefix) for prefix in check):
+                unchecked += 1
+            else:
+                missed.append(f"{key}:{line} {name}")
+    return rows, missed, dict(skipped_isa), unchecked
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("build_dirs", nargs="+")
@@ -87,33 +131,11 @@ def main() -> int:
                         help="every function of the files under this prefix (csrc/...) must run (repeatable)")
     parser.add_argument("--report", required=True, help="the full report's file")
     parser.add_argument("--lacking", action="append", default=[], metavar="ISA",
-                        help="an instruction set this CPU lacks (repeatable)")
+                        help="an instruction set this run cannot execute: its code is not checked (repeatable)")
     args = parser.parse_args()
     lines, functions, sources = collect(args.build_dirs, args.sources)
 
-    missed, skipped_isa, unchecked = [], collections.defaultdict(list), 0
-    rows = []
-    for key in sorted(lines):
-        executable = len(lines[key])
-        executed = sum(1 for c in lines[key].values() if c)
-        fns = functions.get(key, {})
-        # A function of the source: its first line and its instruction set's namespace; its instantiations' counts.
-        groups: dict[tuple, list] = {}
-        for name, (line, count) in fns.items():
-            isa = ISA_NAMESPACE.search(name)
-            group = groups.setdefault((line, isa.group(1) if isa else ""), [0, name])
-            group[0] += count
-        rows.append((key, executed, executable, sum(1 for c, _ in groups.values() if c), len(groups),
-                     sum(1 for _, c in fns.values() if c), len(fns)))
-        for (line, isa), (count, name) in sorted(groups.items()):
-            if count:
-                continue
-            if isa in args.lacking:
-                skipped_isa[isa].append(f"{key}:{line} {name}")
-            elif not any(key.startswith(prefix) for prefix in args.check):
-                unchecked += 1
-            else:
-                missed.append(f"{key}:{line} {name}")
+    rows, missed, skipped_isa, unchecked = judge(lines, functions, args.check, args.lacking)
 
     print(f"coverage of {args.title}")
     width = max(len(r[0]) for r in rows)
@@ -128,7 +150,7 @@ def main() -> int:
             total[1:] = [t + r for t, r in zip(total[1:], row[1:])]
     print(f"  full report (every line's count): {args.report}")
     for isa, names in skipped_isa.items():
-        print(f"  NOT CHECKED: this CPU has no {isa}; its {len(names)} functions never ran under the sanitizers "
+        print(f"  NOT CHECKED: no {isa} in this run; its {len(names)} functions never ran under the sanitizers "
               f"(a bug in them passes this run):")
         for n in names:
             print(f"    {n}")

@@ -340,19 +340,6 @@ struct DotSizes {
   int64_t total() const { return xr + xt + ep + dyr + dyc + dyt + pr + drt + drp + rows; }
 };
 
-DotSizes dot_sizes(int64_t nb, int64_t L, int64_t C, int64_t S, int64_t d, bool backward) {
-  auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
-  const int64_t T = nb * L, Lp = (L + 1) / 2, M = nb * S, Sd = S * d;
-  DotSizes s{};
-  s.xr = up(T * C / 2); s.xt = up(nb * Lp * C + 16); s.rows = up(T * C);
-  s.ep = backward ? 0 : up(M * Lp * L);
-  if (backward) {
-    s.dyr = up(T * C / 2); s.dyc = up(nb * (C / 2) * L + 16); s.dyt = up(nb * Lp * C + 16);
-    s.pr = up(M * L * Lp); s.drt = up(nb * Lp * Sd); s.drp = up(T * ((Sd + 1) / 2));
-  }
-  return s;
-}
-
 DotOperands carve_dots(int32_t* base, const DotSizes& s) {
   uint32_t* p = reinterpret_cast<uint32_t*>(base);
   auto take = [&p](int64_t n) { uint32_t* q = n ? p : nullptr; p += n; return q; };
@@ -383,6 +370,24 @@ template <class T> struct BlockScratch {
   BlockScratch(const BlockScratch&) = delete;             // w.dots points at ops
   BlockScratch& operator=(const BlockScratch&) = delete;
 };
+
+// The host side of the AVX512-BF16 path, reached only where bfloat16 inputs run on its dots (uses_bf16_dots):
+// compiled for every CPU, but named after that instruction set (isa_<set>_...), so that the coverage rule of
+// .ci/sanitize (tools/native_coverage.py) counts these functions as that set's code, not as code every CPU runs.
+namespace isa_avx512bf16_setup {
+
+DotSizes dot_sizes(int64_t nb, int64_t L, int64_t C, int64_t S, int64_t d, bool backward) {
+  auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const int64_t T = nb * L, Lp = (L + 1) / 2, M = nb * S, Sd = S * d;
+  DotSizes s{};
+  s.xr = up(T * C / 2); s.xt = up(nb * Lp * C + 16); s.rows = up(T * C);
+  s.ep = backward ? 0 : up(M * Lp * L);
+  if (backward) {
+    s.dyr = up(T * C / 2); s.dyc = up(nb * (C / 2) * L + 16); s.dyt = up(nb * Lp * C + 16);
+    s.pr = up(M * L * Lp); s.drt = up(nb * Lp * Sd); s.drp = up(T * ((Sd + 1) / 2));
+  }
+  return s;
+}
 
 // Packings of a (R, K) bfloat16 matrix W as the B operand of a bf16-dot GEMM (see bf16_gemm): rows of bf16 pairs
 // as int32, each row padded with zeros to a multiple of 16 pairs (the GEMM loads whole vectors), built with ATen's
@@ -417,6 +422,8 @@ Tensor pairs_along_rows(const Tensor& W) {
   return packed;
 }
 
+}  // namespace isa_avx512bf16_setup
+
 // The weights in the compute type T (a view of the caller's for float32/float64, a float32 copy for 16-bit inputs;
 // all tiny), their transposes (the GEMMs read B operands row by row), and Wg packed for the bf16 dots if used.
 // `generate`: whether the generate GEMM runs (not in a backward that reads the forward's kept P): only then is
@@ -442,11 +449,11 @@ template <class T> ComputeWeights<T> compute_weights(const Tensor& Wc, const Ten
     return w;
   }
   w.Wg = w.WgT = empty({0}, st, Wc);  // unused on this path: the GEMMs read WgP and WgR
-  if (generate) w.WgP = pairs_along_columns(Wg);
-  if (backward) w.WgR = pairs_along_rows(Wg);
+  if (generate) w.WgP = isa_avx512bf16_setup::pairs_along_columns(Wg);
+  if (backward) w.WgR = isa_avx512bf16_setup::pairs_along_rows(Wg);
   if (all_dots) {
-    w.WcP = pairs_along_columns(Wc);
-    if (backward) w.WcR = pairs_along_rows(Wc);
+    w.WcP = isa_avx512bf16_setup::pairs_along_columns(Wc);
+    if (backward) w.WcR = isa_avx512bf16_setup::pairs_along_rows(Wc);
   }
   return w;
 }
@@ -523,7 +530,7 @@ template <class H> void mix_forward_impl(Isa isa, const MixShape& sh, const Tens
   const int64_t nb = block_size(N, sh.S, L, sizeof(T), kForwardMatrixBytes);
   const int64_t nblocks = (N + nb - 1) / nb;
   const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, sh.S, sh.d, false, dots);
-  const DotSizes dot_words = all_dots ? dot_sizes(nb, L, C, sh.S, sh.d, false) : DotSizes{};
+  const DotSizes dot_words = all_dots ? isa_avx512bf16_setup::dot_sizes(nb, L, C, sh.S, sh.d, false) : DotSizes{};
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x or y as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, ys{y, sh.B, L, C};
   torch::stable::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -632,7 +639,7 @@ template <class H> void mix_backward_impl(Isa isa, const MixShape& sh, const Ten
   T* part_base = data_of<T>(partials);
   double* spill_base = spill ? data_of<double>(spills) : nullptr;
   const BufferSizes<T> sizes = buffer_sizes<T>(nb, L, C, S, d, true, dots);
-  const DotSizes dot_words = all_dots ? dot_sizes(nb, L, C, S, d, true) : DotSizes{};
+  const DotSizes dot_words = all_dots ? isa_avx512bf16_setup::dot_sizes(nb, L, C, S, d, true) : DotSizes{};
   const int64_t rows = kStaged && !all_dots ? nb * L * C : 0;  // one block's x, dy or grad_x as float32 rows
   const Staged<H> xs{x, sh.B, L, C}, dys{grad_y, sh.B, L, C}, gxs{grad_x, sh.B, L, C};
   torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {

@@ -1,8 +1,12 @@
-"""Deploying a model that uses :func:`dynamixer_ops.dynamic_mix`: ONNX, ``torch.export`` and AOTInductor.
+"""Deploying a model that uses :func:`dynamixer_ops.dynamic_mix`: ONNX, OpenVINO, ``torch.export`` and AOTInductor.
 
 * **ONNX**: ``torch.onnx.export(model, (x,), dynamo=True)`` needs nothing from this module. While torch.onnx
   exports, the op is traced as its reference decomposition (:func:`dynamixer_ops.ops.decomposition`), which
   becomes standard ONNX ops (MatMul / Gemm, Softmax, Reshape, Transpose).
+* **OpenVINO**: ``openvino.convert_model(model, example_input=x)`` and ``openvino.convert_model(ep)`` of an
+  ExportedProgram that holds the op need nothing from this module either. While OpenVINO converts, the op is traced
+  as the same decomposition (:func:`dynamixer_ops.ops.openvino_converting`): OpenVINO's ``torch.jit.trace`` of the
+  model records it, and so does its ``run_decompositions`` of the program, whose table cannot name the op.
 * **torch.export**: the exported graph keeps ``torch.ops.dynamixer_ops.dynamic_mix`` (also after
   ``ExportedProgram.run_decompositions()``: it is an opaque op). ``ep.run_decompositions(decompositions())``
   replaces it with the reference math, e.g. to hand an ExportedProgram to torch.onnx or to a runtime that

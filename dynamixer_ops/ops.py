@@ -12,6 +12,7 @@ ATen decomposition computes (:func:`decomposition_reason`), :func:`dynamic_mix` 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.flop_counter import register_flop_formula
 
@@ -28,7 +30,7 @@ from .plain import eager_context_reason, plain_tensor
 from .reference import reference_backward, reference_forward
 
 __all__ = ["dynamic_mix", "scripted_dynamic_mix", "check_inputs", "dense_weights", "decomposition", "forward_kernel",
-           "decomposition_reason", "forward_flops"]
+           "decomposition_reason", "forward_flops", "openvino_converting"]
 
 # Tests switch this on so that an output element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = env_flag("DYNAMIXER_OPS_POISON")
@@ -221,12 +223,45 @@ def decomposition(x: Tensor, compress_weight: Tensor, compress_bias: Tensor | No
                   generate_bias: Tensor | None, num_segments: int, backend: str) -> Tensor:
     """``dynamixer_ops::dynamic_mix`` in plain ATen ops: :func:`dynamixer_ops.reference.reference_forward`, with
     float16 / bfloat16 inputs computed in float32 as every backend computes them. It has the op's signature, so it is
-    the op's entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export traces it.
+    the op's entry in a decomposition table (:func:`dynamixer_ops.deploy.decompositions`); the ONNX export and
+    OpenVINO's conversion trace it.
     ``backend`` is ignored: every backend computes this function."""
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     inputs = (t if t is None else t.to(compute)
               for t in (x, compress_weight, compress_bias, generate_weight, generate_bias))
     return reference_forward(*inputs, num_segments).to(x.dtype)
+
+
+# openvino.convert_model (the ovc tool) and the two decoders of its PyTorch frontend. Not OpenVINO's torch.compile
+# backend: it runs the ops it cannot convert in PyTorch, and the decomposition traced there adds shape guards that
+# dynamo cannot place.
+_OPENVINO_CONVERTERS = ("openvino.tools.ovc.", "openvino.frontend.pytorch.ts_decoder",
+                        "openvino.frontend.pytorch.fx_decoder")
+
+
+def openvino_converting() -> bool:
+    """Whether OpenVINO is converting a PyTorch model (``openvino.convert_model`` is on the call stack). It converts
+    only the ops in its own tables, so while it traces a model (``torch.jit.trace``) or lowers an ``ExportedProgram``
+    (``run_decompositions``) the op is traced as :func:`decomposition`; every other tracer keeps the op."""
+    if "openvino" not in sys.modules:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_OPENVINO_CONVERTERS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@torch.library.register_torch_dispatch(FORWARD_OP, ProxyTorchDispatchMode)
+def _(mode, func, types, args, kwargs):
+    # The tracer of torch.export, run_decompositions and torch.compile. openvino.convert_model(ExportedProgram)
+    # lowers the program by run_decompositions with its own table, which lacks the op: there the decomposition is
+    # recorded instead.
+    if openvino_converting():
+        with mode:
+            return decomposition(*args, **kwargs)
+    return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -373,7 +408,8 @@ def decomposition_reason(tensors) -> str | None:
     """Why a call with these inputs must run :func:`decomposition` (the op's math in ATen ops, which every
     transform and tensor subclass understands) instead of the op, or ``None`` when the op computes exactly that.
 
-    The reasons: ONNX export (the exporter knows only its own tables); a torch.func transform other than ``vmap``
+    The reasons: ONNX export (the exporter knows only its own tables); OpenVINO's conversion of a model (it traces
+    with torch.jit.trace, and knows only its own tables too); a torch.func transform other than ``vmap``
     (``grad`` / ``jvp`` / ``jacrev``: the op's autograd formula is not one they can transform; ``vmap`` has a rule);
     an input with a forward-mode tangent (``torch.autograd.forward_ad``: the op has no forward-mode formula); a
     tensor subclass that wraps other tensors (quantized weights, DTensor, ...) and the meta device (the kernels read
@@ -385,6 +421,9 @@ def decomposition_reason(tensors) -> str | None:
         return "ONNX export"
     if torch.compiler.is_compiling():
         return None
+    if torch.jit.is_tracing() and openvino_converting():
+        # openvino.convert_model traces the model with torch.jit.trace and has no conversion rule for the op.
+        return "OpenVINO conversion"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         # The op's autograd formula is not one torch.func's grad / jvp can transform; vmap has the rule above.
         kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}

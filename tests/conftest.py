@@ -26,3 +26,25 @@ def seed(request):
     request.node.user_properties.append(("seed", value))
     print(f"seed={value} (replay with DYNAMIXER_SEED={value})")
     return value
+
+
+@pytest.fixture(scope="session")
+def dynamixer_s_56():
+    """DynaMixer-S at 56 px (mixing lengths 8 and 4), 10 classes, in eval mode: the small DynaMixer-S of the
+    deployment tests."""
+    from dynamixer_ops.models import dynamixer_s
+    torch.manual_seed(0)
+    return dynamixer_s(num_classes=10, img_size=56).eval()
+
+
+@pytest.fixture(scope="session")
+def dynamixer_s_onnx(dynamixer_s_56, tmp_path_factory):
+    """:func:`dynamixer_s_56` exported once per session by ``torch.onnx.export`` with a dynamic batch (traced at
+    batch 2) and saved: onnxruntime (test_export.py) and OpenVINO (test_openvino.py) run the one file.
+    ``(program, path)``."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.onnx.export(dynamixer_s_56, (torch.randn(2, 3, 56, 56),), dynamo=True,
+                                dynamic_shapes={"x": {0: batch}})
+    path = tmp_path_factory.mktemp("onnx") / "dynamixer_s.onnx"
+    program.save(str(path))
+    return program, str(path)

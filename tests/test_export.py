@@ -213,15 +213,12 @@ def test_onnx_export_of_a_decomposed_exported_program(mixer, exported_mixer):
     _run_onnx(program, BATCHES, _input, mixer)
 
 
-def test_onnx_export_of_dynamixer_s():
-    from dynamixer_ops.models import dynamixer_s
-    torch.manual_seed(0)
-    model = dynamixer_s(num_classes=10, img_size=56).eval()   # mixing lengths 8 and 4
+def test_onnx_export_of_dynamixer_s(dynamixer_s_56, dynamixer_s_onnx):
+    model, (program, _) = dynamixer_s_56, dynamixer_s_onnx
 
     def image(batch):
         return torch.randn(batch, 3, 56, 56)
 
-    program = torch.onnx.export(model, (image(TRACE_BATCH),), dynamo=True, dynamic_shapes=_batch_dim())
     with torch.no_grad():
         _run_onnx(program, BATCHES, image, model)
 

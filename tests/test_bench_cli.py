@@ -413,6 +413,16 @@ def test_model_mode_rows_of_our_paths_against_the_rivals(tmp_path, capsys):
     assert "best rival eager" in out and "% GEMM" in out
 
 
+def test_model_mode_summary_without_the_eager_row():
+    """A run that does not time the upstream eager network still gets its summary line."""
+    from dynamixer_ops.bench.model import add_rival_ratios, summary
+    rows = {"onnxruntime": {"backend": "onnxruntime", "mode": "inference", "median_ms": 2.0, "speedup_vs_eager": None},
+            "cpu": {"backend": "cpu", "mode": "inference", "median_ms": 4.0, "speedup_vs_eager": None}}
+    add_rival_ratios(rows)
+    assert summary(list(rows.values())) == ["inference: best rival onnxruntime (eager not timed); best of ours cpu: "
+                                            "0.50x the best rival, eager not timed"]
+
+
 def test_model_mode_unknown_variant_is_named(capsys):
     code, _, err = run_main(["--device", "cpu", "--model", "dynamixer_s", "--backends", "eager", "cpu+fast"],
                             capsys)

@@ -413,6 +413,44 @@ def test_model_mode_rows_of_our_paths_against_the_rivals(tmp_path, capsys):
     assert "best rival eager" in out and "% GEMM" in out
 
 
+def _has_openvino():
+    try:
+        import openvino  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_openvino(), reason="needs openvino")
+def test_model_mode_openvino_rival_beside_the_fused_network_converted(tmp_path, capsys):
+    """OpenVINO on the upstream network (a rival) and on the fused network (the op traced as its decomposition):
+    both checked against the float64 upstream network and timed; inference only."""
+    path = tmp_path / "m.json"
+    code, _, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--img-size", "14", "--batch", "1",
+                           "--backends", "openvino", "cpu+openvino", "--warmup", "1", "--repeat", "1", "--rounds", "1",
+                           "--quick", "--threads", "1", "--json", str(path), "--plain"], capsys)
+    assert code == 0
+    rows = {(r["backend"], r["mode"]): r for r in json.loads(path.read_text())["results"]}
+    for name in ("openvino", "cpu+openvino"):
+        r = rows[name, "inference"]
+        assert r["status"] == "ok" and r["error"] <= r["tolerance"] and r["GFLOPs"] > 0, r
+        assert r["best_rival"] == "openvino"
+        assert rows[name, "train_step"]["status"] == "SKIPPED"
+
+
+def test_model_mode_runtimes_skipped_with_the_reason(monkeypatch):
+    """A runtime that is not installed, or a run in another dtype, skips the rival and our path, saying why."""
+    from dynamixer_ops.bench import model
+    monkeypatch.setattr(model._OpenVino, "missing", staticmethod(lambda: "needs openvino (hidden by the test)"))
+    cpu = torch.device("cpu")
+    _, skipped = model.resolve_variants(["openvino", "cpu+openvino"], cpu, torch.float32, True, None)
+    assert skipped == {"openvino": "needs openvino (hidden by the test)",
+                       "cpu+openvino": "needs openvino (hidden by the test)"}
+    monkeypatch.setattr(model._OpenVino, "missing", staticmethod(lambda: None))
+    _, skipped = model.resolve_variants(["openvino", "cpu+openvino", "cpu"], cpu, torch.bfloat16, True, None)
+    assert set(skipped) == {"openvino", "cpu+openvino"} and "float32 only" in skipped["cpu+openvino"]
+
+
 def test_model_mode_summary_without_the_eager_row():
     """A run that does not time the upstream eager network still gets its summary line."""
     from dynamixer_ops.bench.model import add_rival_ratios, summary
@@ -434,8 +472,8 @@ def test_model_mode_unknown_variant_is_named(capsys):
                            "on 2 busy cores): DYNAMIXER_BENCH_RIVALS=1")
 def test_model_mode_every_rival_and_path(tmp_path, capsys):
     path = tmp_path / "m.json"
-    variants = ["eager", "compile", "compile-freezing", "onnxruntime", "cpu", "cpu+compile", "cpu+compile-freezing",
-                "cpu+optimize", "cpu+aoti"]
+    variants = ["eager", "compile", "compile-freezing", "onnxruntime", "openvino", "cpu", "cpu+compile",
+                "cpu+compile-freezing", "cpu+optimize", "cpu+aoti", "cpu+openvino"]
     code, _, _ = run_main(["--device", "cpu", "--model", "dynamixer_s", "--img-size", "14", "--batch", "2",
                            "--threads", "1", "--backends", *variants, "--warmup", "1", "--repeat", "1", "--rounds", "1",
                            "--json", str(path), "--plain"], capsys)

@@ -114,10 +114,12 @@ examples:
                         "those never chosen automatically (e.g. the Triton interpreter), plus eager and compile. "
                         "Named backends that cannot run here are listed as SKIPPED with the reason. With --model: "
                         "variants of the network: the rivals 'eager' (the upstream network), 'compile', "
-                        "'compile-freezing' (torch.compile of it, with Inductor freezing) and 'onnxruntime' (its "
-                        "ONNX export), and ours: a fused backend B (e.g. 'cpu') and B+compile, B+compile-freezing, "
-                        "B+optimize (dynamixer_ops.optimize), B+aoti (an AOTInductor package); default there: every "
-                        "rival and B, B+compile, B+optimize of the automatic backends (--quick: no compiled variant)")
+                        "'compile-freezing' (torch.compile of it, with Inductor freezing), 'onnxruntime' (its "
+                        "ONNX export) and 'openvino' (openvino.convert_model of it), and ours: a fused backend B "
+                        "(e.g. 'cpu') and B+compile, B+compile-freezing, B+optimize (dynamixer_ops.optimize), "
+                        "B+aoti (an AOTInductor package), B+openvino (openvino.convert_model of the fused network); "
+                        "default there: every rival and B, B+compile, B+optimize, B+openvino of the automatic "
+                        "backends (--quick: no compiled variant)")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help="named shapes (s1 s2 m1 m3 l1 l2, or 'all') or custom L,C,S,d (default: all named "
                         "shapes; --quick: s1 s2)")

@@ -6,13 +6,17 @@ Rivals (the upstream network, :mod:`dynamixer_ops.upstream`, run as a user would
 * ``compile``: ``torch.compile`` of it; ``compile-freezing``: the same with Inductor's ``freezing`` (weights
   folded into the graph and prepacked; inference only);
 * ``onnxruntime``: ONNX Runtime on the upstream network's ONNX export (``torch.onnx.export``), with the run's
-  thread count (inference only, float32 only).
+  thread count (inference only, float32 only);
+* ``openvino``: OpenVINO on the upstream network converted by ``openvino.convert_model``, compiled for the CPU in
+  float32 with the run's thread count (inference only).
 
 Ours (the fused network: :mod:`dynamixer_ops.models`, or ``convert(upstream)`` with ``--convert``), per fused
 backend ``B`` (e.g. ``cpu``): ``B`` (eager), ``B+compile`` (``torch.compile`` of it), ``B+optimize``
-(:func:`dynamixer_ops.optimize`, the CPU inference path; inference only), and on request only (``--backends``:
-minutes of compilation each) ``B+compile-freezing`` (with Inductor freezing; inference only) and ``B+aoti`` (an
-AOTInductor package of ``torch.export`` of it, loaded back; inference only).
+(:func:`dynamixer_ops.optimize`, the CPU inference path; inference only), ``B+openvino`` (the fused network
+converted by ``openvino.convert_model``, which traces the op as its decomposition: the ``openvino`` rival's graph, run
+the same way; inference only), and on request only (``--backends``: minutes of compilation each)
+``B+compile-freezing`` (with Inductor freezing; inference only) and ``B+aoti`` (an AOTInductor package of
+``torch.export`` of it, loaded back; inference only).
 
 Every variant is first checked against the float64 upstream network on the very inputs that are then timed (the
 output under ``no_grad`` for inference; the output and the parameter gradients of a training-mode forward for the
@@ -45,13 +49,14 @@ MODELS = ("dynamixer_s", "dynamixer_m", "dynamixer_l")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 # The upstream network, run as a user would without this package. The first is the baseline of every ratio.
-RIVALS = ("eager", "compile", "compile-freezing", "onnxruntime")
+RIVALS = ("eager", "compile", "compile-freezing", "onnxruntime", "openvino")
 # What each fused backend B runs as: "B" (eager) and "B+<path>".
-PATHS = ("compile", "compile-freezing", "optimize", "aoti")
+PATHS = ("compile", "compile-freezing", "optimize", "aoti", "openvino")
 # Built on request only (--backends), not by default: each costs minutes of compilation at 224 px.
 ON_REQUEST = ("compile-freezing", "aoti")
 INFERENCE_ONLY = {"compile-freezing": "Inductor freezing is an inference transform",
-                  "onnxruntime": "inference only", "optimize": "an inference path (training runs the eager row)",
+                  "onnxruntime": "inference only", "openvino": "inference only",
+                  "optimize": "an inference path (training runs the eager row)",
                   "aoti": "an inference package"}
 
 
@@ -88,7 +93,7 @@ def resolve_variants(requested: list[str] | None, device: torch.device, dtype: t
         for b in fused:
             names += [b] + [f"{b}+{p}" for p in PATHS
                             if not (p in ON_REQUEST or (quick and p == "compile")
-                                    or (p == "optimize" and device.type != "cpu"))]
+                                    or (p in CPU_ONLY and device.type != "cpu"))]
     else:
         names = list(dict.fromkeys(requested))
     known_backends = list(registered) + [n for n in registry.load_errors() if n not in registered]
@@ -100,15 +105,16 @@ def resolve_variants(requested: list[str] | None, device: torch.device, dtype: t
     skipped = {}
     for name in names:
         backend, path = _split(name)
-        if name == "onnxruntime":
-            why = _onnxruntime_missing()
+        runtime = name if name in RUNTIMES else path if path in RUNTIMES else None
+        if runtime:
+            why = RUNTIMES[runtime].missing()
             if why is None and (dtype != torch.float32 or autocast):
-                why = "run in float32 only here (the upstream network exported in float32)"
+                why = "run in float32 only here (the network exported in float32)"
             if why is None and device.type != "cpu":
                 why = "run on the CPU only here"
             if why:
                 skipped[name] = why
-            continue
+                continue
         if name in RIVALS:
             continue
         if path == "optimize" and device.type != "cpu":
@@ -121,17 +127,17 @@ def resolve_variants(requested: list[str] | None, device: torch.device, dtype: t
     return names, skipped
 
 
-def _onnxruntime_missing() -> str | None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return f"needs onnx and onnxruntime ({exc})"
-    return None
-
-
 class _OnnxRuntime:
     """The upstream network exported to ONNX, run by an ONNX Runtime session: ``net(x) -> torch.Tensor``."""
+
+    @staticmethod
+    def missing() -> str | None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"needs onnx and onnxruntime ({exc})"
+        return None
 
     def __init__(self, net, x: torch.Tensor, threads: int):
         import onnxruntime as ort
@@ -153,6 +159,40 @@ class _OnnxRuntime:
 
     def eval(self):
         return self
+
+
+class _OpenVino:
+    """A network converted by ``openvino.convert_model`` (traced by OpenVINO; the fused op as its decomposition) and
+    compiled for the CPU in float32 (the CPU plugin's default is bfloat16 where the CPU has it) with the run's thread
+    count: ``net(x) -> torch.Tensor``."""
+
+    @staticmethod
+    def missing() -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as exc:
+            return f"needs openvino ({exc})"
+        return None
+
+    def __init__(self, net, x: torch.Tensor, threads: int):
+        import openvino as ov
+        with torch.no_grad():
+            model = ov.convert_model(net.eval(), example_input=x)
+        self.compiled = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                        "INFERENCE_NUM_THREADS": threads})
+        self.training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x.numpy())[0])
+
+    def eval(self):
+        return self
+
+
+# The runtimes a network is handed to (a rival, and for openvino also a path of ours): float32 on the CPU only.
+RUNTIMES = {"onnxruntime": _OnnxRuntime, "openvino": _OpenVino}
+# Paths that run on the CPU only (the runtimes are checked with RUNTIMES).
+CPU_ONLY = ("optimize", "openvino")
 
 
 class _Aoti:
@@ -243,8 +283,8 @@ def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], 
             net = net.to_empty(device="cpu")
             net.load_state_dict(state)
         net = net.to(device=device, dtype=dtype).eval()
-        if vname == "onnxruntime":
-            return _OnnxRuntime(net, x, threads)
+        if vname in RUNTIMES or path in RUNTIMES:
+            return RUNTIMES[path or vname](net, x, threads)
         if path == "optimize":
             from ..inference import optimize
             return optimize(net)
@@ -271,7 +311,7 @@ def run_model(args, device, dtype, variants, skipped, log) -> tuple[list[dict], 
         try:
             start = time.perf_counter()
             nets[vname] = build(vname)
-            if vname in ("onnxruntime",) or _split(vname)[1] == "aoti":
+            if vname in RUNTIMES or _split(vname)[1] in ("aoti", *RUNTIMES):
                 log(f"dynamixer-bench: built {vname} in {time.perf_counter() - start:.0f} s")
         except Exception as exc:
             for mode in wanted:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamixer_ops import convert, deploy, dynamic_mix, optimize, upstream
+from dynamixer_ops import convert, deploy, dynamic_mix, optimize
 from dynamixer_ops.testing import assert_close_rel, relative_error
 
 ov = pytest.importorskip("openvino")
@@ -33,22 +33,18 @@ class Mixer(torch.nn.Module):
         return dynamic_mix(x.transpose(1, 2), *args).transpose(1, 2) * 2 + dynamic_mix(x, *args)
 
 
-def _upstream_network():
-    """A small upstream network: two stages, mixing lengths 7 and 4."""
-    return upstream.VisionModel([1, 1], img_size=28, patch_size=4, num_classes=5, embed_dims=[32, 48],
-                                transitions=[True, False], num_heads=[2, 4], reduced_dims=[2, 3], mlp_ratios=[2, 2])
-
-
 def _seed_network():
-    """The small upstream network with the fused layers swapped in."""
-    return convert(_upstream_network()).eval()
+    """The seed repository's network (its code verbatim, tests/seed_dynamixer.py), small, converted: mixing lengths
+    7 and 3, d = 1 and 8."""
+    from test_forks import seed_network
+    return convert(seed_network()).eval()
 
 
 MODELS = {       # name: (the model, or the session fixture that holds it; its input's shape without the batch)
     "op": (Mixer, (7, 7, 48)),
     "dynamixer_s": ("dynamixer_s_56", (3, 56, 56)),
-    "converted": (_seed_network, (3, 28, 28)),
-    "converted+optimize": (lambda: optimize(_seed_network()), (3, 28, 28)),
+    "seed": (_seed_network, (3, 49, 49)),
+    "seed+optimize": (lambda: optimize(_seed_network()), (3, 49, 49)),
 }
 
 
@@ -122,7 +118,7 @@ def test_convert_model_with_dynamo(cases):
     _check(converted, case, "convert_model(model, dynamo=True)")
 
 
-@pytest.mark.parametrize("name", ["dynamixer_s", "converted"])
+@pytest.mark.parametrize("name", ["dynamixer_s", "seed"])
 def test_convert_model_of_a_decomposed_exported_program(cases, name):
     case = cases(name)
     table = torch.export.default_decompositions()
@@ -130,7 +126,7 @@ def test_convert_model_of_a_decomposed_exported_program(cases, name):
     _check(ov.convert_model(case.export().run_decompositions(table)), case, "convert_model(decomposed program)")
 
 
-@pytest.mark.parametrize("name", ["dynamixer_s", "converted"])
+@pytest.mark.parametrize("name", ["dynamixer_s", "seed"])
 def test_convert_model_of_an_onnx_file(cases, name, request, tmp_path):
     """``torch.onnx.export(model, ..., dynamo=True)`` to a file (DynaMixer-S: the file onnxruntime runs in
     test_export.py), then ``openvino.convert_model(path)``."""

@@ -10,8 +10,9 @@ under torch.compile, export or tracing) and calls the layer everywhere else. The
 changes their class, so quantization, LoRA, hooks and torch.func see exactly the layers they would upstream.
 
 MKL picks its fast code paths by CPU vendor: on Intel CPUs it is tuned (this project's Xeon box: 394 GFLOP/s sgemm),
-so by default oneDNN is used on other vendors' CPUs only. ``DYNAMIXER_OPS_ONEDNN_LINEAR=1`` / ``=0`` forces it
-on / off (read at every call).
+and on AVX2-only AMD EPYC (Zen 3) MKL is ahead of oneDNN as well, so by default oneDNN is used only where it was
+timed faster than MKL on this machine (once per process and thread count, never on Intel CPUs).
+``DYNAMIXER_OPS_ONEDNN_LINEAR=1`` / ``=0`` forces it on / off (read at every call).
 """
 from __future__ import annotations
 
@@ -74,11 +75,38 @@ def onednn_dtype_reason(dtype: torch.dtype) -> str | None:
     return _onednn_packs(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_faster(threads: int) -> bool:
+    """Whether oneDNN's float32 product (weights as they are, not prepacked) beats torch's own (MKL's) on this CPU
+    at ``threads``: timed once, interleaved, on two of the networks' shapes. MKL is tuned for Intel CPUs and, on
+    AVX2-only AMD ones, ahead of oneDNN too; on AVX-512 AMD ones oneDNN is ~2x ahead."""
+    if _INTEL_CPU:
+        return False
+    g = torch.Generator().manual_seed(0)       # the user's random stream is not touched
+    x = torch.randn(2048, 384, generator=g)
+    weights = [torch.randn(n, 384, generator=g) for n in (384, 1152)]
+    best = {"onednn": float("inf"), "mkl": float("inf")}
+    with torch.no_grad():
+        for i in range(5):
+            for kind in best:
+                start = time.perf_counter()
+                for w in weights:
+                    _onednn(x, w, None) if kind == "onednn" else F.linear(x, w)
+                if i >= 2:
+                    best[kind] = min(best[kind], time.perf_counter() - start)
+    return best["onednn"] < best["mkl"]
+
+
 def onednn_linear_enabled() -> bool:
     """Whether :func:`linear` runs float32 CPU products on oneDNN now: the kernel exists in this torch build, and
     ``DYNAMIXER_OPS_ONEDNN_LINEAR`` says so (read as every flag is, :func:`dynamixer_ops.backends.env_flag`) or,
-    unset, the CPU is not an Intel one."""
-    return _KERNEL_EXISTS and env_flag("DYNAMIXER_OPS_ONEDNN_LINEAR", default=not _INTEL_CPU)
+    unset, oneDNN's product was timed faster than MKL's here (once per thread count)."""
+    if not _KERNEL_EXISTS:
+        return False
+    forced = os.environ.get("DYNAMIXER_OPS_ONEDNN_LINEAR")
+    if forced is not None:
+        return env_flag("DYNAMIXER_OPS_ONEDNN_LINEAR")
+    return _onednn_faster(torch.get_num_threads())
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

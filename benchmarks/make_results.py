@@ -91,7 +91,8 @@ def where(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     if device_kind(report) == "GPU":
         return m["gpu"]["name"]
-    return f"{m['cpu']} ({m['cpu_count']} cores, {s['threads']} threads)"
+    isas = f" [{' '.join(m['instruction_sets'])}]" if m.get("instruction_sets") else ""   # runs since 2026-12-07
+    return f"{m['cpu']}{isas} ({m['cpu_count']} cores, {s['threads']} threads)"
 
 
 def section_key(report: dict) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamixer_ops import convert, deploy, dynamic_mix, optimize
+from dynamixer_ops import convert, deploy, optimize
 from dynamixer_ops.testing import assert_close_rel, relative_error
+from test_export import Mixer      # the bare op at odd shapes, along H and W
 
 ov = pytest.importorskip("openvino")
 
@@ -17,20 +18,6 @@ TOL = 1e-5
 TRACE_BATCH = 2
 BATCHES = (1, 3)        # both through the one converted graph, traced or exported at batch 2
 OP = torch.ops.dynamixer_ops.dynamic_mix.default
-
-
-class Mixer(torch.nn.Module):
-    """The bare op at odd shapes (L = 7, C/S = 24, d = 3), along H through a transposed view and along W."""
-
-    def __init__(self, L=7, C=48, S=2, d=3):
-        super().__init__()
-        self.compress = torch.nn.Linear(C, S * d)
-        self.generate = torch.nn.Linear(L * d, L * L)
-        self.S = S
-
-    def forward(self, x):
-        args = (self.compress.weight, self.compress.bias, self.generate.weight, self.generate.bias, self.S)
-        return dynamic_mix(x.transpose(1, 2), *args).transpose(1, 2) * 2 + dynamic_mix(x, *args)
 
 
 def _seed_network():

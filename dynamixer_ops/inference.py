@@ -1,30 +1,33 @@
 """The fastest CPU inference of a DynaMixer network: :func:`optimize`.
 
-``optimize(model)`` turns, in place, every DynaMixer ``VisionBlock`` whose mixer is a fused
-:class:`dynamixer_ops.nn.DynaMixerBlock` (the models of :mod:`dynamixer_ops.models`, or a network after
-:func:`dynamixer_ops.convert`) into an :class:`InferenceBlock`: a subclass of the block's own class, with the same
-submodules, Parameters, hooks and state_dict keys. Its forward runs the inference path below where that computes
-what the block's own code would, and the block's own forward everywhere else (training mode, grad enabled, a
-non-CPU tensor, a hook, a LoRA-wrapped or quantized Linear, a non-GELU activation, ``skip_lam != 1``, ...; the
-checks are :meth:`InferenceBlock.inference_reason`, each part checked as :mod:`dynamixer_ops.plain` says).
+``optimize(model)`` turns, in place, every DynaMixer ``VisionBlock`` whose code is one the project implements
+(:mod:`dynamixer_ops.known`: the seed repository's or :mod:`dynamixer_ops.upstream`'s; a fork keeps its own forward,
+with one warning per class) and whose mixer is a fused :class:`dynamixer_ops.nn.DynaMixerBlock` (the models of
+:mod:`dynamixer_ops.models`, or a network after :func:`dynamixer_ops.convert`) into an :class:`InferenceBlock`: a
+subclass of the block's own class, with the same submodules, Parameters, hooks and state_dict keys. Its forward runs
+the inference path below where that computes what the block's own code would, and the block's own forward
+everywhere else (training mode, grad enabled, a non-CPU tensor, a hook, a LoRA-wrapped or quantized Linear, a
+non-GELU activation, ``skip_lam != 1``, bfloat16 where oneDNN has no bf16 kernels, forward-mode AD, ...; the checks
+are :meth:`InferenceBlock.inference_reason`). TorchScript compiles the block's own forward.
 
 The inference path, per block (under ``torch.no_grad`` / ``inference_mode``, eval mode, float32 or bfloat16 on a
-CPU, or float32 weights under ``torch.autocast("cpu", torch.bfloat16)``):
+CPU, or float32 weights under ``torch.autocast("cpu", torch.bfloat16)``) is the fused block's own arithmetic
+(:func:`dynamixer_ops.nn.block_forward`) on the primitives of :class:`_Packed`:
 
-* every Linear runs on oneDNN with its weight reordered once into oneDNN's blocked layout (what Inductor's freezing
-  does for a compiled model). The packed copy is keyed by the Parameter object, its ``_version`` and its
-  ``data_ptr()``: an optimizer step, ``load_state_dict`` or any in-place write through the Parameter repacks it at
-  the next call. A write that bypasses the version counter (``weight.data.copy_(...)``) is not seen: call
-  :func:`release` (or ``optimize`` again) after one;
-* GELU runs as the post-op of ``fc1`` and the two residual additions as post-ops of ``proj`` and ``fc2``
-  (``x + proj(...)`` in one pass over the output);
-* the mixing runs through the fused op as in :class:`dynamixer_ops.nn.DynaMixerBlock`.
+* every Linear runs with its weight packed once for the product timed fastest for its shape on this machine
+  (:func:`dynamixer_ops.linear.packed_linear`: oneDNN prepacked, MKL's packed sgemm, or torch's own). The packed
+  copy is keyed by the Parameter object, its ``_version`` and its ``data_ptr()``: an optimizer step,
+  ``load_state_dict`` or any in-place write through the Parameter repacks it at the next call. A write that
+  bypasses the version counter (``weight.data.copy_(...)``) is not seen: call :func:`release` (or ``optimize``
+  again) after one;
+* GELU after ``fc1`` and the two residual additions after ``proj`` and ``fc2`` run as oneDNN post-ops where the
+  product is oneDNN's (``x + proj(...)`` in one pass over the output);
+* the mixing runs the op's own kernel (:func:`dynamixer_ops.ops.forward_kernel`) without its per-call entry.
 
-The arithmetic is the block's: the same operations in the same precision, differing in rounding only (oneDNN's
-products instead of MKL's, the weighted sum of the three branches by ``addcmul``), so the outputs match the
-upstream network within the project's tolerances
-(``tests/test_inference.py``). Training is unchanged: in train mode or with grad enabled the block runs its own
-forward, the fused training path included.
+The arithmetic is the block's: the same operations in the same precision, differing in rounding only (another
+GEMM's summation order, the weighted sum of the three branches by ``addcmul``), so the outputs match the upstream
+network within the project's tolerances (``tests/test_inference.py``). Training is unchanged: in train mode or with
+grad enabled the block runs its own forward, the fused training path included.
 """
 from __future__ import annotations
 

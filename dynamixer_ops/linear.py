@@ -1,4 +1,7 @@
-"""float32 Linear products on the CPU with oneDNN's GEMM: an internal fast path of the fused modules.
+"""The Linear products of the fused paths on the CPU: :func:`linear` (the fused layers', with autograd: oneDNN's
+GEMM where it is exact and faster here) and :func:`packed_linear` (the inference path's, weights prepacked, the
+product chosen per shape by timing; section "Prepacked products" below), with one capability rule
+(:func:`onednn_dtype_reason`).
 
 torch runs a float32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD EPYC (Zen 5) machines this project is
 measured on that reaches ~180-210 GFLOP/s on two cores, while oneDNN's float32 kernel behind

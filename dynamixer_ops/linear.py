@@ -62,7 +62,8 @@ def _onednn_packs(dtype: torch.dtype) -> str | None:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if dtype == torch.bfloat16 and cap in _ONEDNN_CAPS_WITHOUT_BF16:
         return f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), which has no bfloat16 kernels"
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    asks = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if dtype == torch.bfloat16 and asks is not None and not asks():
         return "oneDNN has no bfloat16 kernels on this CPU (they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
     try:
         torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)

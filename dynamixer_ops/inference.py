@@ -52,8 +52,6 @@ _GELU_ALGORITHM = {"none": "none", "tanh": "tanh"}
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The checks
 

@@ -79,26 +79,32 @@ def onednn_dtype_reason(dtype: torch.dtype) -> str | None:
     return _onednn_packs(dtype)
 
 
+def _quickest(calls: dict) -> str:
+    """The key of the fastest of ``calls`` (name -> callable): each timed three times after two warm-up rounds, the
+    calls interleaved (a load that comes and goes slows all alike), the shortest time counting."""
+    best = dict.fromkeys(calls, float("inf"))
+    with torch.no_grad():
+        for i in range(5):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if i >= 2:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
 @functools.lru_cache(maxsize=None)
 def _onednn_faster(threads: int) -> bool:
     """Whether oneDNN's float32 product (weights as they are, not prepacked) beats torch's own (MKL's) on this CPU
-    at ``threads``: timed once, interleaved, on two of the networks' shapes. MKL is tuned for Intel CPUs and, on
-    AVX2-only AMD ones, ahead of oneDNN too; on AVX-512 AMD ones oneDNN is ~2x ahead."""
+    at ``threads``: timed once on two of the networks' shapes. MKL is tuned for Intel CPUs and, on AVX2-only AMD
+    ones, ahead of oneDNN too; on AVX-512 AMD ones oneDNN is ~2x ahead."""
     if _INTEL_CPU:
         return False
     g = torch.Generator().manual_seed(0)       # the user's random stream is not touched
     x = torch.randn(2048, 384, generator=g)
     weights = [torch.randn(n, 384, generator=g) for n in (384, 1152)]
-    best = {"onednn": float("inf"), "mkl": float("inf")}
-    with torch.no_grad():
-        for i in range(5):
-            for kind in best:
-                start = time.perf_counter()
-                for w in weights:
-                    _onednn(x, w, None) if kind == "onednn" else F.linear(x, w)
-                if i >= 2:
-                    best[kind] = min(best[kind], time.perf_counter() - start)
-    return best["onednn"] < best["mkl"]
+    return _quickest({"onednn": lambda: [_onednn(x, w, None) for w in weights],
+                      "mkl": lambda: [F.linear(x, w) for w in weights]}) == "onednn"
 
 
 def onednn_linear_enabled() -> bool:
@@ -226,34 +232,32 @@ def _run(kind: str, x: Tensor, packed: Tensor, w: Tensor, b: Tensor | None, rows
 
 
 def _fastest(candidates: list[str], rows: int, k: int, n: int, dtype: torch.dtype, act: str, residual: bool) -> str:
-    """The candidate with the shortest of three timed calls, the candidates interleaved (a load that comes and goes
-    slows all alike)."""
+    """The fastest of ``candidates`` for this shape and post-op, on random operands (:func:`_quickest`)."""
     g = torch.Generator().manual_seed(0)       # the user's random stream is not touched
     x, w, b = (torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g) / k ** 0.5,
-               torch.randn(n, generator=g))
+               torch.randn(n, generator=g).to(dtype))
     res = torch.randn(rows, n, generator=g).to(dtype) if residual else None
     packed = {kind: _pack(kind, w, dtype, rows) for kind in candidates}
-    bias = b.to(dtype)
-    best = dict.fromkeys(candidates, float("inf"))
-    for i in range(5):
-        for kind in candidates:
-            start = time.perf_counter()
-            _run(kind, x, packed[kind], w, bias, rows, act, "none", res)
-            if i >= 2:       # two warm-up rounds
-                best[kind] = min(best[kind], time.perf_counter() - start)
-    return min(best, key=best.get)
+    return _quickest({kind: functools.partial(_run, kind, x, packed[kind], w, b, rows, act, "none", res)
+                      for kind in candidates})
 
 
-def _product(rows: int, k: int, n: int, dtype: torch.dtype, act: str, residual: bool) -> str:
+def _product(rows: int, k: int, n: int, dtype: torch.dtype, act: str, residual: bool, product: str | None) -> str:
+    """The product to run: ``product`` or DYNAMIXER_OPS_PRODUCT where given (and it can run here), else the one
+    timed fastest for this key (timed at its first call)."""
+    forced = product or os.environ.get("DYNAMIXER_OPS_PRODUCT")
+    key = (rows, k, n, dtype, act, residual, torch.get_num_threads())
+    choice = _CHOICES.get(key)
+    if forced is None and choice is not None:
+        return choice
     candidates = product_candidates(dtype)
-    forced = os.environ.get("DYNAMIXER_OPS_PRODUCT")
     if forced in candidates:
         return forced
-    key = (rows, k, n, dtype, act, residual, torch.get_num_threads())
-    if key not in _CHOICES:
-        with torch.no_grad():
-            _CHOICES[key] = _fastest(candidates, rows, k, n, dtype, act, residual)
-    return _CHOICES[key]
+    if product is not None:
+        raise ValueError(f"packed_linear: product {product!r} cannot run {dtype} here; candidates: {candidates}")
+    if choice is None:
+        choice = _CHOICES[key] = _fastest(candidates, rows, k, n, dtype, act, residual)
+    return choice
 
 
 def product_choices() -> dict[tuple, str]:
@@ -291,11 +295,12 @@ def release(model: nn.Module) -> None:
 
 
 def packed_linear(layer: nn.Linear, x: Tensor, dtype: torch.dtype, act: str = "none", algorithm: str = "none",
-                  residual: Tensor | None = None) -> Tensor:
+                  residual: Tensor | None = None, product: str | None = None) -> Tensor:
     """``residual + act(layer(x))`` in ``dtype`` with ``layer``'s weight prepacked, on the product fastest for this
-    shape here. For callers that checked that the layer is a plain ``nn.Linear`` (:func:`plain_linear`) of
-    ``dtype`` weights and that ``x`` is a plain CPU tensor under no_grad (:mod:`dynamixer_ops.inference`)."""
+    shape here (or ``product``, one of :func:`product_candidates`). For callers that checked that the layer is a
+    plain ``nn.Linear`` (:func:`plain_linear`) of ``dtype`` weights and that ``x`` is a plain CPU tensor under
+    no_grad (:mod:`dynamixer_ops.inference`)."""
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    kind = _product(rows, k, layer.out_features, dtype, act, residual is not None)
+    kind = _product(rows, k, layer.out_features, dtype, act, residual is not None, product)
     packed, bias = _packed(layer, kind, dtype, rows)
     return _run(kind, x, packed, layer.weight, bias, rows, act, algorithm, residual)

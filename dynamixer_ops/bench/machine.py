@@ -82,25 +82,10 @@ def _packed_gemm(layer, a: torch.Tensor, dtype: torch.dtype, kind: str):
     from ..linear import packed_linear
 
     def gemm():
-        with _forced_product(kind), torch.no_grad():
-            return packed_linear(layer, a, dtype)
+        with torch.no_grad():
+            return packed_linear(layer, a, dtype, product=kind)
     gemm()      # packs the weight once, outside the timing
     return gemm
-
-
-class _forced_product:
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def __enter__(self):
-        self.before = os.environ.get("DYNAMIXER_OPS_PRODUCT")
-        os.environ["DYNAMIXER_OPS_PRODUCT"] = self.kind
-
-    def __exit__(self, *exc):
-        if self.before is None:
-            del os.environ["DYNAMIXER_OPS_PRODUCT"]
-        else:
-            os.environ["DYNAMIXER_OPS_PRODUCT"] = self.before
 
 
 def instruction_sets() -> list[str]:

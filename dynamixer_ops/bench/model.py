@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 import os
 import tempfile
@@ -127,17 +128,27 @@ def resolve_variants(requested: list[str] | None, device: torch.device, dtype: t
     return names, skipped
 
 
-class _OnnxRuntime:
-    """The upstream network exported to ONNX, run by an ONNX Runtime session: ``net(x) -> torch.Tensor``."""
+class _Runtime:
+    """A network handed to another runtime, called like an eval-mode module: ``net(x) -> torch.Tensor``."""
+    NEEDS: tuple[str, ...] = ()      # the Python packages it imports
+    training = False
 
-    @staticmethod
-    def missing() -> str | None:
+    @classmethod
+    def missing(cls) -> str | None:
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            for name in cls.NEEDS:
+                importlib.import_module(name)
         except ImportError as exc:
-            return f"needs onnx and onnxruntime ({exc})"
+            return f"needs {' and '.join(cls.NEEDS)} ({exc})"
         return None
+
+    def eval(self):
+        return self
+
+
+class _OnnxRuntime(_Runtime):
+    """The upstream network exported to ONNX, run by an ONNX Runtime session."""
+    NEEDS = ("onnx", "onnxruntime")
 
     def __init__(self, net, x: torch.Tensor, threads: int):
         import onnxruntime as ort
@@ -152,27 +163,16 @@ class _OnnxRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        self.training = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
 
-    def eval(self):
-        return self
 
-
-class _OpenVino:
+class _OpenVino(_Runtime):
     """A network converted by ``openvino.convert_model`` (traced by OpenVINO; the fused op as its decomposition) and
     compiled for the CPU in float32 (the CPU plugin's default is bfloat16 where the CPU has it) with the run's thread
-    count: ``net(x) -> torch.Tensor``."""
-
-    @staticmethod
-    def missing() -> str | None:
-        try:
-            import openvino  # noqa: F401
-        except ImportError as exc:
-            return f"needs openvino ({exc})"
-        return None
+    count."""
+    NEEDS = ("openvino",)
 
     def __init__(self, net, x: torch.Tensor, threads: int):
         import openvino as ov
@@ -180,13 +180,9 @@ class _OpenVino:
             model = ov.convert_model(net.eval(), example_input=x)
         self.compiled = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                         "INFERENCE_NUM_THREADS": threads})
-        self.training = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.compiled(x.numpy())[0])
-
-    def eval(self):
-        return self
 
 
 # The runtimes a network is handed to (a rival, and for openvino also a path of ours): float32 on the CPU only.
